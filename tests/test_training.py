@@ -1,0 +1,129 @@
+"""Teacher training: checkpoints, exact resume, multi-process runs."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import dist_util
+from checkpoints import infer_dit_config, load_checkpoint, load_dit, save_checkpoint
+from diffusion import create_diffusion
+from helpers import run_script, run_script_expect_failure
+from image_data import load_digits
+from models import DiT_models
+from train import training_loss
+from train_utils import StepBatchSampler
+
+TINY = ["--model", "DiT-T/4", "--global-batch-size", "16", "--log-every", "1", "--ema-decay", "0.9"]
+
+
+def test_checkpoint_round_trips_with_weights_only(tmp_path):
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4])).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": 7, "args": {"lr": 1e-4, "data": "digits"},
+             "config": {"kind": "dit", "model": "DiT-T/2"}}
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), state)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the temporary file was renamed
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 7 and loaded["args"] == state["args"]
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt2.load_state_dict(loaded["opt"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint(str(path))
+
+
+def test_official_style_bare_state_dict_loads_strictly_with_inferred_config(tmp_path):
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = DiT_models["DiT-S/8"]()
+    config = infer_dit_config(meta.state_dict())
+    assert config == dict(model="DiT-S/8", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    model = DiT_models["DiT-S/8"](input_size=16, num_classes=7)
+    path = tmp_path / "DiT-S-8-official.pt"
+    torch.save(model.state_dict(), path)  # official checkpoints are bare state dicts
+    loaded, config = load_dit(str(path))
+    assert config["model"] == "DiT-S/8" and config["input_size"] == 16 and config["num_classes"] == 7
+    assert config["space"] == "latent"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_script(["train.py", *TINY, "--max-steps", "6", "--run-dir", full])
+    run_script(["train.py", *TINY, "--max-steps", "3", "--run-dir", part])
+    run_script(["train.py", *TINY, "--max-steps", "6", "--resume", os.path.join(part, "checkpoints", "0000003.pt")])
+    a = load_checkpoint(os.path.join(full, "checkpoints", "0000006.pt"))
+    b = load_checkpoint(os.path.join(part, "checkpoints", "0000006.pt"))
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resuming"
+    for pid, state in a["opt"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["opt"]["state"][pid]["exp_avg"])
+    assert [m["loss"] for m in read_metrics(full)][3:] == [m["loss"] for m in read_metrics(part)][3:]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    run_script(["train.py", *TINY, "--max-steps", "1", "--run-dir", run])
+    out = run_script_expect_failure(["train.py", *TINY[:2], "--global-batch-size", "32", "--max-steps", "2",
+                                     "--resume", os.path.join(run, "checkpoints", "0000001.pt")])
+    assert "--global-batch-size 16" in out and "(now 32)" in out
+
+
+def test_torchrun_two_processes_logs_loss_averaged_over_ranks(tmp_path):
+    run = str(tmp_path / "ddp")
+    run_script(["train.py", *TINY, "--max-steps", "2", "--run-dir", run], nproc=2)
+    logged = read_metrics(run)[0]["loss"]
+    # Recompute each rank's first-step loss: same initial weights, data slice and per-step seed.
+    torch.manual_seed(0)
+    model = DiT_models["DiT-T/4"](input_size=8, in_channels=1, num_classes=10).train()
+    diffusion = create_diffusion("")
+    x, y = load_digits("train")
+    losses = []
+    for rank in range(2):
+        indices = next(iter(StepBatchSampler(len(x), 16, 0, rank, 2, 0, 1)))
+        torch.manual_seed(dist_util.step_seed(0, 0, rank))
+        losses.append(training_loss(model, diffusion, x[indices], y[indices]).item())
+    assert abs(losses[0] - losses[1]) > 1e-4  # the ranks do see different data
+    assert logged == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+def test_step_batch_sampler_splits_global_batches_over_ranks_and_resumes_mid_epoch():
+    whole = list(StepBatchSampler(50, 8, 3, 0, 1, 0, 12))
+    ranks = [list(StepBatchSampler(50, 8, 3, r, 2, 0, 12)) for r in range(2)]
+    for step in range(12):
+        assert ranks[0][step] + ranks[1][step] == whole[step]
+    assert list(StepBatchSampler(50, 8, 3, 0, 1, 7, 12)) == whole[7:]
+    epoch = [i for batch in whole[:6] for i in batch]  # 6 steps per epoch of 50 items
+    assert len(set(epoch)) == 48
+
+
+def test_bad_data_path_fails_before_training(tmp_path):
+    out = run_script_expect_failure(["train.py", "--data", str(tmp_path / "missing"), "--max-steps", "1",
+                                     "--run-dir", str(tmp_path / "run")])
+    assert "does not exist" in out
