@@ -201,6 +201,41 @@ def unpatchify(x, patch_size, channels):
     return x.reshape(x.shape[0], c, h * p, w * p)
 
 
+def init_dit_weights(model, output_layers):
+    """DiT's initialisation of a model with DiT's embedders and blocks: xavier-uniform linears, the fixed
+    sin-cos position embedding, N(0, 0.02) embedders, and zeros in every adaLN modulation and in the
+    output layers (FinalLayer-like modules), so that every block starts as the identity."""
+
+    def _basic_init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+
+    model.apply(_basic_init)
+    if model.pos_embed.device.type != "meta":
+        pos_embed = get_2d_sincos_pos_embed(model.pos_embed.shape[-1], model.x_embedder.grid_size)
+        model.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+    # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    nn.init.constant_(model.x_embedder.proj.bias, 0)
+
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+
+    for block in model.blocks:
+        nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+    for layer in output_layers:
+        nn.init.constant_(layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(layer.linear.weight, 0)
+        nn.init.constant_(layer.linear.bias, 0)
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone."""
 
@@ -236,34 +271,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        if self.pos_embed.device.type != "meta":
-            pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
-            self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-
-        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        # Zero-out adaLN modulation layers and the output layer, so that every block starts as the identity:
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        init_dit_weights(self, [self.final_layer])
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) images or latents, t: (N,) diffusion timesteps, y: (N,) class labels."""

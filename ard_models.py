@@ -1,0 +1,191 @@
+"""The ARD student: "Autoregressive Distillation of Diffusion Transformers" (Kim et al., CVPR 2025).
+
+A K-step student built from the DiT teacher's parts (models.py). Its input is the trajectory so far,
+x = [x_{t_0}, ..., x_{t_{K-1}}] with x_{t_0} the noise, as K blocks of L tokens; step k predicts
+x_{t_{k+1}} and the last step the sample.
+
+    tokens  = patch_embed(x_k) + pos_embed                        for each step k       (B, K, L, D)
+    c_k     = t_embed(t_k) + y_embed(y)                           one row per step      (B, K, D)
+    blocks 0 .. N-1: block-causal attention over the K*L tokens   step k sees steps <= k (the history)
+    blocks N .. depth-1: each step attends to itself only         K sequences of L tokens, as the teacher
+    pred_k  = head_k(tokens_k, c_k)                               K output heads        (B, K, C, H, W)
+
+Training is teacher-forced: the K inputs are teacher trajectory states and all K steps run in one
+pass (`forward`). Sampling feeds each prediction back in (`sample`), one step of L tokens at a time,
+with a KV cache in the N history blocks, so no earlier step is recomputed. The adaLN conditioning is
+constant within a step and is computed once per step, not per token. With N = 0 the student is plain
+step distillation: every step sees only its own input.
+"""
+
+import torch
+import torch.nn as nn
+
+from models import (
+    DiTBlock,
+    FinalLayer,
+    KVCache,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    DiT_models,
+    init_dit_weights,
+    model_config,
+    unpatchify,
+)
+
+
+def block_causal_mask(num_steps, tokens_per_step, device=None):
+    """Boolean (K*L, K*L) mask, True where a query token may attend to a key token: key step <= query step."""
+    step = torch.arange(num_steps, device=device).repeat_interleave(tokens_per_step)
+    return step[None, :] <= step[:, None]
+
+
+class ARD(nn.Module):
+    """A K-step ARD student on a DiT backbone, with history visible in the lowest `history_layers` blocks."""
+
+    def __init__(
+        self,
+        timesteps,
+        history_layers,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        num_classes=1000,
+        class_dropout_prob=0.1,
+    ):
+        super().__init__()
+        timesteps = [float(t) for t in timesteps]
+        if len(timesteps) < 1:
+            raise ValueError("the student needs at least one step (one timestep)")
+        if not 0 <= history_layers <= depth:
+            raise ValueError(f"history_layers must be between 0 and the depth {depth}, got {history_layers}")
+        self.num_steps = len(timesteps)
+        self.history_layers = history_layers
+        self.in_channels = in_channels
+        self.out_channels = in_channels  # the student predicts states, not noise and variance
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        # The teacher timestep of each input step; not saved in the state dict (the config holds it).
+        self.register_buffer("timesteps", torch.tensor(timesteps), persistent=False)
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # Same table as the teacher's (null class row included), so it loads as it is; labels are never dropped.
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.heads = nn.ModuleList([FinalLayer(hidden_size, patch_size, self.out_channels) for _ in range(self.num_steps)])
+        init_dit_weights(self, self.heads)
+        self._masks = {}
+
+    def attention_mask(self, device):
+        """The block-causal mask of the history blocks, built once per device and reused."""
+        key = str(device)
+        if key not in self._masks:
+            self._masks[key] = block_causal_mask(self.num_steps, self.x_embedder.num_patches, device)
+        return self._masks[key]
+
+    def conditioning(self, y, steps):
+        """c for the given steps: (B, len(steps), D), the step's timestep embedding plus the class embedding."""
+        t_emb = self.t_embedder(self.timesteps[steps])  # (S, D)
+        y_emb = self.y_embedder(y, train=False)  # (B, D)
+        return t_emb[None] + y_emb[:, None]
+
+    def embed(self, x):
+        """(B, S, C, H, W) -> tokens (B, S, L, D)."""
+        B, S = x.shape[:2]
+        tokens = self.x_embedder(x.flatten(0, 1)) + self.pos_embed  # (B*S, L, D)
+        return tokens.view(B, S, *tokens.shape[1:])
+
+    def predict(self, tokens, c, steps):
+        """Each step's head on its tokens: (B, S, L, D) -> (B, S, C, H, W)."""
+        outs = [
+            unpatchify(self.heads[k](tokens[:, i], c[:, i]), self.patch_size, self.out_channels)
+            for i, k in enumerate(steps)
+        ]
+        return torch.stack(outs, dim=1)
+
+    def forward(self, x, y):
+        """Teacher-forced pass over all K steps. x: (B, K, C, H, W) = [x_{t_0}, ..., x_{t_{K-1}}], y: (B,).
+        Returns (B, K, C, H, W), the predictions of [x_{t_1}, ..., x_{t_K}]."""
+        assert x.shape[1] == self.num_steps, f"expected {self.num_steps} input steps, got {x.shape[1]}"
+        steps = list(range(self.num_steps))
+        tokens = self.embed(x)  # (B, K, L, D)
+        c = self.conditioning(y, steps)  # (B, K, D)
+        mask = self.attention_mask(x.device) if self.history_layers > 0 else None
+        for i, block in enumerate(self.blocks):
+            if i < self.history_layers:
+                tokens = block(tokens, c, joint=True, attn_mask=mask)  # one sequence of K*L tokens
+            else:
+                tokens = block(tokens, c)  # K independent sequences of L tokens
+        return self.predict(tokens, c, steps)
+
+    @torch.no_grad()
+    def sample(self, noise, y):
+        """K steps from noise (B, C, H, W), each prediction fed back as the next input. Returns the whole
+        predicted trajectory (B, K, C, H, W); [:, -1] is the sample."""
+        caches = [KVCache() for _ in range(self.history_layers)]
+        x, trajectory = noise, []
+        for k in range(self.num_steps):
+            tokens = self.embed(x[:, None])  # (B, 1, L, D): this step's tokens only
+            c = self.conditioning(y, [k])  # (B, 1, D)
+            for i, block in enumerate(self.blocks):
+                if i < self.history_layers:
+                    tokens = block(tokens, c, joint=True, kv_cache=caches[i])  # attends to steps <= k
+                else:
+                    tokens = block(tokens, c)
+            x = self.predict(tokens, c, [k])[:, 0]
+            trajectory.append(x)
+        return torch.stack(trajectory, dim=1)
+
+    def load_teacher(self, teacher_state_dict):
+        """Initialises every shared part from a DiT teacher's state dict, strictly, and each output head
+        from the teacher's final layer restricted to the first C (noise) output channels."""
+        teacher = dict(teacher_state_dict)
+        own = self.state_dict()
+        shared = {k: v for k, v in own.items() if not k.startswith("heads.")}
+        missing = [k for k in shared if k not in teacher]
+        mismatched = [f"{k} {tuple(teacher[k].shape)} vs {tuple(v.shape)}" for k, v in shared.items()
+                      if k in teacher and teacher[k].shape != v.shape]
+        final_keys = [k for k in teacher if k.startswith("final_layer.")]
+        unexpected = [k for k in teacher if k not in shared and k not in final_keys]
+        if missing or mismatched or unexpected:
+            raise ValueError(
+                "the teacher does not match the student's architecture: "
+                + "; ".join(f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                            for name, keys in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected))
+                            if keys)
+            )
+
+        p, C = self.patch_size, self.out_channels
+        weight = teacher["final_layer.linear.weight"]  # (p*p*C_teacher, D); output rows ordered (p, q, channel)
+        C_teacher = weight.shape[0] // (p * p)
+        if weight.shape[0] % (p * p) or C_teacher < C:
+            raise ValueError(f"the teacher's final layer has {weight.shape[0]} outputs, not p*p*C' with C' >= {C}")
+        head = {
+            "linear.weight": weight.view(p, p, C_teacher, -1)[:, :, :C].reshape(p * p * C, -1),
+            "linear.bias": teacher["final_layer.linear.bias"].view(p, p, C_teacher)[:, :, :C].reshape(-1),
+            "adaLN_modulation.1.weight": teacher["final_layer.adaLN_modulation.1.weight"],
+            "adaLN_modulation.1.bias": teacher["final_layer.adaLN_modulation.1.bias"],
+        }
+        state = {k: teacher[k] for k in shared}
+        for k in range(self.num_steps):
+            state.update({f"heads.{k}.{name}": v for name, v in head.items()})
+        self.load_state_dict(state, strict=True)
+        return self
+
+
+def _factory(key):
+    def build(timesteps, history_layers, **kwargs):
+        return ARD(timesteps=timesteps, history_layers=history_layers, **model_config(key), **kwargs)
+
+    build.__name__ = key.replace("-", "_").replace("/", "_")
+    return build
+
+
+ARD_models = {key: _factory(key) for key in DiT_models}

@@ -1,0 +1,150 @@
+"""What history costs: FLOPs and CPU wall time of the ARD student against step distillation (N = 0), and of
+its teacher-forced training step against a dense implementation that masks all K x L tokens in every layer.
+
+    python benchmarks/ard_cost.py                      # DiT-XL/2 FLOPs, DiT-S/2 CPU wall time, 256x256, K=4, N=6
+    python benchmarks/ard_cost.py --flops-model DiT-B/2 --time-model DiT-B/2 --history-layers 3
+
+FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the meta device (nothing is
+allocated); a multiply-add counts as 2 FLOPs. Wall times are medians over repeats, the two variants
+interleaved, on this machine's CPU.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ard_models import ARD_models, block_causal_mask  # noqa: E402
+from image_data import VAE_DOWNSAMPLE  # noqa: E402
+
+
+def dense_forward(model, x, y, per_token_conditioning=False):
+    """The teacher-forced pass computed densely: every block attends over all K*L tokens with a mask
+    (block-causal in the history blocks, block-diagonal above). per_token_conditioning=True also computes
+    every adaLN modulation once per token instead of once per step, as the public re-implementation does.
+    Numerically the same function as model.forward; it is the baseline the efficient pass is measured against."""
+    K, L = model.num_steps, model.x_embedder.num_patches
+    steps = list(range(K))
+    tokens = model.embed(x)  # (B, K, L, D)
+    c = model.conditioning(y, steps)  # (B, K, D)
+    causal = block_causal_mask(K, L, x.device)
+    step = torch.arange(K, device=x.device).repeat_interleave(L)
+    diagonal = step[None, :] == step[:, None]
+    B, _, _, D = tokens.shape
+    if per_token_conditioning:
+        # Every token is its own group of one: (B, K*L, 1, D) with a (B, K*L, D) conditioning.
+        h, c_tok = tokens.reshape(B, K * L, 1, D), c[:, :, None].expand(B, K, L, D).reshape(B, K * L, D)
+        for i, block in enumerate(model.blocks):
+            h = block(h, c_tok, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
+        tokens = h.view(B, K, L, D)
+    else:
+        for i, block in enumerate(model.blocks):
+            tokens = block(tokens, c, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
+    return model.predict(tokens, c, steps)
+
+
+def build(key, image_size, K, N, device):
+    input_size = image_size // VAE_DOWNSAMPLE  # DiT's SD-VAE latents: 4 x (image_size / 8)^2
+    timesteps = torch.linspace(999, 999 / K, K).round().tolist()
+    with torch.device(device):
+        return ARD_models[key](timesteps=timesteps, history_layers=N, input_size=input_size, in_channels=4, num_classes=1000)
+
+
+def inputs(model, batch, device):
+    size = (batch, model.num_steps, model.in_channels, model.input_size, model.input_size)
+    return torch.randn(size, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def train_step(forward, model, x, y):
+    loss = (forward(model, x, y) - x).square().mean()
+    loss.backward()
+
+
+def flops_report(args):
+    K, N = args.steps, args.history_layers
+    sd, ard = build(args.flops_model, args.image_size, K, 0, "meta"), build(args.flops_model, args.image_size, K, N, "meta")
+    x, y = inputs(ard, args.flops_batch, "meta")
+    f_sd = count_flops(lambda: sd.sample(x[:, 0], y))
+    f_ard = count_flops(lambda: ard.sample(x[:, 0], y))
+    t_ours = count_flops(lambda: train_step(lambda m, a, b: m(a, b), ard, x, y))
+    t_dense = count_flops(lambda: train_step(dense_forward, ard, x, y))
+    t_public = count_flops(lambda: train_step(lambda m, a, b: dense_forward(m, a, b, per_token_conditioning=True), ard, x, y))
+    s_public = count_flops(lambda: dense_forward(ard, x, y, per_token_conditioning=True))
+    print(f"== FLOPs, {args.flops_model} at {args.image_size}x{args.image_size}, K={K}, batch {args.flops_batch} (meta device)")
+    print(f"sample, step distillation (N=0):        {f_sd / 1e12:8.3f} TFLOPs")
+    print(f"sample, ARD (N={N}):                     {f_ard / 1e12:8.3f} TFLOPs   ratio {f_ard / f_sd:.4f}")
+    print(f"train step (fwd+bwd), ARD:              {t_ours / 1e12:8.3f} TFLOPs")
+    print(f"train step, dense masked K*L all layers: {t_dense / 1e12:8.3f} TFLOPs   ours/dense {t_ours / t_dense:.3f}")
+    print(f"train step, dense + per-token adaLN:     {t_public / 1e12:8.3f} TFLOPs   ours/that {t_ours / t_public:.3f}")
+    print(f"K steps recomputed densely, per-token adaLN (no KV cache): {s_public / 1e12:.3f} TFLOPs "
+          f"(ARD sample / that {f_ard / s_public:.3f})")
+
+
+def median_times(fns, repeats, warmup=1):
+    """Median seconds of each function, calls interleaved so that the machine's drift hits all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def time_report(args):
+    K, N = args.steps, args.history_layers
+    torch.manual_seed(0)
+    sd, ard = build(args.time_model, args.image_size, K, 0, "cpu"), build(args.time_model, args.image_size, K, N, "cpu")
+    ard.load_state_dict(sd.state_dict())
+    x, y = inputs(ard, args.time_batch, "cpu")
+    with torch.no_grad():
+        t_sd, t_ard = median_times([lambda: sd.sample(x[:, 0], y), lambda: ard.sample(x[:, 0], y)], args.repeats)
+    print(f"== CPU wall time, {args.time_model} at {args.image_size}x{args.image_size}, K={K}, batch {args.time_batch}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"sample, N=0: {1000 * t_sd:.1f} ms   N={N}: {1000 * t_ard:.1f} ms   ratio {t_ard / t_sd:.4f}")
+    x_train, _ = inputs(ard, args.train_batch, "cpu")
+    y_train = y[:1].expand(args.train_batch)
+    ard.train()
+    t_ours, t_dense = median_times([
+        lambda: train_step(lambda m, a, b: m(a, b), ard, x_train, y_train),
+        lambda: train_step(dense_forward, ard, x_train, y_train),
+    ], max(3, args.repeats // 2))
+    print(f"train step (fwd+bwd), batch {args.train_batch}: ARD {1000 * t_ours:.0f} ms   dense masked {1000 * t_dense:.0f} ms   "
+          f"ratio {t_ours / t_dense:.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flops-model", default="DiT-XL/2", choices=list(ARD_models))
+    parser.add_argument("--time-model", default="DiT-S/2", choices=list(ARD_models))
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="K, the student's steps")
+    parser.add_argument("--history-layers", type=int, default=6, help="N, the blocks that see the history")
+    parser.add_argument("--flops-batch", type=int, default=1)
+    parser.add_argument("--time-batch", type=int, default=8)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip-timing", action=argparse.BooleanOptionalAction, default=False, help="FLOPs only")
+    args = parser.parse_args()
+    flops_report(args)
+    if not args.skip_timing:
+        time_report(args)
+
+
+if __name__ == "__main__":
+    main()
