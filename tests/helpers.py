@@ -25,3 +25,22 @@ def run_script_expect_failure(args, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode != 0, f"{args} should have failed"
     return proc.stdout + proc.stderr
+
+
+def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, num_classes=10, seed=0, scale=0.05):
+    """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests."""
+    import torch
+
+    from checkpoints import save_checkpoint
+    from models import DiT_models
+
+    torch.manual_seed(seed)
+    model = DiT_models[key](input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, scale)
+    config = dict(kind="dit", model=key, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                  learn_sigma=True, space="pixel", vae=None, image_size=input_size, data="digits")
+    save_checkpoint(str(path), {"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "args": {}, "config": config})
+    return model.eval()
