@@ -110,3 +110,25 @@ def load_dit(name_or_path, device="cpu"):
     )
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), config
+
+
+def load_student(path, device="cpu"):
+    """Builds the ARD student of a train_ard.py checkpoint with its EMA weights; returns (model in eval mode, config)."""
+    from ard_models import ARD_models
+
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    if config.get("kind") != "ard":
+        raise ValueError(f"{path} is not a student checkpoint of train_ard.py")
+    model = ARD_models[config["model"]](
+        timesteps=config["timesteps"], history_layers=config["history_layers"], input_size=config["input_size"],
+        in_channels=config["in_channels"], num_classes=config["num_classes"],
+    )
+    model.load_state_dict(ckpt["ema"], strict=True)
+    return model.to(device).eval(), config
+
+
+def checkpoint_kind(name_or_path):
+    """'ard' for a student checkpoint of train_ard.py, 'dit' for a teacher (ours or official)."""
+    ckpt = load_checkpoint(find_checkpoint(name_or_path))
+    return ckpt.get("config", {}).get("kind", "dit") if isinstance(ckpt, dict) and "config" in ckpt else "dit"

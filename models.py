@@ -282,6 +282,18 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
+    def block_features(self, x, t, y, blocks):
+        """The tokens (N, T, D) after each block listed in `blocks` (no label dropout): the feature network
+        of the GAN stage's discriminator. Stops after the last block asked for."""
+        wanted, features = set(blocks), []
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, False)
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            x = block(x, c)
+            if i in wanted:
+                features.append(x)
+        return features
+
     def forward_with_cfg(self, x, t, y, cfg_scale, legacy_cfg=False):
         """Classifier-free guidance. The batch holds the conditional half, then the same inputs with the
         null label; both halves come back with the guided noise prediction.

@@ -1,6 +1,8 @@
-"""Samples a grid of images from a DiT checkpoint of this repository or an official one, on CPU or GPU.
+"""Samples a grid of images from a checkpoint, on CPU or GPU: a DiT teacher (train.py's or an official one)
+or an ARD student (train_ard.py's; it samples in its own K steps, without guidance).
 
     python sample.py --ckpt results/000-DiT-T-2/checkpoints/0003000.pt            # digits teacher, DDIM-25, CFG 1.5
+    python sample.py --ckpt results/001-ARD-DiT-T-2-N3/checkpoints/0001200.pt    # a student
     python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 4.0 --legacy-cfg --class-labels 207 360 387 974 88 979 417 279
     python sample.py --ckpt CKPT --sampler ddpm --num-sampling-steps 250
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from checkpoints import load_dit
+from checkpoints import checkpoint_kind, load_dit, load_student
 from diffusion import create_diffusion
 from diffusion.ode import SOLVERS
 from image_data import load_vae, vae_decode
@@ -47,7 +49,8 @@ def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # Load model:
-    model, config = load_dit(args.ckpt, device)
+    student = checkpoint_kind(args.ckpt) == "ard"
+    model, config = (load_student if student else load_dit)(args.ckpt, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
     diffusion = create_diffusion(str(args.num_sampling_steps))
     clip = config["space"] == "pixel"  # ADM's clip_denoised in pixel space; DiT does not clip latents
@@ -58,7 +61,10 @@ def main(args):
     noise = torch.randn(len(labels), config["in_channels"], config["input_size"], config["input_size"], generator=generator)
     y = torch.tensor(labels, device=device)
     start = time.time()
-    samples = teacher_sample(model, diffusion, noise.to(device), y, args.sampler, args.cfg_scale, args.legacy_cfg, clip)
+    if student:
+        samples = model.sample(noise.to(device), y)[:, -1]
+    else:
+        samples = teacher_sample(model, diffusion, noise.to(device), y, args.sampler, args.cfg_scale, args.legacy_cfg, clip)
     if vae is not None:
         samples = vae_decode(vae, samples)
     seconds = time.time() - start
@@ -68,14 +74,15 @@ def main(args):
         samples = F.interpolate(samples, scale_factor=64 // samples.shape[-1], mode="nearest")
     nrow = config["num_classes"] if config["num_classes"] <= 16 and not args.class_labels else min(len(labels), 8)
     save_image(samples, args.out, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
-    print(f"Saved {len(labels)} samples to {args.out}: {1000 * seconds / len(labels):.1f} ms per image on {device} "
-          f"({args.sampler}, {args.num_sampling_steps} steps, CFG {args.cfg_scale})")
+    how = (f"ARD student, {model.num_steps} steps, N={model.history_layers}" if student
+           else f"{args.sampler}, {args.num_sampling_steps} steps, CFG {args.cfg_scale}")
+    print(f"Saved {len(labels)} samples to {args.out}: {1000 * seconds / len(labels):.1f} ms per image on {device} ({how})")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, required=True,
-                        help="a checkpoint of train.py, or an official DiT checkpoint (a path or DiT-XL-2-256x256.pt)")
+                        help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or DiT-XL-2-256x256.pt)")
     parser.add_argument("--sampler", type=str, choices=["ddim", "heun", "ddpm"], default="ddim",
                         help="deterministic DDIM (eta 0), Heun on the same ODE, or ancestral DDPM sampling")
     parser.add_argument("--num-sampling-steps", type=int, default=25)

@@ -1,7 +1,7 @@
 """What history costs: FLOPs and CPU wall time of the ARD student against step distillation (N = 0), and of
 its teacher-forced training step against a dense implementation that masks all K x L tokens in every layer.
 
-    python benchmarks/ard_cost.py                      # DiT-XL/2 FLOPs, DiT-S/2 CPU wall time, 256x256, K=4, N=6
+    python benchmarks/ard_cost.py                      # DiT-XL/2 FLOPs (N=6), DiT-S/2 CPU wall time (N=3), 256x256, K=4
     python benchmarks/ard_cost.py --flops-model DiT-B/2 --time-model DiT-B/2 --history-layers 3
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the meta device (nothing is
@@ -107,7 +107,10 @@ def median_times(fns, repeats, warmup=1):
 
 
 def time_report(args):
-    K, N = args.steps, args.history_layers
+    K, N = args.steps, args.time_history_layers
+    sd_meta, ard_meta = (build(args.time_model, args.image_size, K, n, "meta") for n in (0, N))
+    x, y = inputs(ard_meta, args.time_batch, "meta")
+    flop_ratio = count_flops(lambda: ard_meta.sample(x[:, 0], y)) / count_flops(lambda: sd_meta.sample(x[:, 0], y))
     torch.manual_seed(0)
     sd, ard = build(args.time_model, args.image_size, K, 0, "cpu"), build(args.time_model, args.image_size, K, N, "cpu")
     ard.load_state_dict(sd.state_dict())
@@ -116,7 +119,8 @@ def time_report(args):
         t_sd, t_ard = median_times([lambda: sd.sample(x[:, 0], y), lambda: ard.sample(x[:, 0], y)], args.repeats)
     print(f"== CPU wall time, {args.time_model} at {args.image_size}x{args.image_size}, K={K}, batch {args.time_batch}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"sample, N=0: {1000 * t_sd:.1f} ms   N={N}: {1000 * t_ard:.1f} ms   ratio {t_ard / t_sd:.4f}")
+    print(f"sample, N=0: {1000 * t_sd:.1f} ms   N={N}: {1000 * t_ard:.1f} ms   ratio {t_ard / t_sd:.4f} "
+          f"(FLOPs ratio of this config {flop_ratio:.4f})")
     x_train, _ = inputs(ard, args.train_batch, "cpu")
     y_train = y[:1].expand(args.train_batch)
     ard.train()
@@ -135,6 +139,8 @@ def main():
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="K, the student's steps")
     parser.add_argument("--history-layers", type=int, default=6, help="N, the blocks that see the history")
+    parser.add_argument("--time-history-layers", type=int, default=3,
+                        help="N for the wall-time runs: 3 of 12 blocks is the paper's share (6 of 28) at DiT-S/B depth")
     parser.add_argument("--flops-batch", type=int, default=1)
     parser.add_argument("--time-batch", type=int, default=8)
     parser.add_argument("--train-batch", type=int, default=4)

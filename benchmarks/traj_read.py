@@ -1,0 +1,100 @@
+"""Read throughput of the trajectory store against one .npz file per sample per saved step (the public
+re-implementation's layout), built from the same random data in a temporary folder, measured in one run.
+
+    python benchmarks/traj_read.py                       # 2,000 ImageNet-shaped trajectories (4x32x32), 26 saved steps
+    python benchmarks/traj_read.py --shape 1 8 8 --count 10000
+
+Each read is a random batch of --batch-size trajectories at the K + 1 = 5 default boundaries (what
+train_ard.py reads per step). Both layouts are read warm from the page cache, where the difference is
+pure file-handling overhead; a cold disk only widens it. Also prints the number of files each layout
+needs for 1.2 M ImageNet trajectories.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trajectory_store import MANIFEST, TrajectoryStore, default_boundaries, shard_name, shard_ranges  # noqa: E402
+from train_utils import write_json  # noqa: E402
+
+
+def build_store(root, count, steps, shape, shard_size, dtype, rng):
+    """Writes random trajectories in both layouts; returns the per-sample folder."""
+    timesteps = list(np.linspace(999, 0, steps - 1).round().astype(int)) + [-1]
+    ranges = shard_ranges(count, shard_size)
+    per_sample = os.path.join(root, "per_sample")
+    os.makedirs(per_sample)
+    for s, (start, stop) in enumerate(ranges):
+        n = stop - start
+        xt = rng.standard_normal((n, steps, *shape)).astype(dtype)
+        x0 = rng.standard_normal((n, steps, *shape)).astype(dtype)
+        y = rng.integers(0, 1000, n)
+        folder = os.path.join(root, "store", shard_name(s))
+        os.makedirs(folder)
+        for name, array in (("xt", xt), ("x0", x0), ("y", y), ("index", np.arange(start, stop))):
+            np.save(os.path.join(folder, f"{name}.npy"), array)
+        for j in range(n):
+            for k in range(steps):
+                np.savez(os.path.join(per_sample, f"{start + j:07d}_{k:02d}.npz"), xt=xt[j, k], x0=x0[j, k], y=y[j])
+    write_json(os.path.join(root, "store", MANIFEST), dict(
+        count=count, shape=list(shape), save_steps=list(range(steps)), save_timesteps=timesteps,
+        shards=[shard_name(s) for s in range(len(ranges))], num_classes=1000, model="random"))
+    return per_sample
+
+
+def read_per_sample(folder, indices, steps):
+    xt = np.stack([np.stack([np.load(os.path.join(folder, f"{i:07d}_{k:02d}.npz"))["xt"] for k in steps]) for i in indices])
+    x0 = np.stack([np.stack([np.load(os.path.join(folder, f"{i:07d}_{k:02d}.npz"))["x0"] for k in steps]) for i in indices])
+    return xt, x0
+
+
+def throughput(read, count, batch, repeats, rng):
+    read(rng.choice(count, batch, replace=False))  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        read(rng.choice(count, batch, replace=False))
+    return repeats * batch / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=26, help="saved solver steps per trajectory (J)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[4, 32, 32])
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    root = tempfile.mkdtemp(prefix="traj_read_")
+    try:
+        print(f"Writing {args.count} random trajectories of {args.steps} steps of {'x'.join(map(str, args.shape))} float16 "
+              f"in both layouts to {root} ...", flush=True)
+        per_sample = build_store(root, args.count, args.steps, args.shape, args.shard_size, np.float16, rng)
+        store = TrajectoryStore(os.path.join(root, "store"))
+        bounds = default_boundaries(store.saved_steps, store.saved_timesteps, 4)
+        ours = throughput(lambda idx: store.read(idx, bounds), args.count, args.batch_size, args.repeats, rng)
+        theirs = throughput(lambda idx: read_per_sample(per_sample, idx, bounds), args.count, args.batch_size,
+                            max(2, args.repeats // 5), rng)
+        n_files = sum(len(files) for _, _, files in os.walk(os.path.join(root, "store")))
+        print(f"random batches of {args.batch_size} at boundaries {bounds}, warm page cache:")
+        print(f"  trajectory store ({n_files} files):                 {ours:10.0f} trajectories/s")
+        print(f"  one .npz per sample per step ({len(os.listdir(per_sample))} files): {theirs:10.0f} trajectories/s")
+        print(f"  ratio: {ours / theirs:.1f}x")
+        imagenet = 1_281_167
+        shards = -(-imagenet // args.shard_size)
+        print(f"files for {imagenet:,} ImageNet trajectories: store {4 * shards + 1:,} (shards of {args.shard_size}); "
+              f"per-sample-per-step {imagenet * 5:,} at 5 saved steps, {imagenet * 26:,} at 26")
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()

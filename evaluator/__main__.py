@@ -1,0 +1,98 @@
+"""python -m evaluator REF.npz SAMPLE.npz: the ADM evaluator's figures for a batch of samples.
+
+Both files are ADM-format .npz: `arr_0` uint8 images (N, H, W, 3), optionally `arr_1` labels; a reference
+batch may instead (or also) hold precomputed `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial), like
+ADM's VIRTUAL_imagenet256_labeled.npz. Precision and recall need the reference images.
+
+    python -m evaluator VIRTUAL_imagenet256_labeled.npz samples.npz
+    python -m evaluator runs/digits/ref_test.npz samples.npz --features digits --digits-net runs/digits/digits_net.pt
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall  # noqa: E402
+
+
+def load_batch(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def evaluate_inception(ref, sample, weights=None, device="cpu"):
+    from evaluator.inception import InceptionFeatures
+
+    net = InceptionFeatures(weights, device)
+    fake = net(sample["arr_0"])
+    real = net(ref["arr_0"]) if "arr_0" in ref else None
+    mu, sigma = (ref["mu"], ref["sigma"]) if "mu" in ref else feature_statistics(real["pool"])
+    mu_s, sigma_s = (ref["mu_s"], ref["sigma_s"]) if "mu_s" in ref else feature_statistics(real["spatial"])
+    results = {
+        "inception_score": inception_score(fake["logits"], split_size=5000, logits=True),
+        "fid": frechet_distance(*feature_statistics(fake["pool"]), mu, sigma),
+        "sfid": frechet_distance(*feature_statistics(fake["spatial"]), mu_s, sigma_s),
+    }
+    if real is not None:
+        results["precision"], results["recall"] = precision_recall(real["pool"], fake["pool"], k=3)
+    return results
+
+
+def evaluate_digits(ref, sample, net_path):
+    from evaluator.digits_net import digits_features, load_digits_net
+
+    net = load_digits_net(net_path)
+    if "arr_0" not in ref:
+        raise ValueError("the digits reference batch must hold its images (arr_0)")
+    real_f, _ = digits_features(net, ref["arr_0"])
+    fake_f, fake_logits = digits_features(net, sample["arr_0"])
+    results = {"fid": frechet_distance(*feature_statistics(fake_f), *feature_statistics(real_f)),
+               "inception_score": inception_score(fake_logits, splits=1, logits=True)}
+    results["precision"], results["recall"] = precision_recall(real_f, fake_f, k=3)
+    if "arr_1" in sample:
+        results["class_accuracy"] = float((fake_logits.argmax(1) == sample["arr_1"]).mean())
+    return results
+
+
+NAMES = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
+         ("recall", "Recall"), ("class_accuracy", "Class accuracy")]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref_batch", help="reference batch (.npz)")
+    parser.add_argument("sample_batch", help="sample batch (.npz)")
+    parser.add_argument("--features", choices=["inception", "digits"], default="inception")
+    parser.add_argument("--inception-weights", default=None, help="path to weights-inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--digits-net", default="runs/digits/digits_net.pt", help="the digits feature network (.pt)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    ref, sample = load_batch(args.ref_batch), load_batch(args.sample_batch)
+    if "arr_0" not in sample:
+        raise ValueError(f"{args.sample_batch} holds no images (arr_0)")
+    if args.features == "digits":
+        results = evaluate_digits(ref, sample, args.digits_net)
+    else:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        results = evaluate_inception(ref, sample, args.inception_weights, device)
+    for key, name in NAMES:
+        if key in results:
+            print(f"{name}: {results[key]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
+                           num_samples=int(len(sample["arr_0"]))), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

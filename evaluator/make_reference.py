@@ -1,0 +1,55 @@
+"""Builds an ADM-format reference batch (arr_0 uint8 images, arr_1 labels) from a dataset.
+
+    python -m evaluator.make_reference --data digits --split test --out runs/digits/ref_test.npz
+    python -m evaluator.make_reference --data /data/imagenet/val --image-size 256 --num 50000 --out ref_256.npz
+
+Image folders are centre-cropped as ADM does (image_data.center_crop_arr); the digits are quantised
+exactly like generated samples (image_data.to_uint8).
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from image_data import image_folder, load_digits, to_uint8  # noqa: E402
+
+
+def save_npz(path, **arrays):
+    """np.savez to a temporary name, then renamed into place."""
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="'digits' or an ImageFolder path")
+    parser.add_argument("--split", default="test", choices=["train", "test", "all"], help="digits split")
+    parser.add_argument("--image-size", type=int, default=256, help="image folders: centre-crop size")
+    parser.add_argument("--num", type=int, default=None, help="at most this many images (a seeded random subset)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.data == "digits":
+        x, y = load_digits(args.split)
+        images, labels = to_uint8(x), y.numpy()
+    else:
+        dataset = image_folder(args.data, args.image_size)
+        order = np.arange(len(dataset))
+        if args.num is not None and args.num < len(dataset):
+            order = np.sort(np.random.default_rng(0).choice(len(dataset), args.num, replace=False))
+        items = [dataset[int(i)] for i in order]
+        images = to_uint8(torch.stack([x for x, _ in items]))
+        labels = np.array([y for _, y in items], dtype=np.int64)
+    if args.num is not None and args.data == "digits":
+        images, labels = images[: args.num], labels[: args.num]
+    save_npz(args.out, arr_0=images, arr_1=labels.astype(np.int64))
+    print(f"Saved {len(images)} reference images {images.shape[1:]} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

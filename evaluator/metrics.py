@@ -1,0 +1,94 @@
+"""The metric formulas of the ADM evaluation protocol (openai/guided-diffusion, evaluations/evaluator.py),
+on numpy arrays of features. Written for this repository; the definitions are those of the papers:
+
+  FID / sFID  Heusel et al., 2017: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), on pool_3 (FID) or on
+              spatial mixed_6/conv features (sFID, Nash et al., 2021).
+  IS          Salimans et al., 2016: exp(E_x KL(p(y|x) || p(y))), per split of consecutive samples, mean over splits.
+  P / R       Kynkaenniemi et al., 2019: the fraction of one set inside the k-NN balls of the other set.
+"""
+
+import warnings
+
+import numpy as np
+from scipy import linalg
+
+
+def feature_statistics(features):
+    """(mu, sigma) of (N, D) features, with np.cov as ADM does."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    When the product of the covariances is (nearly) singular, eps is added to both diagonals, as ADM does;
+    imaginary parts of the matrix square root beyond 1e-3 are an error, smaller ones are dropped.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: the product of covariances is singular; adding {eps} to the diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs_or_logits, splits=None, split_size=5000, logits=False):
+    """exp(E_x KL(p(y|x) || p(y))) over consecutive, unshuffled splits, averaged, as ADM computes it: splits of
+    `split_size` samples (ADM: 5,000, so 10 splits for 50k), or `splits` splits of ceil(N / splits) samples.
+    Pass class probabilities, or logits with logits=True (softmax is applied)."""
+    x = np.asarray(probs_or_logits, dtype=np.float64)
+    if logits:
+        x = np.exp(x - x.max(axis=1, keepdims=True))
+        x /= x.sum(axis=1, keepdims=True)
+    size = -(-len(x) // splits) if splits else split_size
+    scores = []
+    for start in range(0, len(x), size):
+        part = x[start : start + size]
+        p_y = part.mean(axis=0, keepdims=True)
+        kl = part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(p_y, 1e-30, None)))
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores))
+
+
+def _pairwise_sq_distances(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :], 0.0)
+
+
+def _knn_radii(features, k, block):
+    """Squared distance of each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    radii = np.empty(len(features))
+    for start in range(0, len(features), block):
+        d = _pairwise_sq_distances(features[start : start + block], features)
+        radii[start : start + block] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+    return radii
+
+
+def _coverage(points, manifold, radii, block):
+    """The fraction of points inside at least one k-NN ball of the manifold."""
+    inside = np.zeros(len(points), dtype=bool)
+    for start in range(0, len(points), block):
+        d = _pairwise_sq_distances(points[start : start + block], manifold)
+        inside[start : start + block] = (d <= radii[None, :]).any(axis=1)
+    return float(inside.mean())
+
+
+def precision_recall(real_features, fake_features, k=3, block=10_000):
+    """Improved precision and recall: precision is the fraction of fake samples within the real manifold
+    (k-NN balls around real features), recall the fraction of real samples within the fake manifold."""
+    real, fake = np.asarray(real_features), np.asarray(fake_features)
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+    precision = _coverage(fake, real, _knn_radii(real, k, block), block)
+    recall = _coverage(real, fake, _knn_radii(fake, k, block), block)
+    return precision, recall

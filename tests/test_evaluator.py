@@ -1,0 +1,152 @@
+"""The evaluator: metric formulas against their definitions, the Inception wrapper, the digits features."""
+
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from evaluator import frechet_distance, inception_score, precision_recall
+from evaluator.metrics import feature_statistics
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_of_full_covariances_matches_the_definition():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+    s1, s2 = a @ a.T + np.eye(4), b @ b.T + np.eye(4)
+    mu1, mu2 = rng.standard_normal(4), rng.standard_normal(4)
+    root = linalg.sqrtm(s1)  # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), a symmetric form
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(root @ s2 @ root).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics():
+    rng = np.random.default_rng(1)
+    mu, sigma = feature_statistics(rng.standard_normal((500, 8)))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_frechet_distance_stays_finite_and_real_with_singular_covariances():
+    rng = np.random.default_rng(2)
+    low_rank = rng.standard_normal((5, 2)) @ rng.standard_normal((2, 20))  # 5 samples in 20-d: rank 2
+    mu1, s1 = feature_statistics(low_rank)
+    mu2, s2 = feature_statistics(low_rank[:, ::-1] + 1.0)
+    value = frechet_distance(mu1, s1, mu2, s2)
+    assert isinstance(value, float) and np.isfinite(value) and value > 0
+
+
+def test_frechet_distance_offsets_the_diagonals_when_the_square_root_fails():
+    sqrtm, calls = linalg.sqrtm, []
+
+    def failing_once(matrix):
+        calls.append(matrix)
+        return np.full_like(matrix, np.inf) if len(calls) == 1 else sqrtm(matrix)
+
+    s = np.diag([1.0, 0.0])
+    with mock.patch("evaluator.metrics.linalg.sqrtm", failing_once), pytest.warns(UserWarning, match="singular"):
+        value = frechet_distance(np.zeros(2), s, np.zeros(2), s)
+    assert len(calls) == 2 and np.allclose(calls[1], (s + 1e-6 * np.eye(2)) @ (s + 1e-6 * np.eye(2)))
+    assert value == pytest.approx(0.0, abs=1e-5)
+
+
+def test_precision_recall_identical_and_far_apart_sets():
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((200, 16))
+    assert precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
+    assert precision_recall(real, real + 1000.0, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_is_asymmetric_like_its_definition():
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((400, 2))
+    fake = real[:100] * 0.3  # collapsed to the centre of the real manifold: precise, poor recall
+    precision, recall = precision_recall(real, fake, k=3)
+    assert precision > 0.95 and recall < 0.5
+
+
+def test_inception_score_of_uniform_one_hot_predictions_is_the_number_of_classes():
+    probs = np.eye(10)[np.arange(1000) % 10]
+    assert inception_score(probs, splits=1) == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(np.eye(10)[np.zeros(1000, dtype=int)], splits=1) == pytest.approx(1.0)
+
+
+def test_inception_score_uses_consecutive_unshuffled_splits():
+    probs = np.concatenate([np.eye(4)[np.arange(100) % 4], np.eye(4)[np.zeros(100, dtype=int)]])
+    assert inception_score(probs, splits=2) == pytest.approx((4.0 + 1.0) / 2)
+    assert inception_score(probs, split_size=100) == pytest.approx(2.5)
+    logits = np.log(np.clip(probs, 1e-12, None))
+    assert inception_score(logits, splits=2, logits=True) == pytest.approx(2.5, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    fid = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    # Build torch-fidelity's network without its download, with random weights, and save them as a plain file.
+    with mock.patch.object(fid, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fid.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        torch.manual_seed(0)
+        net = fid.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def test_inception_wrapper_returns_adm_feature_shapes(random_inception_weights):
+    from evaluator.inception import InceptionFeatures
+
+    net = InceptionFeatures(random_inception_weights)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    out = net(images, batch_size=2)
+    assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
+
+
+def test_inception_wrapper_refuses_wrong_dtype_range_and_shape(random_inception_weights):
+    from evaluator.inception import InceptionFeatures
+
+    net = InceptionFeatures(random_inception_weights)
+    with pytest.raises(ValueError, match=r"uint8 images with values 0\.\.255, got float32 \(floats in \[-1, 1\]"):
+        net(np.zeros((2, 32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
+        net(np.zeros((2, 3, 32, 32), dtype=np.uint8))
+
+
+def test_missing_inception_weights_say_how_to_get_them(tmp_path):
+    from evaluator.inception import find_weights
+
+    with pytest.raises(FileNotFoundError, match="download https://github.com/toshas/torch-fidelity"):
+        find_weights(str(tmp_path / "absent.pth"))
+
+
+@pytest.fixture(scope="module")
+def digits_net():
+    from evaluator.digits_net import test_accuracy, train_digits_net
+
+    net = train_digits_net(epochs=15)
+    return net, test_accuracy(net)
+
+
+def test_digits_feature_network_classifies_held_out_digits(digits_net):
+    assert digits_net[1] > 0.9
+
+
+def test_digits_fid_is_small_between_real_halves_and_large_against_noise(digits_net):
+    from evaluator.digits_net import digits_features, digits_uint8
+
+    net = digits_net[0]
+    images, _ = digits_uint8("all")
+    perm = np.random.default_rng(0).permutation(len(images))
+    a, b = digits_features(net, images[perm[:900]])[0], digits_features(net, images[perm[900:]])[0]
+    noise = np.random.default_rng(1).integers(0, 256, (900, 8, 8, 3), dtype=np.uint8)
+    n = digits_features(net, noise)[0]
+    fid_real = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    fid_noise = frechet_distance(*feature_statistics(a), *feature_statistics(n))
+    assert fid_noise > 20 * fid_real, (fid_real, fid_noise)
