@@ -9,7 +9,6 @@ ADM's VIRTUAL_imagenet256_labeled.npz. Precision and recall need the reference i
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -89,9 +88,11 @@ def main():
         if key in results:
             print(f"{name}: {results[key]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
-                           num_samples=int(len(sample["arr_0"]))), f, indent=2)
+        from train_utils import write_json
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        write_json(args.json, dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
+                                   num_samples=int(len(sample["arr_0"]))))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""The main job's --quick mode: every stage runs and hands the next one valid files (not the numbers)."""
+
+import json
+import os
+
+from helpers import run_script
+
+
+def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
+    run_dir = tmp_path / "quick"
+    out = run_script(["digits_benchmark.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
+                     timeout=900)
+    with open(run_dir / "results.json") as f:
+        results = json.load(f)
+    groups = [row["group"] for row in results["rows"]]
+    assert groups == ["teacher_ddim25", "teacher_ddim4", "k4_n0_state", "k4_n3_state"]
+    for row in results["rows"]:
+        assert row["flops_per_image"] > 0 and row["cpu_seconds_per_image"] > 0
+        assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
+    # Students cost more per image than nothing and far less than the 25-step teacher.
+    flops = {row["group"]: row["flops_per_image"] for row in results["rows"]}
+    assert flops["k4_n0_state"] < flops["k4_n3_state"] < flops["teacher_ddim25"] / 5
+    assert "| model | steps |" in out and "FID degradation ratio" in out
+    with open(run_dir / "timings.json") as f:
+        assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(json.load(f))
+    # A second run reuses every finished stage.
+    again = run_script(["digits_benchmark.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
+    assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
+    assert os.path.isfile(run_dir / "results.md")
