@@ -2,7 +2,7 @@
 class and classifies them with a logistic-regression classifier trained on the real training digits.
 Its accuracy on the held-out real digits is printed beside, as the ceiling to compare with.
 
-    python classify_digits.py --ckpt runs/digits/teacher/checkpoints/0003000.pt
+    python classify_digits.py --ckpt runs/digits/teacher/checkpoints/0002000.pt
 """
 
 import argparse

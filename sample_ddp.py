@@ -12,7 +12,6 @@ the missing chunks; the chunks are gathered into OUT and removed at the end.
 """
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -27,6 +26,7 @@ from diffusion import create_diffusion
 from image_data import load_vae, to_uint8, vae_decode
 from sample import teacher_sample
 from trajectory_store import shard_ranges
+from train_utils import check_same_settings, write_json
 
 NOISE_STREAM = 1  # the trajectory writer uses stream 0: evaluation noise never repeats training noise
 
@@ -68,19 +68,12 @@ def main(args):
     settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), student)
     chunk_dir = f"{args.out}.chunks"
     settings_path = os.path.join(chunk_dir, "settings.json")
-    if os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            existing = json.load(f)
-        if existing != settings:
-            diffs = [f"{k}: {existing.get(k)!r} there, {v!r} now" for k, v in settings.items() if existing.get(k) != v]
-            raise ValueError(f"{chunk_dir} holds chunks made with other settings ({'; '.join(diffs)}); "
-                             f"remove it or choose another --out")
+    check_same_settings(settings_path, settings, f"the chunk folder {chunk_dir}")
     dist_util.barrier()
     if rank == 0:
         os.makedirs(chunk_dir, exist_ok=True)
         if not os.path.isfile(settings_path):
-            with open(settings_path, "w") as f:
-                json.dump(settings, f, indent=2)
+            write_json(settings_path, settings)
     dist_util.barrier()
 
     # Make this rank's missing chunks:

@@ -28,7 +28,8 @@ from checkpoints import load_checkpoint, save_checkpoint
 from diffusion import create_diffusion
 from image_data import VAE_DOWNSAMPLE, image_folder, load_digits, load_vae, vae_encode
 from models import DiT_models
-from train_utils import StepBatchSampler, create_logger, new_run_dir, requires_grad, update_ema, write_json
+from train_utils import (StepBatchSampler, check_resume, create_logger, new_run_dir, optimizer_to, requires_grad,
+                         update_ema, write_json)
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
 RUN_DEFINING_ARGS = ("model", "data", "image_size", "vae", "global_batch_size", "global_seed",
@@ -62,23 +63,12 @@ def training_loss(model, diffusion, x, y, vae=None, random_flip=False):
     return diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
 
 
-def check_resume(args, ckpt):
-    saved = ckpt["args"]
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-             for k in RUN_DEFINING_ARGS if saved.get(k) != getattr(args, k)]
-    if diffs:
-        raise ValueError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
-    if ckpt["step"] >= args.max_steps:
-        raise ValueError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
-
-
 def main(args):
     # Setup DDP:
     device = dist_util.setup()
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if args.global_batch_size % world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
-    local_batch = args.global_batch_size // world_size
     torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
     torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
     if args.random_flip is None:
@@ -88,7 +78,7 @@ def main(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        check_resume(args, ckpt)
+        check_resume(args, ckpt, RUN_DEFINING_ARGS)
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
     else:
         run_dir = args.run_dir or new_run_dir(args.results_dir, args.model.replace("/", "-"))
@@ -122,10 +112,7 @@ def main(args):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
     model, ema = model.to(device), ema.to(device).eval()
-    for state in opt.state.values():  # the optimiser state was loaded on the CPU
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                state[k] = v.to(device)
+    optimizer_to(opt, device)
     raw_model = model
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

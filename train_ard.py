@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 import dist_util
 from ard_models import ARD_models
-from checkpoints import file_sha256, find_checkpoint, load_checkpoint, load_dit, save_checkpoint
+from checkpoints import find_checkpoint, load_checkpoint, load_dit, save_checkpoint
 from diffusion import create_diffusion
 from discriminator import FeatureDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from image_data import image_folder, load_digits, load_vae, vae_decode, vae_encode
-from train_utils import StepBatchSampler, create_logger, new_run_dir, requires_grad, update_ema, write_json
+from train_utils import (StepBatchSampler, check_resume, create_logger, new_run_dir, optimizer_to, requires_grad,
+                         update_ema, write_json)
 from trajectory_store import TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
@@ -72,16 +73,6 @@ def real_data(args, teacher_config):
         x, y = load_digits("train", teacher_config["input_size"])
         return torch.utils.data.TensorDataset(x, y)
     return image_folder(args.data, args.image_size or teacher_config.get("image_size"))
-
-
-def check_resume(args, ckpt):
-    saved = ckpt["args"]
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-             for k in RUN_DEFINING_ARGS if saved.get(k) != getattr(args, k)]
-    if diffs:
-        raise ValueError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
-    if ckpt["step"] >= args.max_steps:
-        raise ValueError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
 
 
 @torch.no_grad()
@@ -129,7 +120,7 @@ def main(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        check_resume(args, ckpt)
+        check_resume(args, ckpt, RUN_DEFINING_ARGS)
     init = None
     if args.gan and not args.init_ckpt:
         raise ValueError("--gan starts from a regression checkpoint: pass --init-ckpt")
@@ -182,10 +173,7 @@ def main(args):
             disc_opt.load_state_dict(ckpt["disc_opt"])
     model, ema = model.to(device), ema.to(device).eval()
     for optimiser in [opt] + ([disc_opt] if disc_opt else []):
-        for state in optimiser.state.values():
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and k != "step":
-                    state[k] = v.to(device)
+        optimizer_to(optimiser, device)
     raw_model = model
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -268,12 +256,13 @@ def main(args):
             if vae is not None:
                 x_real = vae_encode(vae, x_real)
             fake = pred[:, -1]
-            # Discriminator step on detached samples, both diffused to the same random t:
-            t = torch.randint(0, args.gan_max_t, (len(fake),), device=device)
-            t_real = torch.randint(0, args.gan_max_t, (len(x_real),), device=device)
+            # Discriminator step on detached samples, each diffused to a random t (one forward for both halves):
+            t = torch.randint(0, args.gan_max_t, (len(x_real) + len(fake),), device=device)
+            both = torch.cat([x_real, fake.detach()])
             with autocast:
-                d_loss = hinge_d_loss(disc(x_real, y_real, t_real, torch.randn_like(x_real)),
-                                      disc(fake.detach(), y, t, torch.randn_like(fake)))
+                logits = disc(both, torch.cat([y_real, y]), t, torch.randn_like(both))
+                d_loss = hinge_d_loss(logits[: len(x_real)], logits[len(x_real) :])
+            t = t[len(x_real) :]
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_opt.step()

@@ -25,8 +25,8 @@ from checkpoints import file_sha256, find_checkpoint, load_dit
 from diffusion import create_diffusion
 from diffusion.ode import SOLVERS, model_timesteps, trajectory, FINAL_TIMESTEP
 from models import guided_model_fn
-from train_utils import write_json
-from trajectory_store import MANIFEST, read_manifest, shard_name, shard_ranges
+from train_utils import check_same_settings, write_json
+from trajectory_store import MANIFEST, shard_name, shard_ranges
 
 SMALL_MODEL_TOKENS = 64  # up to this many tokens per image, every solver step is saved by default
 
@@ -118,12 +118,7 @@ def main(args):
 
     # Create the store, or check that an existing one was made with the same settings:
     manifest_path = os.path.join(args.out, MANIFEST)
-    if os.path.isfile(manifest_path):
-        existing = read_manifest(args.out)
-        diffs = [f"{k}: {existing.get(k)!r} there, {v!r} now" for k, v in manifest.items() if existing.get(k) != v]
-        if diffs:
-            raise ValueError(f"{args.out} holds trajectories made with other settings ({'; '.join(diffs)}); "
-                             f"write to a new --out folder")
+    check_same_settings(manifest_path, manifest, f"the trajectory store {args.out}")
     dist_util.barrier()
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -91,3 +91,35 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 perm = torch.randperm(self.num_items, generator=gen)
             start = (step % self.steps_per_epoch) * self.global_batch + self.rank * self.local_batch
             yield perm[start : start + self.local_batch].tolist()
+
+
+def check_resume(args, ckpt, run_defining_args):
+    """Stops with one sentence when a checkpoint was trained with other run-defining settings or is already done."""
+    saved = ckpt["args"]
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
+             for k in run_defining_args if saved.get(k) != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
+    if ckpt["step"] >= args.max_steps:
+        raise ValueError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
+
+
+def optimizer_to(opt, device):
+    """Moves an optimiser's state (loaded on the CPU) to the device; step counters stay where they are."""
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)
+
+
+def check_same_settings(path, settings, what):
+    """If the JSON file at `path` exists, it must hold `settings`; else stop naming every difference."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        existing = json.load(f)
+    diffs = [f"{k}: {existing.get(k)!r} there, {v!r} now" for k, v in settings.items() if existing.get(k) != v]
+    diffs += [f"{k}: {existing[k]!r} there, absent now" for k in existing if k not in settings]
+    if diffs:
+        raise ValueError(f"{what} holds results made with other settings ({'; '.join(diffs)}); "
+                         f"use a new output path, or remove it to start over")

@@ -4,8 +4,8 @@ re-implementation's layout), built from the same random data in a temporary fold
     python benchmarks/traj_read.py                       # 2,000 ImageNet-shaped trajectories (4x32x32), 26 saved steps
     python benchmarks/traj_read.py --shape 1 8 8 --count 10000
 
-Each read is a random batch of --batch-size trajectories at the K + 1 = 5 default boundaries (what
-train_ard.py reads per step). Both layouts are read warm from the page cache, where the difference is
+Each read is a random batch of --batch-size trajectories, both arrays (xt and x0) at the K + 1 = 5 default
+boundaries (at most what train_ard.py reads per step; each .npz is opened once). Both layouts are read warm from the page cache, where the difference is
 pure file-handling overhead; a cold disk only widens it. Also prints the number of files each layout
 needs for 1.2 M ImageNet trajectories.
 """
@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,7 +28,7 @@ from train_utils import write_json  # noqa: E402
 
 def build_store(root, count, steps, shape, shard_size, dtype, rng):
     """Writes random trajectories in both layouts; returns the per-sample folder."""
-    timesteps = list(np.linspace(999, 0, steps - 1).round().astype(int)) + [-1]
+    timesteps = [int(t) for t in np.linspace(999, 0, steps - 1).round()] + [-1]
     ranges = shard_ranges(count, shard_size)
     per_sample = os.path.join(root, "per_sample")
     os.makedirs(per_sample)
@@ -44,15 +45,21 @@ def build_store(root, count, steps, shape, shard_size, dtype, rng):
             for k in range(steps):
                 np.savez(os.path.join(per_sample, f"{start + j:07d}_{k:02d}.npz"), xt=xt[j, k], x0=x0[j, k], y=y[j])
     write_json(os.path.join(root, "store", MANIFEST), dict(
-        count=count, shape=list(shape), save_steps=list(range(steps)), save_timesteps=timesteps,
+        count=count, dtype=np.dtype(dtype).name, shape=list(shape), save_steps=list(range(steps)), save_timesteps=timesteps,
         shards=[shard_name(s) for s in range(len(ranges))], num_classes=1000, model="random"))
     return per_sample
 
 
 def read_per_sample(folder, indices, steps):
-    xt = np.stack([np.stack([np.load(os.path.join(folder, f"{i:07d}_{k:02d}.npz"))["xt"] for k in steps]) for i in indices])
-    x0 = np.stack([np.stack([np.load(os.path.join(folder, f"{i:07d}_{k:02d}.npz"))["x0"] for k in steps]) for i in indices])
-    return xt, x0
+    """The public layout's read: one file per sample and step, then the same float32 tensors as ours."""
+    xt, x0 = [], []
+    for i in indices:
+        for k in steps:
+            with np.load(os.path.join(folder, f"{i:07d}_{k:02d}.npz")) as f:
+                xt.append(f["xt"])
+                x0.append(f["x0"])
+    shape = (len(indices), len(steps), *xt[0].shape)
+    return torch.from_numpy(np.stack(xt).reshape(shape)).float(), torch.from_numpy(np.stack(x0).reshape(shape)).float()
 
 
 def throughput(read, count, batch, repeats, rng):
@@ -80,7 +87,8 @@ def main():
         per_sample = build_store(root, args.count, args.steps, args.shape, args.shard_size, np.float16, rng)
         store = TrajectoryStore(os.path.join(root, "store"))
         bounds = default_boundaries(store.saved_steps, store.saved_timesteps, 4)
-        ours = throughput(lambda idx: store.read(idx, bounds), args.count, args.batch_size, args.repeats, rng)
+        ours = throughput(lambda idx: {k: torch.from_numpy(v).float() for k, v in store.read(idx, bounds).items()},
+                          args.count, args.batch_size, args.repeats, rng)
         theirs = throughput(lambda idx: read_per_sample(per_sample, idx, bounds), args.count, args.batch_size,
                             max(2, args.repeats // 5), rng)
         n_files = sum(len(files) for _, _, files in os.walk(os.path.join(root, "store")))

@@ -55,7 +55,7 @@ def get_beta_schedule(beta_schedule, *, beta_start, beta_end, num_diffusion_time
     elif beta_schedule == "const":
         betas = beta_end * np.ones(num_diffusion_timesteps, dtype=np.float64)
     else:
-        raise NotImplementedError(beta_schedule)
+        raise ValueError(f"unknown beta schedule: {beta_schedule}")
     assert betas.shape == (num_diffusion_timesteps,)
     return betas
 
@@ -70,7 +70,7 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
         )
     if schedule_name == "squaredcos_cap_v2":
         return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
-    raise NotImplementedError(f"unknown beta schedule: {schedule_name}")
+    raise ValueError(f"unknown beta schedule: {schedule_name}")
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
@@ -366,5 +366,5 @@ class GaussianDiffusion:
             terms["mse"] = mean_flat((target - model_output) ** 2)
             terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         else:
-            raise NotImplementedError(self.loss_type)
+            raise ValueError(f"unknown loss type: {self.loss_type}")
         return terms

@@ -1,6 +1,5 @@
 """The evaluator: metric formulas against their definitions, the Inception wrapper, the digits features."""
 
-import os
 from unittest import mock
 
 import numpy as np

@@ -157,3 +157,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(setup, tmp
                                              "--resume", str(tmp_path / "run" / "checkpoints" / "0000002.pt")))
     assert "infinite or NaN at step 3" in out and "step 2" in out
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000001.pt", "0000002.pt"]
+
+
+def test_two_process_gan_stage_runs(setup, regression_ckpt, tmp_path):
+    run_script(gan_args(setup, regression_ckpt, tmp_path / "ddp_gan", 2, 1), nproc=2)
+    m = metrics(tmp_path / "ddp_gan")
+    assert len(m) == 2 and m[-1]["gan_weight"] > 0 and np.isfinite(m[-1]["d_loss"])

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from diffusion import create_diffusion
 from helpers import make_teacher_checkpoint, run_script, run_script_expect_failure
