@@ -35,9 +35,9 @@ from train_utils import write_json  # noqa: E402
 BUDGETS = {
     # teacher steps, trajectories, student steps, samples per model, GAN steps
     "quick": dict(teacher_steps=40, trajectories=128, student_steps=12, samples=100, gan_steps=6, gan_warmup=3,
-                  val_count=32, teacher_batch=32, student_batch=16, net_epochs=2),
+                  val_count=32, teacher_batch=32, student_batch=16, net_epochs=2, cost_batch=20),
     "default": dict(teacher_steps=2000, trajectories=6000, student_steps=1000, samples=2000, gan_steps=400,
-                    gan_warmup=100, val_count=500, teacher_batch=128, student_batch=64, net_epochs=40),
+                    gan_warmup=100, val_count=500, teacher_batch=128, student_batch=64, net_epochs=40, cost_batch=500),
 }
 HISTORY_LAYERS = 3  # of the tiny teacher's 6 blocks
 CFG = 1.5
@@ -201,10 +201,10 @@ def main(args):
     costs = {}
     teacher_model, _ = load_dit(teacher)
     for s in teacher_steps:
-        costs[f"teacher_ddim{s}"] = teacher_cost(teacher_model, s, CFG)
+        costs[f"teacher_ddim{s}"] = teacher_cost(teacher_model, s, CFG, b["cost_batch"])
     for name, steps, kind, source, group in rows:
         if kind == "student" and group not in costs:
-            costs[group] = student_cost(load_student(source)[0])
+            costs[group] = student_cost(load_student(source)[0], b["cost_batch"])
 
     table = summarise(results, costs, json.load(open(real)), rows, args, b)
     with open(p.path("results.md"), "w") as f:
