@@ -242,7 +242,11 @@ def summarise(results, costs, real, rows, args, b):
     lines = ["| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall | class accuracy | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     out = {"rows": [], "budgets": b, "mode": "full" if args.full else ("quick" if args.quick else "default")}
-    order = sorted(groups, key=lambda g: (not g.startswith("teacher"), g.startswith("k") and int(g[1]) != 4, g))
+    def sort_key(group):  # the teacher by steps, then the 4-step students, then the other step counts
+        steps = results[groups[group][0]]["steps"]
+        return (not group.startswith("teacher"), group.startswith("k") and steps != 4, steps, group)
+
+    order = sorted(groups, key=sort_key)
     for group in order:
         names = groups[group]
         steps = results[names[0]]["steps"]
@@ -280,6 +284,7 @@ def figures(p, rows, results, args):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(args.assets_dir, exist_ok=True)
     shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
@@ -321,6 +326,8 @@ def figures(p, rows, results, args):
             points = sorted((r[1], results[r[0]]["fid"]) for r in rows if r[4] == f"k{r[1]}_n{n}_state" and r[0].endswith("_s0"))
             ax.plot(*zip(*points), style, label=label)
         ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([2, 3, 4, 5, 8, 16, 25])
         ax.set_xticklabels(["2", "3", "4", "5", "8", "16", "25"])
         ax.set_xlabel("sampling steps")
