@@ -13,7 +13,7 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     groups = [row["group"] for row in results["rows"]]
-    assert groups == ["teacher_ddim25", "teacher_ddim4", "k4_n0_state", "k4_n3_state"]
+    assert groups == ["teacher_ddim4", "teacher_ddim25", "k4_n0_state", "k4_n3_state"]
     for row in results["rows"]:
         assert row["flops_per_image"] > 0 and row["cpu_seconds_per_image"] > 0
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
