@@ -33,16 +33,21 @@ def test_sample_matches_teacher_forced_forward(K, N, patch):
     torch.testing.assert_close(forced, traj, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("N", [1, 2, 3])
-def test_perturbing_step_j_leaves_earlier_predictions_bit_identical(N):
-    K = 4
-    model = student(K=K, N=N)
+def perturb_each_step(model, K):
+    """Yields (j, outputs, outputs with input step j perturbed) for every step j."""
     x, y = torch.randn(2, K, 3, 8, 8), torch.tensor([0, 3])
     base = model(x, y)
     for j in range(K):
         x2 = x.clone()
         x2[:, j] += torch.randn_like(x2[:, j])
-        out = model(x2, y)
+        yield j, base, model(x2, y)
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_perturbing_step_j_leaves_earlier_predictions_bit_identical(N):
+    K = 4
+    model = student(K=K, N=N)
+    for j, base, out in perturb_each_step(model, K):
         assert torch.equal(out[:, :j], base[:, :j]), f"steps before {j} changed"
         assert not torch.allclose(out[:, j], base[:, j]), f"step {j} ignores its own input"
         if j + 1 < K:
@@ -52,12 +57,7 @@ def test_perturbing_step_j_leaves_earlier_predictions_bit_identical(N):
 def test_without_history_each_prediction_depends_on_its_own_input_only():
     K = 4
     model = student(K=K, N=0)
-    x, y = torch.randn(2, K, 3, 8, 8), torch.tensor([0, 3])
-    base = model(x, y)
-    for j in range(K):
-        x2 = x.clone()
-        x2[:, j] += torch.randn_like(x2[:, j])
-        out = model(x2, y)
+    for j, base, out in perturb_each_step(model, K):
         others = [k for k in range(K) if k != j]
         assert torch.equal(out[:, others], base[:, others])
         assert not torch.allclose(out[:, j], base[:, j])
