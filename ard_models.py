@@ -20,18 +20,7 @@ step distillation: every step sees only its own input.
 import torch
 import torch.nn as nn
 
-from models import (
-    DiTBlock,
-    FinalLayer,
-    KVCache,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    DiT_models,
-    init_dit_weights,
-    model_config,
-    unpatchify,
-)
+from models import DiTBackbone, FinalLayer, KVCache, init_dit_weights, registry, unpatchify
 
 
 def block_causal_mask(num_steps, tokens_per_step, device=None):
@@ -40,46 +29,25 @@ def block_causal_mask(num_steps, tokens_per_step, device=None):
     return step[None, :] <= step[:, None]
 
 
-class ARD(nn.Module):
-    """A K-step ARD student on a DiT backbone, with history visible in the lowest `history_layers` blocks."""
+class ARD(DiTBackbone):
+    """A K-step ARD student on a DiT backbone, with history visible in the lowest `history_layers` blocks.
+    timesteps: the teacher timestep of each input step, t_0 (the noise) first; other arguments: DiTBackbone's."""
 
-    def __init__(
-        self,
-        timesteps,
-        history_layers,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        num_classes=1000,
-        class_dropout_prob=0.1,
-    ):
-        super().__init__()
+    def __init__(self, timesteps, history_layers, **kwargs):
+        super().__init__(**kwargs)
         timesteps = [float(t) for t in timesteps]
         if len(timesteps) < 1:
             raise ValueError("the student needs at least one step (one timestep)")
-        if not 0 <= history_layers <= depth:
-            raise ValueError(f"history_layers must be between 0 and the depth {depth}, got {history_layers}")
+        if not 0 <= history_layers <= len(self.blocks):
+            raise ValueError(f"history_layers must be between 0 and the depth {len(self.blocks)}, got {history_layers}")
         self.num_steps = len(timesteps)
         self.history_layers = history_layers
-        self.in_channels = in_channels
-        self.out_channels = in_channels  # the student predicts states, not noise and variance
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.num_classes = num_classes
+        self.out_channels = self.in_channels  # the student predicts states, not noise and variance
         # The teacher timestep of each input step; not saved in the state dict (the config holds it).
         self.register_buffer("timesteps", torch.tensor(timesteps), persistent=False)
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        # Same table as the teacher's (null class row included), so it loads as it is; labels are never dropped.
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.heads = nn.ModuleList([FinalLayer(hidden_size, patch_size, self.out_channels) for _ in range(self.num_steps)])
+        # The label table is the teacher's (null class row included), so it loads as it is; labels are never dropped.
+        hidden_size = self.pos_embed.shape[-1]
+        self.heads = nn.ModuleList([FinalLayer(hidden_size, self.patch_size, self.out_channels) for _ in range(self.num_steps)])
         init_dit_weights(self, self.heads)
         self._masks = {}
 
@@ -180,12 +148,30 @@ class ARD(nn.Module):
         return self
 
 
-def _factory(key):
-    def build(timesteps, history_layers, **kwargs):
-        return ARD(timesteps=timesteps, history_layers=history_layers, **model_config(key), **kwargs)
+def dense_forward(model, x, y, per_token_conditioning=False):
+    """The teacher-forced pass computed densely: every block attends over all K*L tokens with a mask
+    (block-causal in the history blocks, block-diagonal above). per_token_conditioning=True also computes
+    every adaLN modulation once per token instead of once per step, as the public re-implementation does.
+    Numerically the same function as model.forward: the reference the efficient pass is tested against, and the
+    baseline benchmarks/ard_cost.py measures it against."""
+    K, L = model.num_steps, model.x_embedder.num_patches
+    steps = list(range(K))
+    tokens = model.embed(x)  # (B, K, L, D)
+    c = model.conditioning(y, steps)  # (B, K, D)
+    causal = block_causal_mask(K, L, x.device)
+    step = torch.arange(K, device=x.device).repeat_interleave(L)
+    diagonal = step[None, :] == step[:, None]
+    B, _, _, D = tokens.shape
+    if per_token_conditioning:
+        # Every token is its own group of one: (B, K*L, 1, D) with a (B, K*L, D) conditioning.
+        h, c_tok = tokens.reshape(B, K * L, 1, D), c[:, :, None].expand(B, K, L, D).reshape(B, K * L, D)
+        for i, block in enumerate(model.blocks):
+            h = block(h, c_tok, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
+        tokens = h.view(B, K, L, D)
+    else:
+        for i, block in enumerate(model.blocks):
+            tokens = block(tokens, c, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
+    return model.predict(tokens, c, steps)
 
-    build.__name__ = key.replace("-", "_").replace("/", "_")
-    return build
 
-
-ARD_models = {key: _factory(key) for key in DiT_models}
+ARD_models = registry(ARD)

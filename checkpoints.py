@@ -1,32 +1,33 @@
-"""Checkpoint I/O and model loading, shared by every script.
+"""Checkpoints and the models they hold: I/O, the config schema, and building a model from a config.
 
 Our checkpoints hold plain types only (state dicts, numbers, strings, lists and dicts), are written
 atomically and load with torch.load(weights_only=True), so a checkpoint from the internet cannot run
-code. Official DiT checkpoints (bare state dicts) load too; their config is read off the weights.
+code. Each holds a `config` that says what model it is (teacher_config / student_config below), so
+every script rebuilds the model from the file alone. Official DiT checkpoints (bare state dicts) load
+too; their config is read off the weights.
 """
 
-import hashlib
 import os
 
 import torch
 
+from fileio import atomic_write
 from models import DiT_models, MODEL_CONFIGS
 
 # Official DiT checkpoints (facebookresearch/DiT): looked up locally first, then downloaded.
 PRETRAINED_DIT = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
 PRETRAINED_DIR = "pretrained_models"
+KINDS = {"dit": "a DiT teacher", "ard": "an ARD student"}
 
+
+#################################################################################
+#                                  File I/O                                     #
+#################################################################################
 
 def save_checkpoint(path, state):
     """Writes `state` to a temporary file in the same folder, then renames it over `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path):
@@ -37,14 +38,6 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: the message names the offending global
         raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {e}") from e
-
-
-def file_sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_checkpoint(name_or_path):
@@ -67,6 +60,26 @@ def find_checkpoint(name_or_path):
     return local
 
 
+#################################################################################
+#                                The config schema                              #
+#################################################################################
+
+def teacher_config(model, input_size, in_channels, num_classes, learn_sigma, space, vae, image_size, data):
+    """What a teacher checkpoint says about its model: the DiT_models key and its constructor arguments,
+    the space it works in ('pixel' or 'latent', with the VAE), the image size and the data it learnt."""
+    return dict(kind="dit", model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                learn_sigma=learn_sigma, space=space, vae=vae, image_size=image_size, data=data)
+
+
+def student_config(teacher, timesteps, history_layers, boundaries, target, teacher_sha256, gan):
+    """What a student checkpoint says: its teacher's shapes and space, the input timestep of each step,
+    N, the solver steps it was distilled between, the target, the teacher's hash, and the stage."""
+    return dict(kind="ard", model=teacher["model"], input_size=teacher["input_size"], in_channels=teacher["in_channels"],
+                num_classes=teacher["num_classes"], timesteps=list(timesteps), history_layers=history_layers,
+                boundaries=list(boundaries), target=target, space=teacher["space"], vae=teacher.get("vae"),
+                image_size=teacher.get("image_size"), data=teacher.get("data"), teacher_sha256=teacher_sha256, gan=gan)
+
+
 def infer_dit_config(state_dict):
     """The DiT_models key and constructor arguments of a bare DiT state dict, read off its shapes."""
     proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
@@ -87,48 +100,42 @@ def infer_dit_config(state_dict):
     )
 
 
-def teacher_state_dict(ckpt):
+def weights_and_config(ckpt):
     """(state_dict, config) of a loaded checkpoint: ours (EMA weights) or an official bare DiT state dict."""
     if isinstance(ckpt, dict) and "config" in ckpt and "ema" in ckpt:
         return ckpt["ema"], ckpt["config"]
     if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:
-        config = infer_dit_config(ckpt)
         # Official checkpoints are ImageNet models in SD-VAE latent space (8x downsampling).
-        config.update(kind="dit", space="latent", vae="ema", image_size=config["input_size"] * 8)
-        return ckpt, config
-    raise ValueError("not a DiT checkpoint: expected this repository's format or an official DiT state dict")
+        inferred = infer_dit_config(ckpt)
+        return ckpt, teacher_config(**inferred, space="latent", vae="ema", image_size=inferred["input_size"] * 8, data=None)
+    raise ValueError("not a checkpoint of this repository nor an official DiT state dict")
 
 
-def load_dit(name_or_path, device="cpu"):
-    """Builds the teacher of a checkpoint and loads its (EMA) weights strictly; returns (model in eval mode, config)."""
-    state_dict, config = teacher_state_dict(load_checkpoint(find_checkpoint(name_or_path)))
-    if config.get("kind", "dit") != "dit":
-        raise ValueError(f"{name_or_path} holds a {config['kind']} model, not a DiT teacher")
-    model = DiT_models[config["model"]](
-        input_size=config["input_size"], in_channels=config["in_channels"],
-        num_classes=config["num_classes"], learn_sigma=config["learn_sigma"],
-    )
+#################################################################################
+#                           Models from their configs                           #
+#################################################################################
+
+def build_model(config, **kwargs):
+    """A freshly initialised model of a config (teacher or student); kwargs go to the constructor
+    (e.g. class_dropout_prob). Build it under `with torch.device("meta"):` to count FLOPs."""
+    shapes = dict(input_size=config["input_size"], in_channels=config["in_channels"], num_classes=config["num_classes"])
+    if config["kind"] == "dit":
+        return DiT_models[config["model"]](**shapes, learn_sigma=config["learn_sigma"], **kwargs)
+    if config["kind"] == "ard":
+        from ard_models import ARD_models
+
+        return ARD_models[config["model"]](timesteps=config["timesteps"], history_layers=config["history_layers"],
+                                           **shapes, **kwargs)
+    raise ValueError(f"unknown model kind {config['kind']!r}")
+
+
+def load_model(name_or_path, device="cpu", kind=None):
+    """The model of a checkpoint (its EMA weights for ours), loaded strictly, in eval mode, and its config.
+    kind='dit' or 'ard' refuses a checkpoint of the other kind."""
+    path = find_checkpoint(name_or_path)
+    state_dict, config = weights_and_config(load_checkpoint(path))
+    if kind is not None and config["kind"] != kind:
+        raise ValueError(f"{name_or_path} holds {KINDS.get(config['kind'], config['kind'])}, not {KINDS[kind]}")
+    model = build_model(config)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), config
-
-
-def load_student(path, device="cpu"):
-    """Builds the ARD student of a train_ard.py checkpoint with its EMA weights; returns (model in eval mode, config)."""
-    from ard_models import ARD_models
-
-    ckpt = load_checkpoint(path)
-    config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
-    if config.get("kind") != "ard":
-        raise ValueError(f"{path} is not a student checkpoint of train_ard.py")
-    model = ARD_models[config["model"]](
-        timesteps=config["timesteps"], history_layers=config["history_layers"], input_size=config["input_size"],
-        in_channels=config["in_channels"], num_classes=config["num_classes"],
-    )
-    model.load_state_dict(ckpt["ema"], strict=True)
-    return model.to(device).eval(), config
-
-
-def checkpoint_kind(name_or_path):
-    """'ard' for a student checkpoint of train_ard.py, 'dit' for a teacher (ours or official)."""
-    ckpt = load_checkpoint(find_checkpoint(name_or_path))
-    return ckpt.get("config", {}).get("kind", "dit") if isinstance(ckpt, dict) and "config" in ckpt else "dit"

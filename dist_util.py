@@ -1,18 +1,25 @@
-"""Distributed set-up that degrades to a single process.
+"""Processes and devices: distributed set-up that degrades to a single process, and numeric precision.
 
 Under `torchrun` the process group uses NCCL on GPUs and gloo on CPU; under plain `python` the
 script is a world of one and no process group is created. The device comes from LOCAL_RANK.
 """
 
+import contextlib
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # on GPU: full fp32, TF32 matmuls and convolutions, or bf16 autocast (with TF32)
 
-def setup(device=None):
-    """Initialises the process group if launched by torchrun; returns the torch.device of this process."""
+
+def setup(precision="fp32", device=None):
+    """Initialises the process group if launched by torchrun and sets the matmul precision; returns the
+    torch.device of this process."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -23,6 +30,13 @@ def setup(device=None):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
+
+
+def autocast(device, precision):
+    """bf16 autocast for --precision bf16, else nothing."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def cleanup():
@@ -63,6 +77,14 @@ def all_reduce_mean(values, device):
     return out[0] if scalar else out
 
 
+def all_reduce_sum(value, device):
+    """The sum over ranks of a number (every rank must call it)."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.item()
+
+
 def broadcast_object(obj):
     """Rank 0's value of a picklable object, on every rank."""
     if not dist.is_initialized():
@@ -72,7 +94,15 @@ def broadcast_object(obj):
     return box[0]
 
 
-def step_seed(global_seed, step, rank_):
-    """A 32-bit seed that is a pure function of (seed, step, rank): all the randomness of a training step
-    derives from it, so a resumed run needs no saved RNG state to continue exactly."""
-    return int(np.random.SeedSequence([global_seed, step, rank_]).generate_state(1)[0])
+def wrap_ddp(module, device):
+    """DistributedDataParallel around a module when there are several processes; the module itself otherwise."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def add_precision_argument(parser, default):
+    parser.add_argument("--precision", type=str, choices=PRECISIONS, default=default,
+                        help="on GPU: fp32, TF32 matmuls (faster, slightly less exact), or bf16 autocast (with TF32)")

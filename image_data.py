@@ -1,5 +1,5 @@
-"""Data for the teacher and the evaluators: the embedded digits, an ImageFolder with ADM's centre
-crop, and the Stable Diffusion VAE that maps images to DiT's latent space."""
+"""Images in and out: the embedded digits, an ImageFolder with ADM's centre crop, and generated images
+to uint8 batches and to PNG grids. The VAE is in vae.py."""
 
 import os
 
@@ -8,9 +8,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-VAE_SCALE = 0.18215  # latents are scaled to roughly unit variance, as in LDM and DiT
-VAE_DOWNSAMPLE = 8  # the SD VAE maps 256x256x3 images to 32x32x4 latents
-SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 360  # real digits never used for training: the reference set of the evaluators
 
@@ -74,35 +71,8 @@ def image_folder(path, image_size):
 
 
 #################################################################################
-#                                  The VAE                                      #
+#                                  Images out                                   #
 #################################################################################
-
-def load_vae(name_or_path, device="cpu"):
-    """diffusers' AutoencoderKL from a local folder, an SD_VAES short name ('ema', 'mse') or a hub id."""
-    from diffusers.models import AutoencoderKL
-
-    source = SD_VAES.get(name_or_path, name_or_path)
-    try:
-        vae = AutoencoderKL.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"cannot load the VAE {source!r}: it is neither a local folder nor in the Hugging Face cache, "
-            f"and the hub could not be reached; pass --vae PATH to a folder saved with save_pretrained ({e})"
-        ) from e
-    return vae.to(device).eval()
-
-
-@torch.no_grad()
-def vae_encode(vae, x):
-    """Images in [-1, 1], (N, 3, H, W) -> scaled latents (N, 4, H/8, W/8), sampled from the posterior."""
-    return vae.encode(x).latent_dist.sample().mul_(VAE_SCALE)
-
-
-@torch.no_grad()
-def vae_decode(vae, z):
-    """Scaled latents -> images in (about) [-1, 1]."""
-    return vae.decode(z / VAE_SCALE).sample
-
 
 def to_uint8(x):
     """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, 3), quantised as DiT's sample_ddp.py does;
@@ -111,3 +81,13 @@ def to_uint8(x):
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow):
+    """Images in [-1, 1], (N, C, H, W), as one PNG grid; images under 64 pixels are enlarged with
+    nearest-neighbour so the grid stays readable."""
+    from torchvision.utils import save_image
+
+    if images.shape[-1] < 64:
+        images = F.interpolate(images, scale_factor=64 // images.shape[-1], mode="nearest")
+    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)

@@ -5,6 +5,7 @@
 # group of tokens, an attention mask and a KV cache, so that the ARD student (ard_models.py)
 # reuses them unchanged.
 
+import functools
 import math
 
 import numpy as np
@@ -236,8 +237,9 @@ def init_dit_weights(model, output_layers):
         nn.init.constant_(layer.linear.bias, 0)
 
 
-class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone."""
+class DiTBackbone(nn.Module):
+    """What the DiT teacher and the ARD student share, with official DiT's names: the patch, timestep and label
+    embedders, the fixed position embedding and the blocks. Subclasses add their output layers."""
 
     def __init__(
         self,
@@ -250,12 +252,9 @@ class DiT(nn.Module):
         mlp_ratio=4.0,
         class_dropout_prob=0.1,
         num_classes=1000,
-        learn_sigma=True,
     ):
         super().__init__()
-        self.learn_sigma = learn_sigma
         self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.input_size = input_size
         self.patch_size = patch_size
         self.num_heads = num_heads
@@ -267,7 +266,16 @@ class DiT(nn.Module):
         # Fixed sin-cos position embedding; a parameter (not a buffer) because official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+
+class DiT(DiTBackbone):
+    """Diffusion model with a Transformer backbone. Arguments: DiTBackbone's (official DiT's), and learn_sigma."""
+
+    def __init__(self, learn_sigma=True, **kwargs):
+        super().__init__(**kwargs)
+        self.learn_sigma = learn_sigma
+        self.out_channels = self.in_channels * 2 if learn_sigma else self.in_channels
+        self.final_layer = FinalLayer(self.pos_embed.shape[-1], self.patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -311,20 +319,6 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
-
-
-def guided_model_fn(model, cfg_scale, legacy_cfg=False):
-    """A model function (x, t, y) -> output on a plain batch, with classifier-free guidance at cfg_scale.
-    Scale 1 is the conditional model alone, as in DiT's sample.py."""
-    if cfg_scale == 1.0:
-        return model
-
-    def fn(x, t, y):
-        y_null = torch.full_like(y, model.num_classes)
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale, legacy_cfg)
-        return out[: len(x)]
-
-    return fn
 
 
 #################################################################################
@@ -381,12 +375,10 @@ def model_config(key):
     return dict(MODEL_CONFIGS[size], patch_size=int(patch))
 
 
-def _factory(key):
-    def build(**kwargs):
-        return DiT(**model_config(key), **kwargs)
-
-    build.__name__ = key.replace("-", "_").replace("/", "_")
-    return build
+def registry(cls):
+    """{key: constructor} for every config: the config's depth, width, heads and patch size are filled in."""
+    return {f"DiT-{size}/{p}": functools.partial(cls, **model_config(f"DiT-{size}/{p}"))
+            for size in MODEL_CONFIGS for p in PATCH_SIZES[size]}
 
 
-DiT_models = {f"DiT-{size}/{p}": _factory(f"DiT-{size}/{p}") for size in MODEL_CONFIGS for p in PATCH_SIZES[size]}
+DiT_models = registry(DiT)

@@ -8,7 +8,8 @@ arr_1 int64 labels.
 Image i draws its label and noise from a generator seeded by (seed, i), so the file does not depend on the
 number of processes. Images are made in chunks of consecutive indices, written to OUT.chunks/ under a
 temporary name and renamed when complete: running the same command again after an interruption makes only
-the missing chunks; the chunks are gathered into OUT and removed at the end.
+the missing chunks; the chunks are gathered into OUT and removed at the end. OUT.json records what made the
+file (the checkpoint's sha256, the sampler, its steps and guidance, the seed).
 """
 
 import argparse
@@ -21,25 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 import dist_util
-from checkpoints import checkpoint_kind, file_sha256, find_checkpoint, load_dit, load_student
-from diffusion import create_diffusion
-from image_data import load_vae, to_uint8, vae_decode
-from sample import teacher_sample
+from checkpoints import find_checkpoint, load_model
+from diffusion.sampling import add_sampler_arguments, sample_fn
+from fileio import file_sha256, save_npz, start_or_resume, write_json
+from image_data import to_uint8
+from seeding import EVALUATION_STREAM, per_index_noise
 from trajectory_store import shard_ranges
-from train_utils import check_same_settings, write_json
-
-NOISE_STREAM = 1  # the trajectory writer uses stream 0: evaluation noise never repeats training noise
-
-
-def labels_and_noise(seed, indices, num_classes, shape):
-    """Each index's random class and noise, from its own generator."""
-    y = torch.empty(len(indices), dtype=torch.long)
-    noise = torch.empty(len(indices), *shape)
-    for n, i in enumerate(indices):
-        gen = torch.Generator().manual_seed(dist_util.step_seed(seed, int(i), NOISE_STREAM))
-        y[n] = torch.randint(num_classes, (1,), generator=gen)
-        noise[n] = torch.randn(shape, generator=gen)
-    return y, noise
+from vae import load_vae, vae_decode
 
 
 def run_settings(args, ckpt_sha256, student):
@@ -52,33 +41,38 @@ def run_settings(args, ckpt_sha256, student):
     return settings
 
 
+def make_chunk(generate, vae, indices, args, config, device):
+    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,))."""
+    shape = (config["in_channels"], config["input_size"], config["input_size"])
+    images, labels = [], []
+    for b in range(0, len(indices), args.per_proc_batch_size):
+        y, noise = per_index_noise(args.global_seed, indices[b : b + args.per_proc_batch_size], shape, EVALUATION_STREAM,
+                                   num_classes=config["num_classes"])
+        with dist_util.autocast(device, args.precision):
+            x = generate(noise.to(device), y.to(device)).float()
+        if vae is not None:
+            x = vae_decode(vae, x)
+        images.append(to_uint8(x))
+        labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
 def main(args):
     # Setup DDP:
-    device = dist_util.setup()
+    device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     torch.set_grad_enabled(False)
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
 
     # Load the model and check any earlier partial run:
     ckpt_path = find_checkpoint(args.ckpt)
-    student = checkpoint_kind(ckpt_path) == "ard"
-    model, config = (load_student if student else load_dit)(ckpt_path, device)
+    model, config = load_model(ckpt_path, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
-    diffusion = None if student else create_diffusion(str(args.num_sampling_steps))
-    settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), student)
+    generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg)
+    settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), config["kind"] == "ard")
     chunk_dir = f"{args.out}.chunks"
-    settings_path = os.path.join(chunk_dir, "settings.json")
-    check_same_settings(settings_path, settings, f"the chunk folder {chunk_dir}")
-    dist_util.barrier()
-    if rank == 0:
-        os.makedirs(chunk_dir, exist_ok=True)
-        if not os.path.isfile(settings_path):
-            write_json(settings_path, settings)
-    dist_util.barrier()
+    start_or_resume(os.path.join(chunk_dir, "settings.json"), settings, f"the chunk folder {chunk_dir}")
 
     # Make this rank's missing chunks:
-    shape = (config["in_channels"], config["input_size"], config["input_size"])
-    clip = config["space"] == "pixel"
     ranges = shard_ranges(args.num_samples, args.chunk_size)
     chunk_path = lambda c: os.path.join(chunk_dir, f"chunk-{c:05d}.npz")  # noqa: E731
     todo = [c for c in range(rank, len(ranges), world_size) if not os.path.isfile(chunk_path(c))]
@@ -86,34 +80,19 @@ def main(args):
     progress = tqdm(total=total, disable=rank != 0, unit="img", desc=f"sampling (rank 0 of {world_size})", dynamic_ncols=True)
     start_time = time.time()
     for c in todo:
-        images, labels = [], []
-        indices = np.arange(*ranges[c])
-        for b in range(0, len(indices), args.per_proc_batch_size):
-            y, noise = labels_and_noise(args.global_seed, indices[b : b + args.per_proc_batch_size], config["num_classes"], shape)
-            y, noise = y.to(device), noise.to(device)
-            if student:
-                x = model.sample(noise, y)[:, -1]
-            else:
-                x = teacher_sample(model, diffusion, noise, y, args.sampler, args.cfg_scale, args.legacy_cfg, clip)
-            if vae is not None:
-                x = vae_decode(vae, x)
-            images.append(to_uint8(x))
-            labels.append(y.cpu().numpy())
-            progress.update(len(y))
-        tmp = f"{chunk_path(c)}.tmp-{rank}.npz"
-        np.savez(tmp, arr_0=np.concatenate(images), arr_1=np.concatenate(labels).astype(np.int64))
-        os.replace(tmp, chunk_path(c))
+        images, labels = make_chunk(generate, vae, np.arange(*ranges[c]), args, config, device)
+        save_npz(chunk_path(c), arr_0=images, arr_1=labels)
+        progress.update(len(labels))
     progress.close()
-    made = int(round(dist_util.all_reduce_mean(total, device) * world_size))
+    made = int(dist_util.all_reduce_sum(total, device))
     seconds = time.time() - start_time
     dist_util.barrier()
 
     # Gather the chunks into the ADM-format file:
     if rank == 0:
         parts = [np.load(chunk_path(c), allow_pickle=False) for c in range(len(ranges))]
-        tmp = f"{args.out}.tmp.npz"
-        np.savez(tmp, arr_0=np.concatenate([p["arr_0"] for p in parts]), arr_1=np.concatenate([p["arr_1"] for p in parts]))
-        os.replace(tmp, args.out)
+        save_npz(args.out, arr_0=np.concatenate([p["arr_0"] for p in parts]), arr_1=np.concatenate([p["arr_1"] for p in parts]))
+        write_json(f"{args.out}.json", settings)
         shutil.rmtree(chunk_dir)
         print(f"Saved {args.num_samples:,} samples to {args.out}; made {made:,} in this run in {seconds:.1f} s "
               f"({made / max(seconds, 1e-9):.1f} images/s on {world_size} process(es), {1000 * seconds * world_size / max(made, 1):.1f} ms per image per process)")
@@ -125,16 +104,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, required=True, help="a teacher (train.py, official DiT) or student (train_ard.py) checkpoint")
     parser.add_argument("--out", type=str, required=True, help="the .npz to write")
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--per-proc-batch-size", type=int, default=250)
+    parser.add_argument("--num-samples", type=int, default=50_000, help="how many images")
+    parser.add_argument("--per-proc-batch-size", type=int, default=250, help="images per model batch, per process")
     parser.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
-    parser.add_argument("--sampler", type=str, choices=["ddim", "heun", "ddpm"], default="ddim", help="teachers only")
-    parser.add_argument("--num-sampling-steps", type=int, default=25, help="teachers only")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="teachers only; students sample without guidance")
-    parser.add_argument("--legacy-cfg", action=argparse.BooleanOptionalAction, default=False, help="teachers only")
+    add_sampler_arguments(parser, note="teachers only: ")
     parser.add_argument("--vae", type=str, default=None, help="override the checkpoint's VAE (latent models)")
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--precision", type=str, choices=["fp32", "tf32"], default="fp32")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of every sample's label and noise")
+    dist_util.add_precision_argument(parser, default="fp32")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.per_proc_batch_size < 1 or args.chunk_size < 1:
         parser.error("--num-samples, --per-proc-batch-size and --chunk-size must be positive")

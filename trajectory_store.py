@@ -1,4 +1,5 @@
-"""The trajectory store: teacher ODE trajectories on disk, and the reader that training uses.
+"""The trajectory store: teacher ODE trajectories on disk, how they are written, and the reader that
+training uses.
 
 A store is a folder:
 
@@ -19,9 +20,12 @@ steps 0, 10, 15, 20, 25). A shard is written under a temporary name and renamed 
 import bisect
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
+
+from seeding import TRAJECTORY_STREAM, per_index_noise
 
 MANIFEST = "manifest.json"
 ARRAYS = ("xt", "x0", "y", "index")
@@ -35,6 +39,47 @@ def shard_name(i):
 def shard_ranges(count, shard_size):
     """[(start, stop), ...] of the shards of a store of `count` samples."""
     return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+
+
+def trajectory_noise(seed, indices, shape):
+    """The noise of each trajectory index: (len(indices), *shape), the same for any number of writers."""
+    return per_index_noise(seed, indices, shape, TRAJECTORY_STREAM)
+
+
+def trajectory_labels(indices, num_classes):
+    """Balanced classes: trajectory i has label i mod num_classes."""
+    return torch.as_tensor(np.asarray(indices, dtype=np.int64) % num_classes)
+
+
+def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch=None):
+    """Writes trajectories [start, stop) as one shard: solve(noise, y) -> (xt, x0), each (n, J, C, H, W), runs
+    batch by batch into memory-mapped arrays of a temporary folder, renamed into place when complete.
+    Returns the shard's size in bytes."""
+    final = os.path.join(store_dir, shard_name(shard))
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    indices = np.arange(start, stop, dtype=np.int64)
+    labels = trajectory_labels(indices, num_classes)
+    arrays = {}
+    for b in range(0, len(indices), batch_size):
+        batch = indices[b : b + batch_size]
+        noise = trajectory_noise(seed, batch, shape)
+        xt, x0 = solve(noise, labels[b : b + batch_size])
+        for name, value in (("xt", xt), ("x0", x0)):
+            if name not in arrays:
+                arrays[name] = np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=np.dtype(dtype),
+                                                         shape=(len(indices), *value.shape[1:]))
+            arrays[name][b : b + len(batch)] = value.cpu().numpy().astype(dtype)
+        if on_batch is not None:
+            on_batch(len(batch))
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    np.save(os.path.join(tmp, "y.npy"), labels.numpy())
+    np.save(os.path.join(tmp, "index.npy"), indices)
+    os.replace(tmp, final)
+    return sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
 
 
 def read_manifest(path):
@@ -99,6 +144,18 @@ class TrajectoryStore:
     def shard_indices(self, shard):
         start = self.starts[shard]
         return range(start, start + len(self.shards[shard]["y"]))
+
+    def rank_indices(self, indices, rank, world_size):
+        """The indices (of those given) that a rank reads: whole shards round-robin when there are enough shards
+        (each rank then touches only its own files), otherwise every world_size-th index."""
+        allowed = set(indices)
+        if len(self.shards) >= world_size:
+            mine = [i for s in range(rank, len(self.shards), world_size) for i in self.shard_indices(s) if i in allowed]
+        else:
+            mine = [i for n, i in enumerate(sorted(allowed)) if n % world_size == rank]
+        if not mine:
+            raise ValueError(f"rank {rank} has no training trajectories: use fewer processes or a larger store")
+        return mine
 
     def positions(self, steps):
         """Positions in the saved-step axis of the given solver steps, with a clear error for any not saved."""

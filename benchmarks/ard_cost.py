@@ -1,8 +1,8 @@
 """What history costs: FLOPs and CPU wall time of the ARD student against step distillation (N = 0), and of
 its teacher-forced training step against a dense implementation that masks all K x L tokens in every layer.
 
-    python benchmarks/ard_cost.py                      # DiT-XL/2 FLOPs (N=6), DiT-S/2 CPU wall time (N=3), 256x256, K=4
-    python benchmarks/ard_cost.py --flops-model DiT-B/2 --time-model DiT-B/2 --history-layers 3
+    python -m benchmarks.ard_cost                      # DiT-XL/2 FLOPs (N=6), DiT-S/2 CPU wall time (N=3), 256x256, K=4
+    python -m benchmarks.ard_cost --flops-model DiT-B/2 --time-model DiT-B/2 --history-layers 3
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the meta device (nothing is
 allocated); a multiply-add counts as 2 FLOPs. Wall times are medians over repeats, the two variants
@@ -10,43 +10,12 @@ interleaved, on this machine's CPU.
 """
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ard_models import ARD_models, block_causal_mask  # noqa: E402
-from image_data import VAE_DOWNSAMPLE  # noqa: E402
-
-
-def dense_forward(model, x, y, per_token_conditioning=False):
-    """The teacher-forced pass computed densely: every block attends over all K*L tokens with a mask
-    (block-causal in the history blocks, block-diagonal above). per_token_conditioning=True also computes
-    every adaLN modulation once per token instead of once per step, as the public re-implementation does.
-    Numerically the same function as model.forward; it is the baseline the efficient pass is measured against."""
-    K, L = model.num_steps, model.x_embedder.num_patches
-    steps = list(range(K))
-    tokens = model.embed(x)  # (B, K, L, D)
-    c = model.conditioning(y, steps)  # (B, K, D)
-    causal = block_causal_mask(K, L, x.device)
-    step = torch.arange(K, device=x.device).repeat_interleave(L)
-    diagonal = step[None, :] == step[:, None]
-    B, _, _, D = tokens.shape
-    if per_token_conditioning:
-        # Every token is its own group of one: (B, K*L, 1, D) with a (B, K*L, D) conditioning.
-        h, c_tok = tokens.reshape(B, K * L, 1, D), c[:, :, None].expand(B, K, L, D).reshape(B, K * L, D)
-        for i, block in enumerate(model.blocks):
-            h = block(h, c_tok, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
-        tokens = h.view(B, K, L, D)
-    else:
-        for i, block in enumerate(model.blocks):
-            tokens = block(tokens, c, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
-    return model.predict(tokens, c, steps)
+from ard_models import ARD_models, dense_forward
+from cost import count_flops, median_times
+from vae import VAE_DOWNSAMPLE
 
 
 def build(key, image_size, K, N, device):
@@ -59,12 +28,6 @@ def build(key, image_size, K, N, device):
 def inputs(model, batch, device):
     size = (batch, model.num_steps, model.in_channels, model.input_size, model.input_size)
     return torch.randn(size, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-
-
-def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def train_step(forward, model, x, y):
@@ -90,20 +53,6 @@ def flops_report(args):
     print(f"train step, dense + per-token adaLN:     {t_public / 1e12:8.3f} TFLOPs   ours/that {t_ours / t_public:.3f}")
     print(f"K steps recomputed densely, per-token adaLN (no KV cache): {s_public / 1e12:.3f} TFLOPs "
           f"(ARD sample / that {f_ard / s_public:.3f})")
-
-
-def median_times(fns, repeats, warmup=1):
-    """Median seconds of each function, calls interleaved so that the machine's drift hits all alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def time_report(args):

@@ -1,7 +1,7 @@
 """What a distillation step costs against a teacher training step of the same batch: FLOPs at DiT-XL/2
 shapes (meta device) and steps per second on this CPU for the digits config.
 
-    python benchmarks/train_cost.py
+    python -m benchmarks.train_cost
 
 The teacher step is DiT's: one forward and backward of B images at one random timestep each (plus the VB
 term's cheap extras). The student step is ARD's teacher-forced pass over all K steps of B trajectories,
@@ -9,18 +9,14 @@ forward and backward, so it sees K times the tokens.
 """
 
 import argparse
-import os
-import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ard_models import ARD_models  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
+from ard_models import ARD_models
+from cost import count_flops
+from diffusion import create_diffusion
+from models import DiT_models
 
 
 def teacher_step(model, diffusion, batch, opt=None):
@@ -57,12 +53,6 @@ def batches(B, K, C, S, classes, device):
                                                          torch.randn(B, K, C, S, S, device=device), y)
 
 
-def flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="K")
@@ -76,8 +66,8 @@ def main():
 
     teacher, student = build("DiT-XL/2", 32, 4, 1000, K, args.xl_history_layers, "meta")
     t_batch, s_batch = batches(args.xl_batch, K, 4, 32, 1000, "meta")
-    f_teacher = flops(lambda: teacher_step(teacher, diffusion, t_batch))
-    f_student = flops(lambda: student_step(student, s_batch))
+    f_teacher = count_flops(lambda: teacher_step(teacher, diffusion, t_batch))
+    f_student = count_flops(lambda: student_step(student, s_batch))
     print(f"== FLOPs per training step, DiT-XL/2 at 256x256, batch {args.xl_batch} (meta device)")
     print(f"teacher (DiT) step:           {f_teacher / 1e12:.3f} TFLOPs")
     print(f"ARD student step (K={K}, N={args.xl_history_layers}): {f_student / 1e12:.3f} TFLOPs   ratio {f_student / f_teacher:.2f}")

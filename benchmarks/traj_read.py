@@ -1,8 +1,8 @@
 """Read throughput of the trajectory store against one .npz file per sample per saved step (the public
 re-implementation's layout), built from the same random data in a temporary folder, measured in one run.
 
-    python benchmarks/traj_read.py                       # 2,000 ImageNet-shaped trajectories (4x32x32), 26 saved steps
-    python benchmarks/traj_read.py --shape 1 8 8 --count 10000
+    python -m benchmarks.traj_read                       # 2,000 ImageNet-shaped trajectories (4x32x32), 26 saved steps
+    python -m benchmarks.traj_read --shape 1 8 8 --count 10000
 
 Each read is a random batch of --batch-size trajectories, both arrays (xt and x0) at the K + 1 = 5 default
 boundaries (at most what train_ard.py reads per step; each .npz is opened once). Both layouts are read warm from the page cache, where the difference is
@@ -13,22 +13,21 @@ needs for 1.2 M ImageNet trajectories.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trajectory_store import MANIFEST, TrajectoryStore, default_boundaries, shard_name, shard_ranges  # noqa: E402
-from train_utils import write_json  # noqa: E402
+from diffusion import create_diffusion
+from diffusion.ode import solver_grid
+from fileio import write_json
+from trajectory_store import MANIFEST, TrajectoryStore, default_boundaries, shard_name, shard_ranges
 
 
 def build_store(root, count, steps, shape, shard_size, dtype, rng):
     """Writes random trajectories in both layouts; returns the per-sample folder."""
-    timesteps = [int(t) for t in np.linspace(999, 0, steps - 1).round()] + [-1]
+    timesteps = solver_grid(create_diffusion(str(steps - 1)))
     ranges = shard_ranges(count, shard_size)
     per_sample = os.path.join(root, "per_sample")
     os.makedirs(per_sample)

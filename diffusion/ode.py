@@ -27,6 +27,11 @@ def model_timesteps(diffusion):
     return [int(t) for t in timestep_map[::-1]]
 
 
+def solver_grid(diffusion):
+    """The timestep of every solver state, the noise first and the final sample (FINAL_TIMESTEP) last: S + 1 values."""
+    return model_timesteps(diffusion) + [FINAL_TIMESTEP]
+
+
 def _denoise(diffusion, model, x, i, model_kwargs, clip_denoised):
     """x0 prediction and the noise consistent with it, at respaced index i."""
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -40,43 +45,44 @@ def _sigma(diffusion, i):
 
 
 @torch.no_grad()
-def sample_ddim(diffusion, model, noise, model_kwargs=None, clip_denoised=False, callback=None):
-    """DDIM with eta = 0: one model evaluation per step, S evaluations in all."""
+def _integrate(diffusion, model, noise, model_kwargs, clip_denoised, callback, update):
+    """The loop every solver shares: evaluate the model at each state, report it to the callback, and move to
+    the next state with update(x, x0, eps, i) (i is the respaced index of x); the final sample is reported last."""
     timesteps = model_timesteps(diffusion)
     x = noise
     for step, i in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
         x0, eps = _denoise(diffusion, model, x, i, model_kwargs, clip_denoised)
         if callback is not None:
             callback({"step": step, "t": timesteps[step], "x": x, "denoised": x0})
-        ac_prev = diffusion.alphas_cumprod_prev[i]
-        x = x0 * float(np.sqrt(ac_prev)) + float(np.sqrt(1.0 - ac_prev)) * eps
+        x = update(x, x0, eps, i)
     if callback is not None:
         callback({"step": diffusion.num_timesteps, "t": FINAL_TIMESTEP, "x": x, "denoised": x})
     return x
 
 
-@torch.no_grad()
+def sample_ddim(diffusion, model, noise, model_kwargs=None, clip_denoised=False, callback=None):
+    """DDIM with eta = 0: one model evaluation per step, S evaluations in all."""
+
+    def update(x, x0, eps, i):
+        ac_prev = diffusion.alphas_cumprod_prev[i]
+        return x0 * float(np.sqrt(ac_prev)) + float(np.sqrt(1.0 - ac_prev)) * eps
+
+    return _integrate(diffusion, model, noise, model_kwargs, clip_denoised, callback, update)
+
+
 def sample_heun(diffusion, model, noise, model_kwargs=None, clip_denoised=False, callback=None):
     """Heun's second-order method on the same grid: two evaluations per step, one on the last (Euler) step."""
-    timesteps = model_timesteps(diffusion)
-    x = noise
-    for step, i in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
-        x0, eps = _denoise(diffusion, model, x, i, model_kwargs, clip_denoised)
-        if callback is not None:
-            callback({"step": step, "t": timesteps[step], "x": x, "denoised": x0})
+
+    def update(x, x0, eps, i):
         sigma, sigma_next = _sigma(diffusion, i), _sigma(diffusion, i - 1)
         x_bar_next = x * float(np.sqrt(1 + sigma**2)) + (sigma_next - sigma) * eps
         if i > 0:
             x_next = x_bar_next / float(np.sqrt(1 + sigma_next**2))
             _, eps_next = _denoise(diffusion, model, x_next, i - 1, model_kwargs, clip_denoised)
             x_bar_next = x * float(np.sqrt(1 + sigma**2)) + (sigma_next - sigma) * 0.5 * (eps + eps_next)
-        x = x_bar_next / float(np.sqrt(1 + sigma_next**2))
-    if callback is not None:
-        callback({"step": diffusion.num_timesteps, "t": FINAL_TIMESTEP, "x": x, "denoised": x})
-    return x
+        return x_bar_next / float(np.sqrt(1 + sigma_next**2))
 
-
-SOLVERS = {"ddim": sample_ddim, "heun": sample_heun}
+    return _integrate(diffusion, model, noise, model_kwargs, clip_denoised, callback, update)
 
 
 def trajectory(solver, diffusion, model, noise, model_kwargs=None, clip_denoised=False, steps=None):

@@ -10,13 +10,11 @@ ADM's VIRTUAL_imagenet256_labeled.npz. Precision and recall need the reference i
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall  # noqa: E402
+from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from fileio import write_json
 
 
 def load_batch(path):
@@ -35,7 +33,7 @@ def evaluate_inception(ref, sample, weights=None, device="cpu"):
     mu, sigma = (ref["mu"], ref["sigma"]) if "mu" in ref else feature_statistics(real["pool"])
     mu_s, sigma_s = (ref["mu_s"], ref["sigma_s"]) if "mu_s" in ref else feature_statistics(real["spatial"])
     results = {
-        "inception_score": inception_score(fake["logits"], split_size=5000, logits=True),
+        "inception_score": inception_score(fake["logits"], split_size=5000),
         "fid": frechet_distance(*feature_statistics(fake["pool"]), mu, sigma),
         "sfid": frechet_distance(*feature_statistics(fake["spatial"]), mu_s, sigma_s),
     }
@@ -53,7 +51,7 @@ def evaluate_digits(ref, sample, net_path):
     real_f, _ = digits_features(net, ref["arr_0"])
     fake_f, fake_logits = digits_features(net, sample["arr_0"])
     results = {"fid": frechet_distance(*feature_statistics(fake_f), *feature_statistics(real_f)),
-               "inception_score": inception_score(fake_logits, splits=1, logits=True)}
+               "inception_score": inception_score(fake_logits, splits=1)}
     results["precision"], results["recall"] = precision_recall(real_f, fake_f, k=3)
     if "arr_1" in sample:
         results["class_accuracy"] = float((fake_logits.argmax(1) == sample["arr_1"]).mean())
@@ -70,10 +68,13 @@ def main():
     parser.add_argument("sample_batch", help="sample batch (.npz)")
     parser.add_argument("--features", choices=["inception", "digits"], default="inception")
     parser.add_argument("--inception-weights", default=None, help="path to weights-inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--digits-net", default="runs/digits/digits_net.pt", help="the digits feature network (.pt)")
+    parser.add_argument("--digits-net", default=None,
+                        help="with --features digits: the feature network, made by python -m evaluator.digits_net --out PATH")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.features == "digits" and args.digits_net is None:
+        parser.error("--features digits needs --digits-net PATH (train one with python -m evaluator.digits_net --out PATH)")
     ref, sample = load_batch(args.ref_batch), load_batch(args.sample_batch)
     if "arr_0" not in sample:
         raise ValueError(f"{args.sample_batch} holds no images (arr_0)")
@@ -88,8 +89,6 @@ def main():
         if key in results:
             print(f"{name}: {results[key]}")
     if args.json:
-        from train_utils import write_json
-
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
                                    num_samples=int(len(sample["arr_0"]))))

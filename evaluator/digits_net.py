@@ -10,17 +10,14 @@ The network sees images as the evaluator does: uint8, grey, quantised exactly li
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
-from image_data import DIGITS_CLASSES, load_digits, to_uint8  # noqa: E402
+from checkpoints import load_checkpoint, save_checkpoint
+from image_data import DIGITS_CLASSES, load_digits, to_uint8
 
 
 class DigitsNet(nn.Module):

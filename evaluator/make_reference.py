@@ -8,22 +8,12 @@ exactly like generated samples (image_data.to_uint8).
 """
 
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from image_data import image_folder, load_digits, to_uint8  # noqa: E402
-
-
-def save_npz(path, **arrays):
-    """np.savez to a temporary name, then renamed into place."""
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+from fileio import save_npz
+from image_data import image_folder, load_digits, to_uint8
 
 
 def main():

@@ -42,14 +42,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(probs_or_logits, splits=None, split_size=5000, logits=False):
-    """exp(E_x KL(p(y|x) || p(y))) over consecutive, unshuffled splits, averaged, as ADM computes it: splits of
-    `split_size` samples (ADM: 5,000, so 10 splits for 50k), or `splits` splits of ceil(N / splits) samples.
-    Pass class probabilities, or logits with logits=True (softmax is applied)."""
-    x = np.asarray(probs_or_logits, dtype=np.float64)
-    if logits:
-        x = np.exp(x - x.max(axis=1, keepdims=True))
-        x /= x.sum(axis=1, keepdims=True)
+def inception_score(logits, splits=None, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))) with p(y|x) = softmax(logits), over consecutive, unshuffled splits, averaged,
+    as ADM computes it: splits of `split_size` samples (ADM: 5,000, so 10 splits for 50k), or `splits` splits of
+    ceil(N / splits) samples. Takes logits (N, classes), like every output of the evaluator."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    x /= x.sum(axis=1, keepdims=True)
     size = -(-len(x) // splits) if splits else split_size
     scores = []
     for start in range(0, len(x), size):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded digits default, on CPU: teacher, trajectories, step-distillation and ARD
-# students, samples, evaluation and the results table (digits_benchmark.py). Sets up .venv first.
-# Extra arguments go to digits_benchmark.py: --quick (smoke test) or --full (seeds, targets, GAN, 2-5 steps).
+# students, samples, evaluation and the results table (digits_pipeline.py). Sets up .venv first.
+# Extra arguments go to digits_pipeline.py: --quick (smoke test) or --full (seeds, targets, GAN, 2-5 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python digits_benchmark.py "$@"
+exec .venv/bin/python digits_pipeline.py "$@"

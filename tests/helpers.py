@@ -1,28 +1,32 @@
-"""Shared helpers for the tests: running scripts as a user would."""
+"""Shared helpers for the tests: running scripts as a user would, and a tiny teacher checkpoint."""
 
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S = 5  # solver steps of the tests' trajectory stores
+
+
+def _run(cmd, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_script(args, nproc=1, timeout=300):
     """Runs `python SCRIPT ARGS` (or torchrun with nproc processes) in the repository root; returns stdout+stderr."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     else:
         cmd = [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = _run(cmd, timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
     return output
 
 
 def run_script_expect_failure(args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = _run([sys.executable, *args], timeout)
     assert proc.returncode != 0, f"{args} should have failed"
     return proc.stdout + proc.stderr
 
@@ -31,16 +35,20 @@ def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, nu
     """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests."""
     import torch
 
-    from checkpoints import save_checkpoint
-    from models import DiT_models
+    from checkpoints import build_model, save_checkpoint, teacher_config
 
+    config = teacher_config(key, input_size, in_channels, num_classes, True, "pixel", None, input_size, "digits")
     torch.manual_seed(seed)
-    model = DiT_models[key](input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    model = build_model(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
                 p.normal_(0, scale)
-    config = dict(kind="dit", model=key, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                  learn_sigma=True, space="pixel", vae=None, image_size=input_size, data="digits")
     save_checkpoint(str(path), {"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "args": {}, "config": config})
     return model.eval()
+
+
+def write_store(ckpt, out, n=96, nproc=1, shard_size=32, extra=()):
+    """A trajectory store of n trajectories of S steps, written by train_teacher_traj.py."""
+    return run_script(["train_teacher_traj.py", "--ckpt", str(ckpt), "--out", str(out), "--num-trajectories", str(n),
+                       "--num-sampling-steps", str(S), "--shard-size", str(shard_size), "--batch-size", "16", *extra], nproc=nproc)

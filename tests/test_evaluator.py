@@ -72,18 +72,30 @@ def test_precision_recall_is_asymmetric_like_its_definition():
     assert precision > 0.95 and recall < 0.5
 
 
+def one_hot_logits(labels, classes):
+    """Logits whose softmax is one-hot to within 1e-12."""
+    return np.log(np.clip(np.eye(classes)[labels], 1e-12, None))
+
+
 def test_inception_score_of_uniform_one_hot_predictions_is_the_number_of_classes():
-    probs = np.eye(10)[np.arange(1000) % 10]
-    assert inception_score(probs, splits=1) == pytest.approx(10.0, rel=1e-6)
-    assert inception_score(np.eye(10)[np.zeros(1000, dtype=int)], splits=1) == pytest.approx(1.0)
+    assert inception_score(one_hot_logits(np.arange(1000) % 10, 10), splits=1) == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(one_hot_logits(np.zeros(1000, dtype=int), 10), splits=1) == pytest.approx(1.0)
 
 
 def test_inception_score_uses_consecutive_unshuffled_splits():
-    probs = np.concatenate([np.eye(4)[np.arange(100) % 4], np.eye(4)[np.zeros(100, dtype=int)]])
-    assert inception_score(probs, splits=2) == pytest.approx((4.0 + 1.0) / 2)
-    assert inception_score(probs, split_size=100) == pytest.approx(2.5)
-    logits = np.log(np.clip(probs, 1e-12, None))
-    assert inception_score(logits, splits=2, logits=True) == pytest.approx(2.5, rel=1e-6)
+    logits = one_hot_logits(np.concatenate([np.arange(100) % 4, np.zeros(100, dtype=int)]), 4)
+    assert inception_score(logits, splits=2) == pytest.approx((4.0 + 1.0) / 2, rel=1e-6)
+    assert inception_score(logits, split_size=100) == pytest.approx(2.5, rel=1e-6)
+    assert inception_score(logits[::-1], splits=2) == pytest.approx(2.5, rel=1e-6)
+    shuffled = logits[np.random.default_rng(0).permutation(200)]
+    assert inception_score(shuffled, splits=2) > 2.8  # mixed splits (about 2.93): the order matters, as in ADM
+
+
+def test_inception_score_takes_logits_and_is_invariant_to_a_shift_per_sample():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((300, 7))
+    shifted = logits + rng.standard_normal((300, 1)) * 10  # softmax is unchanged by a per-row shift
+    assert inception_score(logits, splits=3) == pytest.approx(inception_score(shifted, splits=3), rel=1e-10)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import DiT, DiT_models, get_2d_sincos_pos_embed, guided_model_fn
+from diffusion.sampling import guided_model_fn
+from models import DiT, DiT_models, get_2d_sincos_pos_embed
 
 OFFICIAL_KEYS = {
     "DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/8",

@@ -3,12 +3,16 @@
 import json
 import os
 
+import pytest
+
 from helpers import run_script
+
+pytestmark = pytest.mark.xdist_group("test_pipeline")  # one worker runs the module, its fixtures once
 
 
 def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
     run_dir = tmp_path / "quick"
-    out = run_script(["digits_benchmark.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
+    out = run_script(["digits_pipeline.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
                      timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
@@ -24,6 +28,6 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
     with open(run_dir / "timings.json") as f:
         assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(json.load(f))
     # A second run reuses every finished stage.
-    again = run_script(["digits_benchmark.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
+    again = run_script(["digits_pipeline.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")

@@ -7,16 +7,17 @@ import pickle
 import pytest
 import torch
 
-import dist_util
-from checkpoints import infer_dit_config, load_checkpoint, load_dit, save_checkpoint
+from checkpoints import infer_dit_config, load_checkpoint, load_model, save_checkpoint
 from diffusion import create_diffusion
 from helpers import run_script, run_script_expect_failure
 from image_data import load_digits
 from models import DiT_models
-from train import training_loss
-from train_utils import StepBatchSampler
+from seeding import step_seed
+from training import StepBatchSampler, teacher_loss
 
 TINY = ["--model", "DiT-T/4", "--global-batch-size", "16", "--log-every", "1", "--ema-decay", "0.9"]
+
+pytestmark = pytest.mark.xdist_group("test_training")  # one worker runs the module, its fixtures once
 
 
 def test_checkpoint_round_trips_with_weights_only(tmp_path):
@@ -59,7 +60,7 @@ def test_official_style_bare_state_dict_loads_strictly_with_inferred_config(tmp_
     model = DiT_models["DiT-S/8"](input_size=16, num_classes=7)
     path = tmp_path / "DiT-S-8-official.pt"
     torch.save(model.state_dict(), path)  # official checkpoints are bare state dicts
-    loaded, config = load_dit(str(path))
+    loaded, config = load_model(str(path), kind="dit")
     assert config["model"] == "DiT-S/8" and config["input_size"] == 16 and config["num_classes"] == 7
     assert config["space"] == "latent"
     for k, v in model.state_dict().items():
@@ -71,11 +72,19 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(tmp_path):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A teacher trained for 6 steps, and one trained for 3 steps then resumed to 6."""
+    root = tmp_path_factory.mktemp("teacher_runs")
+    full, part = str(root / "full"), str(root / "part")
     run_script(["train.py", *TINY, "--max-steps", "6", "--run-dir", full])
     run_script(["train.py", *TINY, "--max-steps", "3", "--run-dir", part])
     run_script(["train.py", *TINY, "--max-steps", "6", "--resume", os.path.join(part, "checkpoints", "0000003.pt")])
+    return full, part
+
+
+def test_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(runs):
+    full, part = runs
     a = load_checkpoint(os.path.join(full, "checkpoints", "0000006.pt"))
     b = load_checkpoint(os.path.join(part, "checkpoints", "0000006.pt"))
     assert a["step"] == b["step"] == 6
@@ -87,11 +96,9 @@ def test_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(tmp_path):
     assert [m["loss"] for m in read_metrics(full)][3:] == [m["loss"] for m in read_metrics(part)][3:]
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
-    run = str(tmp_path / "run")
-    run_script(["train.py", *TINY, "--max-steps", "1", "--run-dir", run])
-    out = run_script_expect_failure(["train.py", *TINY[:2], "--global-batch-size", "32", "--max-steps", "2",
-                                     "--resume", os.path.join(run, "checkpoints", "0000001.pt")])
+def test_resume_with_other_settings_is_refused(runs):
+    out = run_script_expect_failure(["train.py", *TINY[:2], "--global-batch-size", "32", "--max-steps", "8",
+                                     "--resume", os.path.join(runs[1], "checkpoints", "0000003.pt")])
     assert "--global-batch-size 16" in out and "(now 32)" in out
 
 
@@ -107,8 +114,8 @@ def test_torchrun_two_processes_logs_loss_averaged_over_ranks(tmp_path):
     losses = []
     for rank in range(2):
         indices = next(iter(StepBatchSampler(len(x), 16, 0, rank, 2, 0, 1)))
-        torch.manual_seed(dist_util.step_seed(0, 0, rank))
-        losses.append(training_loss(model, diffusion, x[indices], y[indices]).item())
+        torch.manual_seed(step_seed(0, 0, rank))
+        losses.append(teacher_loss(model, diffusion, x[indices], y[indices]).item())
     assert abs(losses[0] - losses[1]) > 1e-4  # the ranks do see different data
     assert logged == pytest.approx(sum(losses) / 2, rel=1e-5)
 

@@ -4,9 +4,9 @@
     and ARD (N > 0) (train_ard.py) -> samples (sample_ddp.py) -> evaluation against held-out real digits
     with the digits feature network (python -m evaluator --features digits) -> a table in the paper's form.
 
-    python digits_benchmark.py            # the default (about 15 minutes on 2 CPU cores)
-    python digits_benchmark.py --quick    # every stage with tiny budgets: an end-to-end smoke test (minutes)
-    python digits_benchmark.py --full     # 3 seeds, both targets, GAN fine-tuning, 2-5 step students (about 90 min)
+    python digits_pipeline.py            # the default (about 20 minutes on 2 CPU cores)
+    python digits_pipeline.py --quick    # every stage with tiny budgets: an end-to-end smoke test (about 90 s)
+    python digits_pipeline.py --full     # 3 seeds, both targets, GAN fine-tuning, 2-5 step students (about 90 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the
 trajectory writer and the sampler resume partial work). Everything goes to --run-dir: checkpoints, stores,
@@ -22,15 +22,12 @@ import sys
 import time
 
 import numpy as np
-import torch
+
+from checkpoints import load_model
+from cost import sampling_cost
+from fileio import write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
-
-from checkpoints import load_dit, load_student  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from sample import teacher_sample  # noqa: E402
-from train_utils import write_json  # noqa: E402
 
 BUDGETS = {
     # teacher steps, trajectories, student steps, samples per model, GAN steps
@@ -75,62 +72,8 @@ class Pipeline:
         return output
 
 
-def count_flops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def best_time(fn, repeats=3):
-    """The fastest of a few runs, in seconds: the figure least disturbed by whatever else the machine does."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def teacher_cost(model, steps, cfg, batch=500):
-    """(FLOPs per image, CPU seconds per image) of DDIM with guidance."""
-    with torch.device("meta"):
-        meta = type(model)(input_size=model.input_size, patch_size=model.patch_size, in_channels=model.in_channels,
-                           hidden_size=model.pos_embed.shape[-1], depth=len(model.blocks), num_heads=model.num_heads,
-                           num_classes=model.num_classes)
-        x, t, y = torch.randn(2, model.in_channels, model.input_size, model.input_size), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
-        per_call = count_flops(lambda: meta(x, t, y)) / 2
-    flops = per_call * steps * (2 if cfg != 1.0 else 1)
-    diffusion = create_diffusion(str(steps))
-    noise = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(batch) % model.num_classes
-    return flops, best_time(lambda: teacher_sample(model, diffusion, noise, labels, "ddim", cfg, clip_denoised=True)) / batch
-
-
-def student_cost(model, batch=500):
-    from ard_models import ARD
-
-    with torch.device("meta"):
-        meta = ARD(timesteps=model.timesteps.tolist(), history_layers=model.history_layers, input_size=model.input_size,
-                   patch_size=model.patch_size, in_channels=model.in_channels, hidden_size=model.pos_embed.shape[-1],
-                   depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads, num_classes=model.num_classes)
-        flops = count_flops(lambda: meta.sample(torch.randn(1, model.in_channels, model.input_size, model.input_size),
-                                                torch.zeros(1, dtype=torch.long)))
-    noise = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0))
-    return flops, best_time(lambda: model.sample(noise, torch.arange(batch) % model.num_classes)) / batch
-
-
-def main(args):
-    mode = "quick" if args.quick else "default"
-    b = BUDGETS[mode]
-    run_dir = args.run_dir or os.path.join("runs", "digits" if mode == "default" else "digits-quick")
-    p = Pipeline(run_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    start_all = time.time()
-
-    # Teacher, feature network, reference batch, trajectories:
+def prepare(p, b):
+    """The teacher, the feature network, the reference batches and the trajectories; returns (teacher, ref, net, traj)."""
     teacher = p.stage("teacher", p.path("teacher", "checkpoints", f"{b['teacher_steps']:07d}.pt"), [
         "train.py", "--model", "DiT-T/2", "--data", "digits", "--max-steps", str(b["teacher_steps"]), "--lr", "1e-3",
         "--ema-decay", "0.995", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
@@ -145,22 +88,23 @@ def main(args):
     p.stage("trajectories", os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)), [
         "train_teacher_traj.py", "--ckpt", teacher, "--out", traj, "--num-trajectories", str(b["trajectories"]),
         "--num-sampling-steps", "25", "--cfg-scale", str(CFG)])
+    return teacher, ref, net, traj
 
-    # Students:
-    def student(name, history_layers, seed=0, target="state", num_steps=4, extra=()):
+
+def distil(p, b, args, teacher, traj):
+    """Every student of the mode; returns the rows (label, steps, kind, checkpoint, group) of the table's students."""
+    def student(name, history_layers, seed=0, target="state", num_steps=4):
         steps = b["student_steps"]
         return p.stage(f"student_{name}", p.path("students", name, "checkpoints", f"{steps:07d}.pt"), [
             "train_ard.py", "--traj", traj, "--teacher-ckpt", teacher, "--history-layers", str(history_layers),
             "--target", target, "--num-steps", str(num_steps), "--global-batch-size", str(b["student_batch"]),
             "--lr", "3e-4", "--ema-decay", "0.99", "--max-steps", str(steps), "--val-count", str(b["val_count"]),
             "--val-every", str(max(1, steps // 5)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
-            "--global-seed", str(seed), "--run-dir", p.path("students", name), *extra])
+            "--global-seed", str(seed), "--run-dir", p.path("students", name)])
 
-    seeds = [0, 1, 2] if args.full else [0]
-    targets = ["state", "x0"] if args.full else ["state"]
-    rows = []  # (label, steps, kind, source, group)
-    for target in targets:
-        for seed in seeds:
+    rows = []
+    for target in (["state", "x0"] if args.full else ["state"]):
+        for seed in ([0, 1, 2] if args.full else [0]):
             for n in (0, HISTORY_LAYERS):
                 name = f"k4_n{n}_{target}_s{seed}"
                 rows.append((name, 4, "student", student(name, n, seed, target), f"k4_n{n}_{target}"))
@@ -177,11 +121,11 @@ def main(args):
             "--val-count", str(b["val_count"]), "--val-every", str(b["gan_steps"]), "--log-every", str(max(1, b["gan_steps"] // 20)),
             "--sample-every", "0", "--run-dir", p.path("students", "gan")])
         rows.append(("gan", 4, "student", gan, f"k4_n{HISTORY_LAYERS}_state_gan"))
+    return rows
 
-    # Samples and evaluation:
-    teacher_steps = [2, 3, 4, 5, 8, 16, 25] if args.full else [4, 25]
-    for s in teacher_steps:
-        rows.append((f"teacher_ddim{s}", s, "teacher", teacher, f"teacher_ddim{s}"))
+
+def evaluate(p, b, rows, ref, net):
+    """Samples of every row and their figures against the held-out digits; returns {name: figures}."""
     results = {}
     for name, steps, kind, source, group in rows:
         samples = p.path("samples", f"{name}.npz")
@@ -193,19 +137,38 @@ def main(args):
         metrics = p.stage(f"eval_{name}", p.path("eval", f"{name}.json"), [
             "-m", "evaluator", ref, samples, "--features", "digits", "--digits-net", net, "--json", p.path("eval", f"{name}.json")])
         results[name] = dict(json.load(open(metrics)), steps=steps, kind=kind, source=source, group=group)
+    return results
+
+
+def measure_costs(p, b, rows):
+    """FLOPs and CPU time per image of each model type (one process, a batch of cost_batch), kept in costs.json."""
+    path = p.path("costs.json")
+    if os.path.isfile(path):
+        print(f"[costs] reusing {path}", flush=True)
+        with open(path) as f:
+            return {group: tuple(value) for group, value in json.load(f).items()}
+    costs = {}
+    for name, steps, kind, source, group in rows:
+        if group not in costs:
+            model, config = load_model(source)
+            costs[group] = sampling_cost(model, config, steps, CFG, b["cost_batch"])
+    write_json(path, costs)
+    return costs
+
+
+def main(args):
+    mode = "quick" if args.quick else "default"
+    b = BUDGETS[mode]
+    p = Pipeline(args.run_dir or os.path.join("runs", "digits" if mode == "default" else "digits-quick"))
+    start_all = time.time()
+    teacher, ref, net, traj = prepare(p, b)
+    rows = distil(p, b, args, teacher, traj)
+    rows += [(f"teacher_ddim{s}", s, "teacher", teacher, f"teacher_ddim{s}") for s in ([2, 3, 4, 5, 8, 16, 25] if args.full else [4, 25])]
+    results = evaluate(p, b, rows, ref, net)
     real = p.stage("eval_real_train", p.path("eval", "real_train.json"), [
         "-m", "evaluator", ref, p.path("real_train.npz"), "--features", "digits", "--digits-net", net,
         "--json", p.path("eval", "real_train.json")])
-
-    # Cost per image (FLOPs on the meta device, CPU time of one process), measured once per model type:
-    costs = {}
-    teacher_model, _ = load_dit(teacher)
-    for s in teacher_steps:
-        costs[f"teacher_ddim{s}"] = teacher_cost(teacher_model, s, CFG, b["cost_batch"])
-    for name, steps, kind, source, group in rows:
-        if kind == "student" and group not in costs:
-            costs[group] = student_cost(load_student(source)[0], b["cost_batch"])
-
+    costs = measure_costs(p, b, rows)
     table = summarise(results, costs, json.load(open(real)), rows, args, b)
     with open(p.path("results.md"), "w") as f:
         f.write(table["markdown"])
@@ -279,17 +242,32 @@ def summarise(results, costs, real, rows, args, b):
 
 
 def figures(p, rows, results, args):
-    """A grid of samples (same noise and classes, one row per model) and, with --full, FID against steps."""
+    """The README's figures: a grid of samples (same noise and classes, one row per model), the held-out MSE
+    during distillation and, with --full, FID against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     os.makedirs(args.assets_dir, exist_ok=True)
+    samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), args.full)
+    val_mse_figure(p, os.path.join(args.assets_dir, "digits_val_mse.png"))
+    if args.full:
+        fid_steps_figure(rows, results, os.path.join(args.assets_dir, "digits_fid_vs_steps.png"))
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def samples_figure(p, path, with_gan):
+    import matplotlib.pyplot as plt
+
     shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
              ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}), 4 steps")]
-    if args.full:
+    if with_gan:
         shown.append(("gan", "ARD + GAN, 4 steps"))
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.1 * len(shown)))
     for ax, (name, title) in zip(axes, shown):
@@ -299,10 +277,13 @@ def figures(p, rows, results, args):
         ax.imshow(np.concatenate([np.pad(images[i, :, :, 0], 1, constant_values=255) for i in picks], axis=1), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=8, loc="left")
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.assets_dir, "digits_samples.png"), dpi=120)
-    plt.close(fig)
-    # Held-out final-step MSE against the teacher's samples during distillation, N = 0 against ARD:
+    save_figure(fig, path)
+
+
+def val_mse_figure(p, path):
+    """Held-out final-step MSE against the teacher's samples during distillation, N = 0 against ARD."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, colour, label in (("k4_n0_state_s0", "b", "step distillation (N=0)"),
                                 (f"k4_n{HISTORY_LAYERS}_state_s0", "r", f"ARD (N={HISTORY_LAYERS})")):
@@ -315,27 +296,28 @@ def figures(p, rows, results, args):
     ax.set_xlabel("distillation step")
     ax.set_ylabel("final-step MSE vs teacher (held out)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.assets_dir, "digits_val_mse.png"), dpi=120)
-    plt.close(fig)
-    if args.full:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        teacher = sorted((r[1], results[r[0]]["fid"]) for r in rows if r[2] == "teacher")
-        ax.plot(*zip(*teacher), "k-o", label="teacher DDIM (CFG 1.5)")
-        for n, style, label in ((0, "b-s", "step distillation (N=0)"), (HISTORY_LAYERS, "r-^", f"ARD (N={HISTORY_LAYERS})")):
-            points = sorted((r[1], results[r[0]]["fid"]) for r in rows if r[4] == f"k{r[1]}_n{n}_state" and r[0].endswith("_s0"))
-            ax.plot(*zip(*points), style, label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks([2, 3, 4, 5, 8, 16, 25])
-        ax.set_xticklabels(["2", "3", "4", "5", "8", "16", "25"])
-        ax.set_xlabel("sampling steps")
-        ax.set_ylabel("FID (digits features)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.assets_dir, "digits_fid_vs_steps.png"), dpi=120)
-        plt.close(fig)
+    save_figure(fig, path)
+
+
+def fid_steps_figure(rows, results, path):
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    teacher = sorted((r[1], results[r[0]]["fid"]) for r in rows if r[2] == "teacher")
+    ax.plot(*zip(*teacher), "k-o", label="teacher DDIM (CFG 1.5)")
+    for n, style, label in ((0, "b-s", "step distillation (N=0)"), (HISTORY_LAYERS, "r-^", f"ARD (N={HISTORY_LAYERS})")):
+        points = sorted((r[1], results[r[0]]["fid"]) for r in rows if r[4] == f"k{r[1]}_n{n}_state" and r[0].endswith("_s0"))
+        ax.plot(*zip(*points), style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([2, 3, 4, 5, 8, 16, 25])
+    ax.set_xticklabels(["2", "3", "4", "5", "8", "16", "25"])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID (digits features)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def parse_args(argv=None):

@@ -1,0 +1,282 @@
+"""What the two trainers (train.py, train_ard.py) share: the run folder and its resume, the model being
+optimised with its EMA copy and optimiser, the per-step data order, checkpoints, and metrics.
+
+A run lives in one folder: args.json (and args-resume-STEP.json for each resume), log.txt, metrics.jsonl
+(one JSON record per log step, every figure averaged over ranks) and checkpoints/STEP.pt. All the
+randomness of a step is seeded by (seed, step, rank) (seeding.py) and the data order is a function of
+the step (StepBatchSampler), so a checkpoint holds everything needed to continue exactly.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from copy import deepcopy
+from glob import glob
+
+import torch
+
+import dist_util
+from checkpoints import load_checkpoint, save_checkpoint
+from fileio import write_json
+from seeding import epoch_permutation
+from vae import vae_encode
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    """Steps the EMA model towards the current model; buffers are copied."""
+    ema_params = OrderedDict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+    ema_buffers = OrderedDict(ema_model.named_buffers())
+    for name, buf in model.named_buffers():
+        ema_buffers[name].copy_(buf)
+
+
+def requires_grad(model, flag=True):
+    for p in model.parameters():
+        p.requires_grad = flag
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Index batches of one rank, as a pure function of the training step.
+
+    Each epoch is a permutation of the dataset (seeding.epoch_permutation); step s reads global batch
+    s mod (N // global_batch) of epoch s // (N // global_batch), and rank r takes its contiguous slice.
+    A run resumed at step s therefore sees exactly the data the uninterrupted run would have.
+    """
+
+    def __init__(self, num_items, global_batch, seed, rank, world_size, start_step, num_steps):
+        assert global_batch % world_size == 0, "the global batch size must be divisible by the world size"
+        self.steps_per_epoch = num_items // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the global batch size {global_batch} exceeds the dataset size {num_items}")
+        self.num_items, self.global_batch = num_items, global_batch
+        self.seed, self.rank, self.local_batch = seed, rank, global_batch // world_size
+        self.start_step, self.num_steps = start_step, num_steps
+
+    def __len__(self):
+        return max(0, self.num_steps - self.start_step)
+
+    def __iter__(self):
+        epoch, perm = None, None
+        for step in range(self.start_step, self.num_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                perm = epoch_permutation(self.num_items, self.seed, epoch)
+            start = (step % self.steps_per_epoch) * self.global_batch + self.rank * self.local_batch
+            yield perm[start : start + self.local_batch].tolist()
+
+
+def teacher_loss(model, diffusion, x, y, vae=None, random_flip=False):
+    """DiT's loss on one local batch of images x and labels y: random flips, VAE encoding, a uniform
+    timestep per image, the hybrid MSE + VB loss. Draws from the global RNG, which the loop seeds."""
+    if random_flip:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if vae is not None:
+        x = vae_encode(vae, x)
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
+    return diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+
+
+#################################################################################
+#                              The run folder                                   #
+#################################################################################
+
+def load_resume(args, run_defining_args):
+    """The checkpoint of --resume, after checking that it was trained with the same run-defining
+    arguments and is not finished; None for a new run."""
+    if not args.resume:
+        return None
+    ckpt = load_checkpoint(args.resume)
+    saved = ckpt.get("args", {})
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
+             for k in run_defining_args if saved.get(k) != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
+    if ckpt["step"] >= args.max_steps:
+        raise ValueError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
+    return ckpt
+
+
+def create_logger(logging_dir):
+    """A logger that writes to logging_dir/log.txt and stdout on rank 0 and does nothing elsewhere."""
+    logger = logging.getLogger(f"run:{logging_dir}")
+    logger.propagate = False
+    logger.handlers.clear()
+    if dist_util.is_main():
+        logger.setLevel(logging.INFO)
+        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became infinite or NaN."""
+
+
+class Run:
+    """A training run's folder: new (--run-dir, or RESULTS_DIR/NNN-name) or the one of the --resume checkpoint.
+    Writes the resolved arguments, and offers the logger, the metrics file and checkpoint saving."""
+
+    def __init__(self, args, ckpt, name, subfolders=()):
+        self.args, self.start_step = args, (ckpt["step"] if ckpt is not None else 0)
+        if ckpt is not None:
+            self.dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        elif args.run_dir:
+            self.dir = args.run_dir
+        else:
+            self.dir = self._numbered_dir(args.results_dir, name)
+        self.checkpoint_dir = os.path.join(self.dir, "checkpoints")
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        if dist_util.is_main():
+            for folder in (self.checkpoint_dir, *(os.path.join(self.dir, s) for s in subfolders)):
+                os.makedirs(folder, exist_ok=True)
+            args_name = "args.json" if ckpt is None else f"args-resume-{ckpt['step']}.json"
+            write_json(os.path.join(self.dir, args_name), vars(args))
+        dist_util.barrier()
+        self.logger = create_logger(self.dir)
+        self.logger.info(f"Run folder {self.dir}, world size {dist_util.world_size()}")
+
+    @staticmethod
+    def _numbered_dir(results_dir, name):
+        """results_dir/NNN-name, with NNN the number of entries there (rank 0 picks, all agree)."""
+        run_dir = None
+        if dist_util.is_main():
+            os.makedirs(results_dir, exist_ok=True)
+            run_dir = os.path.join(results_dir, f"{len(glob(os.path.join(results_dir, '*'))):03d}-{name}")
+        return dist_util.broadcast_object(run_dir)
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def write_metrics(self, record):
+        if dist_util.is_main():
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def last_checkpoint_step(self):
+        steps = [int(f[:-3]) for f in os.listdir(self.checkpoint_dir) if f.endswith(".pt") and f[:-3].isdigit()]
+        return max(steps, default=None)
+
+    def save(self, step, state):
+        """Rank 0 writes checkpoints/STEP.pt (the step, the arguments and `state`); every rank waits for it."""
+        if dist_util.is_main():
+            path = os.path.join(self.checkpoint_dir, f"{step:07d}.pt")
+            save_checkpoint(path, {"step": step, "args": vars(self.args), **state})
+            self.logger.info(f"Saved checkpoint to {path}")
+        dist_util.barrier()
+
+
+#################################################################################
+#                         The model being optimised                             #
+#################################################################################
+
+def optimizer_to(opt, device):
+    """Moves an optimiser's state (loaded on the CPU) to the device; step counters stay where they are."""
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)
+
+
+class Trainer:
+    """A model under AdamW with an EMA copy (for sampling), wrapped in DDP across processes and optionally
+    compiled. `step(loss)` does one update, and stops the run on a non-finite loss or gradient before
+    the optimiser touches the weights."""
+
+    def __init__(self, model, device, lr, weight_decay=0.0, ema_decay=0.9999, grad_clip=None, compile=False, state=None):
+        self.raw = model
+        self.ema = deepcopy(model)
+        requires_grad(self.ema, False)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["opt"])
+        self.raw, self.ema = model.to(device), self.ema.to(device).eval()
+        optimizer_to(self.opt, device)
+        self.model = dist_util.wrap_ddp(self.raw, device)
+        if compile:
+            self.model = torch.compile(self.model)
+        if state is None:
+            update_ema(self.ema, self.raw, decay=0)  # the EMA starts from the initial weights
+        self.device, self.ema_decay = device, ema_decay
+        self.grad_clip = grad_clip if grad_clip is not None else math.inf  # inf: the norm is measured, nothing is clipped
+
+    def step(self, loss, step):
+        """Backward, gradient clipping, a finiteness check on every rank, the optimiser and EMA updates.
+        `step` is the 0-based step being taken; a NonFiniteError names it (1-based, as checkpoints count)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
+        finite = dist_util.all_reduce_mean(float(math.isfinite(loss.item()) and math.isfinite(grad_norm.item())), self.device)
+        if finite < 1.0:
+            raise NonFiniteError(f"the loss or gradient became infinite or NaN at step {step + 1}")
+        self.opt.step()
+        update_ema(self.ema, self.raw, self.ema_decay)
+        return grad_norm.item()
+
+    def state_dict(self):
+        return {"model": self.raw.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+
+
+class MetricsAverager:
+    """Sums per-step figures between log steps; `average()` returns their mean over the steps and over
+    ranks, and the steps per second since the last call."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.count, self.start = None, 0, time.time()
+
+    def add(self, figures):
+        figures = torch.tensor(figures, dtype=torch.float64)
+        self.sums = figures if self.sums is None else self.sums + figures
+        self.count += 1
+
+    def average(self):
+        values = dist_util.all_reduce_mean((self.sums / self.count).tolist(), self.device)
+        steps_per_sec = self.count / (time.time() - self.start)
+        self._reset()
+        return values, steps_per_sec
+
+
+def log_due(done, every, max_steps):
+    """Whether step number `done` (1-based) is one to log, validate or checkpoint at."""
+    return bool(every) and (done % every == 0 or done == max_steps)
+
+
+def stop_on_nonfinite(run, error):
+    """The NonFiniteError's message, with the last good checkpoint named."""
+    last = run.last_checkpoint_step()
+    where = f"step {last} in {run.checkpoint_dir}" if last is not None else f"none (nothing was saved in {run.checkpoint_dir})"
+    return f"{error}; stopping. The last good checkpoint is {where}"
+
+
+def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_decay=0.9999):
+    """The flags both trainers share: the run folder and resume, the budget, the optimiser, logging and precision.
+    `name` is the run folder's pattern and `unit` what a batch holds, for the help texts."""
+    parser.add_argument("--results-dir", type=str, default="results", help=f"new runs go to RESULTS_DIR/NNN-{name}")
+    parser.add_argument("--run-dir", type=str, default=None, help="use this run folder instead of a new numbered one")
+    parser.add_argument("--resume", type=str, default=None, help="a checkpoint of this script to continue from")
+    parser.add_argument("--max-steps", type=int, default=max_steps, help="total optimiser steps (including resumed ones)")
+    parser.add_argument("--global-batch-size", type=int, default=batch_size, help=f"{unit} per step over all processes")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of the initial weights, the data order and every step")
+    parser.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    parser.add_argument("--ema-decay", type=float, default=ema_decay, help="EMA decay per step")
+    parser.add_argument("--log-every", type=int, default=100, help="log the losses every this many steps")
+    parser.add_argument("--ckpt-every", type=int, default=50_000, help="write a checkpoint every this many steps (and at the end)")
+    dist_util.add_precision_argument(parser, default="tf32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
