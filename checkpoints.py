@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from cli import MissingFileError, UserError
 from fileio import atomic_write
 from models import DiT_models, MODEL_CONFIGS
 
@@ -25,39 +26,74 @@ KINDS = {"dit": "a DiT teacher", "ard": "an ARD student"}
 #                                  File I/O                                     #
 #################################################################################
 
+def non_finite_tensors(state):
+    """The names of the floating-point tensors holding a NaN or an infinity, anywhere in a nested state."""
+    if isinstance(state, torch.Tensor):
+        return [""] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    return [f"{k}.{name}".rstrip(".") for k, v in items for name in non_finite_tensors(v)]
+
+
 def save_checkpoint(path, state):
-    """Writes `state` to a temporary file in the same folder, then renames it over `path`."""
+    """Writes `state` to a temporary file in the same folder, then renames it over `path`. A state holding a
+    non-finite weight is never written: it raises instead."""
+    bad = non_finite_tensors({k: state[k] for k in ("model", "ema", "disc") if k in state})
+    if bad:
+        raise FloatingPointError(f"not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path):
     """torch.load with weights_only=True on the CPU, with a clear error for a missing or unsafe file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: the message names the offending global
-        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {e}") from e
+        raise UserError(f"{path} is not a checkpoint that loads with weights_only=True: {e}") from e
+
+
+def check_finite(state_dict, path):
+    """Refuses weights holding NaN or inf: a run that diverged must not feed the next stage."""
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise UserError(f"{path} holds non-finite weights ({len(bad)} tensors with NaN or inf, e.g. {bad[0]}): "
+                        f"use an earlier checkpoint of that run")
 
 
 def find_checkpoint(name_or_path):
-    """A local path as given; else an official DiT name under pretrained_models/, downloaded if absent."""
+    """A local path as given; else a bare official DiT name (no folder) under pretrained_models/, downloaded if
+    absent and checked to be an official DiT-XL/2 before it is kept."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    name = os.path.basename(name_or_path)
-    if name not in PRETRAINED_DIT:
-        raise FileNotFoundError(f"checkpoint {name_or_path} does not exist (official names: {', '.join(PRETRAINED_DIT)})")
-    local = os.path.join(PRETRAINED_DIR, name)
+    if name_or_path not in PRETRAINED_DIT:
+        hint = f"; official names, without a folder: {', '.join(PRETRAINED_DIT)}" if os.path.basename(name_or_path) in PRETRAINED_DIT else ""
+        raise MissingFileError(f"checkpoint {name_or_path} does not exist{hint}")
+    local = os.path.join(PRETRAINED_DIR, name_or_path)
     if not os.path.isfile(local):
         os.makedirs(PRETRAINED_DIR, exist_ok=True)
+        tmp = f"{local}.download"
         try:
-            torch.hub.download_url_to_file(PRETRAINED_URL.format(name), local)
+            torch.hub.download_url_to_file(PRETRAINED_URL.format(name_or_path), tmp)
         except Exception as e:
-            raise FileNotFoundError(
-                f"{name} is not in {PRETRAINED_DIR}/ and could not be downloaded ({e}); "
-                f"download {PRETRAINED_URL.format(name)} into {PRETRAINED_DIR}/ by hand"
+            raise MissingFileError(
+                f"{name_or_path} is not in {PRETRAINED_DIR}/ and could not be downloaded ({e}); "
+                f"download {PRETRAINED_URL.format(name_or_path)} into {PRETRAINED_DIR}/ by hand"
             ) from e
+        verify_official_dit(tmp, PRETRAINED_DIT[name_or_path])
+        os.replace(tmp, local)
     return local
+
+
+def verify_official_dit(path, image_size):
+    """DiT publishes no checksums: a download is accepted if it loads with weights_only=True, has official
+    DiT-XL/2's config at that image size, and holds only finite weights."""
+    state_dict = load_checkpoint(path)
+    config = infer_dit_config(state_dict)
+    expected = dict(model="DiT-XL/2", input_size=image_size // 8, in_channels=4, num_classes=1000, learn_sigma=True)
+    if config != expected:
+        raise UserError(f"the download {path} is not the official DiT checkpoint (it has {config}); remove it and try again")
+    check_finite(state_dict, path)
 
 
 #################################################################################
@@ -87,7 +123,7 @@ def infer_dit_config(state_dict):
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     size = next((s for s, c in MODEL_CONFIGS.items() if c["depth"] == depth and c["hidden_size"] == hidden), None)
     if size is None:
-        raise ValueError(f"no DiT config has depth {depth} and width {hidden}")
+        raise UserError(f"no DiT config has depth {depth} and width {hidden}")
     num_patches = state_dict["pos_embed"].shape[1]
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
@@ -105,10 +141,13 @@ def weights_and_config(ckpt):
     if isinstance(ckpt, dict) and "config" in ckpt and "ema" in ckpt:
         return ckpt["ema"], ckpt["config"]
     if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:
-        # Official checkpoints are ImageNet models in SD-VAE latent space (8x downsampling).
+        # A bare state dict is official DiT's format: models of SD-VAE latents (4 channels, 8x downsampling).
         inferred = infer_dit_config(ckpt)
+        if inferred["in_channels"] != 4:
+            raise UserError(f"a bare DiT state dict with {inferred['in_channels']} input channels is not an official DiT "
+                            f"checkpoint, whose space is unknown: save it in train.py's format, with its config")
         return ckpt, teacher_config(**inferred, space="latent", vae="ema", image_size=inferred["input_size"] * 8, data=None)
-    raise ValueError("not a checkpoint of this repository nor an official DiT state dict")
+    raise UserError("not a checkpoint of this repository nor an official DiT state dict")
 
 
 #################################################################################
@@ -126,7 +165,7 @@ def build_model(config, **kwargs):
 
         return ARD_models[config["model"]](timesteps=config["timesteps"], history_layers=config["history_layers"],
                                            **shapes, **kwargs)
-    raise ValueError(f"unknown model kind {config['kind']!r}")
+    raise UserError(f"unknown model kind {config['kind']!r}")
 
 
 def load_model(name_or_path, device="cpu", kind=None):
@@ -135,7 +174,11 @@ def load_model(name_or_path, device="cpu", kind=None):
     path = find_checkpoint(name_or_path)
     state_dict, config = weights_and_config(load_checkpoint(path))
     if kind is not None and config["kind"] != kind:
-        raise ValueError(f"{name_or_path} holds {KINDS.get(config['kind'], config['kind'])}, not {KINDS[kind]}")
+        raise UserError(f"{name_or_path} holds {KINDS.get(config['kind'], config['kind'])}, not {KINDS[kind]}")
+    check_finite(state_dict, path)
     model = build_model(config)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not match the model its config describes ({str(e).splitlines()[0]})") from e
     return model.to(device).eval(), config

@@ -9,7 +9,7 @@
     python digits_pipeline.py --full     # 3 seeds, both targets, GAN fine-tuning, 2-5 step students (about 90 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the
-trajectory writer and the sampler resume partial work). Everything goes to --run-dir: checkpoints, stores,
+trajectory writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to --run-dir: checkpoints, stores,
 samples, logs, timings.json, results.md and results.json; --assets-dir receives the figures.
 """
 
@@ -23,7 +23,9 @@ import time
 
 import numpy as np
 
+import cli
 from checkpoints import load_model
+from cli import check_output_path
 from cost import sampling_cost
 from fileio import write_json
 
@@ -77,7 +79,7 @@ def prepare(p, b):
     teacher = p.stage("teacher", p.path("teacher", "checkpoints", f"{b['teacher_steps']:07d}.pt"), [
         "train.py", "--model", "DiT-T/2", "--data", "digits", "--max-steps", str(b["teacher_steps"]), "--lr", "1e-3",
         "--ema-decay", "0.995", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
-        "--run-dir", p.path("teacher")])
+        "--run-dir", p.path("teacher"), "--replace"])
     net = p.stage("digits_net", p.path("digits_net.pt"), ["-m", "evaluator.digits_net", "--out", p.path("digits_net.pt"),
                                                            "--epochs", str(b["net_epochs"])])
     ref = p.stage("reference", p.path("ref_test.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
@@ -100,7 +102,7 @@ def distil(p, b, args, teacher, traj):
             "--target", target, "--num-steps", str(num_steps), "--global-batch-size", str(b["student_batch"]),
             "--lr", "3e-4", "--ema-decay", "0.99", "--max-steps", str(steps), "--val-count", str(b["val_count"]),
             "--val-every", str(max(1, steps // 5)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
-            "--global-seed", str(seed), "--run-dir", p.path("students", name)])
+            "--global-seed", str(seed), "--run-dir", p.path("students", name), "--replace"])
 
     rows = []
     for target in (["state", "x0"] if args.full else ["state"]):
@@ -119,7 +121,7 @@ def distil(p, b, args, teacher, traj):
             "--history-layers", str(HISTORY_LAYERS), "--global-batch-size", str(b["student_batch"]), "--lr", "1e-4",
             "--ema-decay", "0.99", "--max-steps", str(b["gan_steps"]), "--gan-warmup", str(b["gan_warmup"]),
             "--val-count", str(b["val_count"]), "--val-every", str(b["gan_steps"]), "--log-every", str(max(1, b["gan_steps"] // 20)),
-            "--sample-every", "0", "--run-dir", p.path("students", "gan")])
+            "--sample-every", "0", "--run-dir", p.path("students", "gan"), "--replace"])
         rows.append(("gan", 4, "student", gan, f"k4_n{HISTORY_LAYERS}_state_gan"))
     return rows
 
@@ -157,6 +159,9 @@ def measure_costs(p, b, rows):
 
 
 def main(args):
+    check_output_path(args.assets_dir, "--assets-dir", folder=True)
+    if args.run_dir:
+        check_output_path(args.run_dir, "--run-dir", folder=True)
     mode = "quick" if args.quick else "default"
     b = BUDGETS[mode]
     p = Pipeline(args.run_dir or os.path.join("runs", "digits" if mode == "default" else "digits-quick"))
@@ -331,4 +336,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -17,7 +17,7 @@ def setup(precision="fp32", device=None):
     """Initialises the process group if launched by torchrun and sets the matmul precision; returns the
     torch.device of this process."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        raise RuntimeError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if device is None:

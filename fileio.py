@@ -5,17 +5,54 @@ with other settings."""
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 
 import numpy as np
 
 import dist_util
+from cli import UserError
+
+
+TEMPORARY = re.compile(r"\.tmp-(?P<pid>\d+)@(?P<host>[^/]+)$")
+
+
+def temporary_name(path):
+    """PATH.tmp-PID@HOST: where a file or folder is written before it is renamed into place. The process and host
+    in the name let remove_stale_temporaries tell the leftovers of a dead process from work in progress."""
+    return f"{path}.tmp-{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Removes the temporary files and folders in `folder` left by dead processes of this host; returns their names."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        match = TEMPORARY.search(name)
+        if match and match["host"] == socket.gethostname() and not _alive(int(match["pid"])):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def atomic_write(path, write, mode="wb"):
     """Calls write(f) on a temporary file beside `path`, syncs it and renames it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temporary_name(path)
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -48,6 +85,53 @@ def file_sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+class WriterLock:
+    """One writer at a time for an output folder: rank 0 creates LOCK (host and pid) atomically, and removes it on
+    exit. A lock left by a dead process of this host is taken over; a live writer's, or one from another host,
+    stops this run with the lock's path, to remove by hand if its process is gone."""
+
+    def __init__(self, folder, what):
+        self.path, self.what, self.held = os.path.join(folder, "LOCK"), what, False
+
+    def __enter__(self):
+        error = None
+        if dist_util.is_main():
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            error = self._acquire()
+        error = dist_util.broadcast_object(error)
+        if error:
+            raise UserError(error)
+        return self
+
+    def _acquire(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        owner = json.load(f)
+                except (OSError, ValueError):
+                    owner = {}
+                pid = owner.get("pid")
+                if owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+                    os.remove(self.path)  # left by a dead process of this host
+                    continue
+                return (f"another process (pid {owner.get('pid')} on {owner.get('host')}) is writing {self.what}; wait for it "
+                        f"to finish, or remove {self.path} if that process is gone")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+            self.held = True
+            return None
+        return f"could not take the lock {self.path} of {self.what}"
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            dist_util.barrier()  # every rank has finished writing
+        if self.held and os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def start_or_resume(path, settings, what):
     """For a resumable output described by the JSON file at `path`: stop if it was started with other settings,
     else record them (rank 0). Every rank calls it and returns when the file is in place."""
@@ -67,5 +151,5 @@ def check_same_settings(path, settings, what):
     diffs = [f"{k}: {existing.get(k)!r} there, {v!r} now" for k, v in settings.items() if existing.get(k) != v]
     diffs += [f"{k}: {existing[k]!r} there, absent now" for k in existing if k not in settings]
     if diffs:
-        raise ValueError(f"{what} holds results made with other settings ({'; '.join(diffs)}); "
+        raise UserError(f"{what} holds results made with other settings ({'; '.join(diffs)}); "
                          f"use a new output path, or remove it to start over")

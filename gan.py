@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dist_util
+from cli import UserError
 from diffusion import create_diffusion
 from image_data import image_folder, load_digits
 from training import StepBatchSampler, requires_grad
@@ -60,7 +61,7 @@ class FeatureDiscriminator(nn.Module):
         self.blocks = sorted(blocks)
         bad = [b for b in self.blocks if not 0 <= b < len(teacher.blocks)]
         if bad:
-            raise ValueError(f"discriminator blocks {bad} are outside the teacher's {len(teacher.blocks)} blocks")
+            raise UserError(f"discriminator blocks {bad} are outside the teacher's {len(teacher.blocks)} blocks")
         self.heads = nn.ModuleList([DiscriminatorHead(hidden, num_classes) for _ in self.blocks])
         self._teacher = [teacher]  # a list keeps it out of parameters(), state_dict() and .to()
 

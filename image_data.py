@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cli import MissingFileError, UserError
+
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 360  # real digits never used for training: the reference set of the evaluators
 
@@ -28,7 +30,7 @@ def load_digits(split="train", image_size=8):
     labels = digits.target.astype(np.int64)
     if split != "all":
         if split not in ("train", "test"):
-            raise ValueError(f"unknown digits split {split!r}: use train, test or all")
+            raise UserError(f"unknown digits split {split!r}: use train, test or all")
         parts = train_test_split(images, labels, test_size=DIGITS_HELD_OUT, stratify=labels, random_state=0)
         images, labels = (parts[0], parts[2]) if split == "train" else (parts[1], parts[3])
     x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
@@ -61,7 +63,7 @@ def image_folder(path, image_size):
     from torchvision import datasets, transforms
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data folder {path} does not exist (expected one sub-folder of images per class)")
+        raise MissingFileError(f"data folder {path} does not exist (expected one sub-folder of images per class)")
     transform = transforms.Compose([
         transforms.Lambda(lambda pil_image: center_crop_arr(pil_image.convert("RGB"), image_size)),
         transforms.ToTensor(),

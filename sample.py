@@ -15,8 +15,10 @@ import time
 
 import torch
 
+import cli
 import dist_util
 from checkpoints import load_model
+from cli import UserError, check_output_path, non_negative_int, positive_int
 from diffusion.sampling import add_sampler_arguments, sample_fn
 from image_data import save_grid
 from vae import load_vae, vae_decode
@@ -26,7 +28,7 @@ def grid_labels(args, num_classes):
     if args.class_labels:
         bad = [c for c in args.class_labels if not 0 <= c < num_classes]
         if bad:
-            raise ValueError(f"--class-labels {bad} are outside the model's {num_classes} classes")
+            raise UserError(f"--class-labels {bad} are outside the model's {num_classes} classes")
         return args.class_labels
     return list(range(num_classes)) * args.per_class if num_classes <= 16 else list(range(0, num_classes, num_classes // 8))[:8]
 
@@ -34,6 +36,7 @@ def grid_labels(args, num_classes):
 def main(args):
     torch.set_grad_enabled(False)
     device = dist_util.setup(args.precision, args.device)
+    check_output_path(args.out, "--out")
 
     # Load model:
     model, config = load_model(args.ckpt, device)
@@ -64,9 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", type=str, required=True,
                         help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or DiT-XL-2-256x256.pt)")
     add_sampler_arguments(parser, note="teachers only: ")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="labels to sample (default: every class)")
-    parser.add_argument("--per-class", type=int, default=8, help="samples per class when the classes are few")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the grid's noise")
+    parser.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None, help="labels to sample (default: every class)")
+    parser.add_argument("--per-class", type=positive_int, default=8, help="samples per class when the classes are few")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the grid's noise")
     parser.add_argument("--vae", type=str, default=None, help="override the checkpoint's VAE (latent models only)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     dist_util.add_precision_argument(parser, default="tf32")
@@ -75,4 +78,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import dist_util
 from checkpoints import find_checkpoint, load_model
 from diffusion.sampling import add_sampler_arguments, sample_fn
-from fileio import file_sha256, save_npz, start_or_resume, write_json
+from cli import check_output_path, non_negative_int, positive_int
+from fileio import WriterLock, file_sha256, remove_stale_temporaries, save_npz, start_or_resume, write_json
 from image_data import to_uint8
 from seeding import EVALUATION_STREAM, per_index_noise
 from trajectory_store import shard_ranges
@@ -39,6 +41,10 @@ def run_settings(args, ckpt_sha256, student):
         settings.update(sampler=args.sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
                         legacy_cfg=args.legacy_cfg)
     return settings
+
+
+def chunk_file(chunk_dir, c):
+    return os.path.join(chunk_dir, f"chunk-{c:05d}.npz")
 
 
 def make_chunk(generate, vae, indices, args, config, device):
@@ -62,62 +68,71 @@ def main(args):
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     torch.set_grad_enabled(False)
+    check_output_path(args.out, "--out")
+    ckpt_path = find_checkpoint(args.ckpt)
 
     # Load the model and check any earlier partial run:
-    ckpt_path = find_checkpoint(args.ckpt)
     model, config = load_model(ckpt_path, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
     generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg)
     settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), config["kind"] == "ard")
     chunk_dir = f"{args.out}.chunks"
     start_or_resume(os.path.join(chunk_dir, "settings.json"), settings, f"the chunk folder {chunk_dir}")
+    with WriterLock(chunk_dir, f"the samples {args.out}"):
+        seconds, made = make_missing_chunks(args, chunk_dir, generate, vae, config, device)
+        if rank == 0:
+            gather(args, chunk_dir, settings, made, seconds)
+    dist_util.cleanup()
 
-    # Make this rank's missing chunks:
+
+def make_missing_chunks(args, chunk_dir, generate, vae, config, device):
+    """This rank's chunks that are not on disk yet; returns (seconds, images made by all ranks)."""
+    rank, world_size = dist_util.rank(), dist_util.world_size()
+    if rank == 0:
+        remove_stale_temporaries(chunk_dir)
     ranges = shard_ranges(args.num_samples, args.chunk_size)
-    chunk_path = lambda c: os.path.join(chunk_dir, f"chunk-{c:05d}.npz")  # noqa: E731
-    todo = [c for c in range(rank, len(ranges), world_size) if not os.path.isfile(chunk_path(c))]
+    todo = [c for c in range(rank, len(ranges), world_size) if not os.path.isfile(chunk_file(chunk_dir, c))]
     total = sum(ranges[c][1] - ranges[c][0] for c in todo)
     progress = tqdm(total=total, disable=rank != 0, unit="img", desc=f"sampling (rank 0 of {world_size})", dynamic_ncols=True)
     start_time = time.time()
     for c in todo:
         images, labels = make_chunk(generate, vae, np.arange(*ranges[c]), args, config, device)
-        save_npz(chunk_path(c), arr_0=images, arr_1=labels)
+        save_npz(chunk_file(chunk_dir, c), arr_0=images, arr_1=labels)
         progress.update(len(labels))
     progress.close()
     made = int(dist_util.all_reduce_sum(total, device))
     seconds = time.time() - start_time
     dist_util.barrier()
+    return seconds, made
 
-    # Gather the chunks into the ADM-format file:
-    if rank == 0:
-        parts = [np.load(chunk_path(c), allow_pickle=False) for c in range(len(ranges))]
-        save_npz(args.out, arr_0=np.concatenate([p["arr_0"] for p in parts]), arr_1=np.concatenate([p["arr_1"] for p in parts]))
-        write_json(f"{args.out}.json", settings)
-        shutil.rmtree(chunk_dir)
-        print(f"Saved {args.num_samples:,} samples to {args.out}; made {made:,} in this run in {seconds:.1f} s "
-              f"({made / max(seconds, 1e-9):.1f} images/s on {world_size} process(es), {1000 * seconds * world_size / max(made, 1):.1f} ms per image per process)")
-    dist_util.barrier()
-    dist_util.cleanup()
+
+def gather(args, chunk_dir, settings, made, seconds):
+    """The chunks, in order, into the ADM-format file, with its record OUT.json; the chunk folder goes."""
+    parts = [np.load(chunk_file(chunk_dir, c), allow_pickle=False) for c in range(len(shard_ranges(args.num_samples, args.chunk_size)))]
+    save_npz(args.out, arr_0=np.concatenate([p["arr_0"] for p in parts]), arr_1=np.concatenate([p["arr_1"] for p in parts]))
+    write_json(f"{args.out}.json", settings)
+    shutil.rmtree(chunk_dir)
+    world_size = dist_util.world_size()
+    print(f"Saved {args.num_samples:,} samples to {args.out}; made {made:,} in this run in {seconds:.1f} s "
+          f"({made / max(seconds, 1e-9):.1f} images/s on {world_size} process(es), {1000 * seconds * world_size / max(made, 1):.1f} ms per image per process)")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, required=True, help="a teacher (train.py, official DiT) or student (train_ard.py) checkpoint")
     parser.add_argument("--out", type=str, required=True, help="the .npz to write")
-    parser.add_argument("--num-samples", type=int, default=50_000, help="how many images")
-    parser.add_argument("--per-proc-batch-size", type=int, default=250, help="images per model batch, per process")
-    parser.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
+    parser.add_argument("--num-samples", type=positive_int, default=50_000, help="how many images")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=250, help="images per model batch, per process")
+    parser.add_argument("--chunk-size", type=positive_int, default=1000, help="images per resumable chunk")
     add_sampler_arguments(parser, note="teachers only: ")
     parser.add_argument("--vae", type=str, default=None, help="override the checkpoint's VAE (latent models)")
-    parser.add_argument("--global-seed", type=int, default=0, help="seed of every sample's label and noise")
+    parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of every sample's label and noise")
     dist_util.add_precision_argument(parser, default="fp32")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.per_proc_batch_size < 1 or args.chunk_size < 1:
-        parser.error("--num-samples, --per-proc-batch-size and --chunk-size must be positive")
     if not args.out.endswith(".npz"):
         parser.error("--out must end in .npz")
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -18,13 +18,15 @@ import argparse
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import dist_util
 from checkpoints import build_model, teacher_config
+from cli import UserError, non_negative_int, positive_int, probability
 from diffusion import create_diffusion
 from image_data import image_folder, load_digits
 from models import DiT_models
 from seeding import step_seed
-from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, load_resume, log_due,
+from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, prepare_run,
                       stop_on_nonfinite, teacher_loss)
 from vae import VAE_DOWNSAMPLE, load_vae
 
@@ -37,14 +39,14 @@ def build_data(args):
     """(dataset, num_classes, in_channels, input_size) of --data."""
     if args.data == "digits":
         if args.vae is not None:
-            raise ValueError("the digits are 8x8 grey images and have no VAE latent space: drop --vae")
+            raise UserError("the digits are 8x8 grey images and have no VAE latent space: drop --vae")
         x, y = load_digits("train", args.image_size)
         return torch.utils.data.TensorDataset(x, y), 10, 1, args.image_size
     dataset = image_folder(args.data, args.image_size)
     if args.vae is None:
         return dataset, len(dataset.classes), 3, args.image_size
     if args.image_size % VAE_DOWNSAMPLE:
-        raise ValueError(f"--image-size must be a multiple of {VAE_DOWNSAMPLE} to train in VAE latent space")
+        raise UserError(f"--image-size must be a multiple of {VAE_DOWNSAMPLE} to train in VAE latent space")
     return dataset, len(dataset.classes), 4, args.image_size // VAE_DOWNSAMPLE
 
 
@@ -53,21 +55,22 @@ def main(args):
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if args.global_batch_size % world_size:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
+        raise UserError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
     if args.random_flip is None:
         args.random_flip = args.data != "digits"  # digits are not mirror-symmetric
     dataset, num_classes, in_channels, input_size = build_data(args)
-    ckpt = load_resume(args, RUN_DEFINING_ARGS)
+    if len(dataset) < args.global_batch_size:
+        raise UserError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} images of --data {args.data}")
+    vae = load_vae(args.vae, device) if args.vae is not None else None
+    ckpt = prepare_run(args, RUN_DEFINING_ARGS)
     run = Run(args, ckpt, args.model.replace("/", "-"))
-    logger = run.logger
+    run.logger.info(f"Dataset {args.data}: {len(dataset):,} images of {num_classes} classes, model input {in_channels}x{input_size}x{input_size}")
 
     # Setup data:
     sampler = StepBatchSampler(len(dataset), args.global_batch_size, args.global_seed, rank, world_size,
                                run.start_step, args.max_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if args.data == "digits" else args.num_workers,
                                          pin_memory=device.type == "cuda")
-    vae = load_vae(args.vae, device) if args.vae is not None else None
-    logger.info(f"Dataset {args.data}: {len(dataset):,} images of {num_classes} classes, model input {in_channels}x{input_size}x{input_size}")
 
     # Create model (the same initial weights on every rank):
     config = teacher_config(args.model, input_size, in_channels, num_classes, args.learn_sigma,
@@ -75,58 +78,65 @@ def main(args):
     torch.manual_seed(args.global_seed)
     trainer = Trainer(build_model(config, class_dropout_prob=args.class_dropout_prob), device, args.lr,
                       ema_decay=args.ema_decay, compile=args.compile, state=ckpt)
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=args.learn_sigma)  # 1000 steps, linear schedule
-    logger.info(f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}")
+    run.logger.info(f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}")
 
-    # Training loop:
+    def save(done):
+        # The data position and the random state are functions of the step (see StepBatchSampler, seeding.py).
+        run.save(done, {**trainer.state_dict(), "config": config,
+                        "data": {"epoch": done // sampler.steps_per_epoch, "batch_in_epoch": done % sampler.steps_per_epoch},
+                        "rng": {"scheme": "seeded per (global_seed, step, rank)", "global_seed": args.global_seed}})
+
+    try:
+        train_loop(args, run, trainer, loader, vae, device, save)
+    except NonFiniteError as e:
+        raise stop_on_nonfinite(run, e) from None
+    run.logger.info("Done!")
+    dist_util.cleanup()
+
+
+def train_loop(args, run, trainer, loader, vae, device, save):
+    """DiT's training loop: the loss of each step, logging and checkpoints."""
+    diffusion = create_diffusion(timestep_respacing="", learn_sigma=args.learn_sigma)  # 1000 steps, linear schedule
     trainer.model.train()
-    logger.info(f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}")
+    run.logger.info(f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}")
     averager = MetricsAverager(device)
     progress = tqdm(total=args.max_steps, initial=run.start_step, disable=not dist_util.is_main(), desc="train", dynamic_ncols=True)
     for step, (x, y) in enumerate(loader, start=run.start_step):
-        torch.manual_seed(step_seed(args.global_seed, step, rank))
+        torch.manual_seed(step_seed(args.global_seed, step, dist_util.rank()))
         with dist_util.autocast(device, args.precision):
             loss = teacher_loss(trainer.model, diffusion, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                 vae, args.random_flip)
-        try:
-            trainer.step(loss, step)
-        except NonFiniteError as e:
-            raise SystemExit(stop_on_nonfinite(run, e)) from None
+                                vae, args.random_flip)
+        trainer.step(loss, step)
         averager.add([loss.item()])
         progress.update(1)
         done = step + 1
         if log_due(done, args.log_every, args.max_steps):
             (avg_loss,), steps_per_sec = averager.average()
-            logger.info(f"(step={done:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
+            run.logger.info(f"(step={done:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
             run.write_metrics({"step": done, "loss": avg_loss, "steps_per_sec": steps_per_sec})
             progress.set_postfix(loss=f"{avg_loss:.4f}")
         if log_due(done, args.ckpt_every, args.max_steps):
-            # The data position and the random state are functions of the step (see StepBatchSampler, seeding.py).
-            run.save(done, {**trainer.state_dict(), "config": config,
-                            "data": {"epoch": done // sampler.steps_per_epoch, "batch_in_epoch": done % sampler.steps_per_epoch},
-                            "rng": {"scheme": "seeded per (global_seed, step, rank)", "global_seed": args.global_seed}})
+            save(done)
     progress.close()
-    logger.info("Done!")
-    dist_util.cleanup()
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default="digits",
                         help="'digits' (the embedded default) or an ImageFolder path (one sub-folder per class)")
-    parser.add_argument("--image-size", type=int, default=8, help="image side in pixels (digits: 8, resized if larger)")
+    parser.add_argument("--image-size", type=positive_int, default=8, help="image side in pixels (digits: 8, resized if larger)")
     parser.add_argument("--vae", type=str, default=None,
                         help="train in the latent space of this VAE: 'ema', 'mse' (the SD VAEs), a hub id or a local folder")
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-T/2", help="DiT config")
     parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                         help="learn the variance (DiT's hybrid loss); its output channels are ignored by DDIM")
-    parser.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    parser.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for classifier-free guidance")
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips (default: on for image folders, off for the digits)")
     add_run_arguments(parser, "MODEL", "images", batch_size=128, max_steps=3000)
-    parser.add_argument("--num-workers", type=int, default=4, help="data loader workers for image folders")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for image folders")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -20,13 +20,16 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import dist_util
-from checkpoints import build_model, find_checkpoint, load_checkpoint, load_model, student_config
+from checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
+from cli import MissingFileError, UserError, diffusion_steps, non_negative_float, non_negative_int, positive_float, positive_int
+from fileio import file_sha256
 from gan import GANStage, real_images
 from image_data import save_grid
 from seeding import rank_seed, step_seed
-from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, load_resume,
-                      log_due, requires_grad, stop_on_nonfinite)
+from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due,
+                      prepare_run, requires_grad, stop_on_nonfinite)
 from trajectory_store import TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 from vae import load_vae, vae_decode
 
@@ -54,31 +57,50 @@ def validate(model, store_dataset, indices, device, batch_size=500):
 
 
 def check_inputs(args, device):
-    """Everything that can be wrong with the inputs, checked before any expensive work: the store, the teacher,
-    the boundaries, the held-out count, the resume checkpoint and the GAN start point."""
+    """Everything that can be wrong with the inputs, checked before any expensive work: the store, the teacher
+    (the one that wrote the store), the boundaries, the held-out count, the resume checkpoint and the GAN start point."""
     store = TrajectoryStore(args.traj)
-    teacher, teacher_cfg = load_model(find_checkpoint(args.teacher_ckpt), device, kind="dit")
+    teacher_path = find_checkpoint(args.teacher_ckpt)
+    teacher_sha256 = dist_util.broadcast_object(file_sha256(teacher_path) if dist_util.is_main() else None)
+    if teacher_sha256 != store.manifest["teacher_sha256"]:
+        raise UserError(f"the store {args.traj} was written by another teacher ({store.manifest.get('teacher_ckpt')}, sha256 "
+                        f"{str(store.manifest['teacher_sha256'])[:12]}...) than --teacher-ckpt {args.teacher_ckpt} (sha256 "
+                        f"{teacher_sha256[:12]}...): pass the teacher that wrote the store")
+    teacher, teacher_cfg = load_model(teacher_path, device, kind="dit")
     requires_grad(teacher, False)
     store.check_model(shape=(teacher_cfg["in_channels"], teacher_cfg["input_size"], teacher_cfg["input_size"]),
                       num_classes=teacher_cfg["num_classes"], model=teacher_cfg["model"])
-    if args.history_layers > len(teacher.blocks):
-        raise ValueError(f"--history-layers {args.history_layers} exceeds the teacher's {len(teacher.blocks)} blocks")
+    depth = len(teacher.blocks)
+    if args.history_layers > depth:
+        raise UserError(f"--history-layers {args.history_layers} exceeds the teacher's {depth} blocks")
+    if args.gan_blocks is not None and not all(0 <= b < depth for b in args.gan_blocks):
+        raise UserError(f"--gan-blocks {args.gan_blocks} must be teacher blocks, 0 to {depth - 1}")
+    if args.gan and args.data != "digits" and not os.path.isdir(args.data):
+        raise MissingFileError(f"--data {args.data} does not exist (the GAN stage's real images: 'digits' or an ImageFolder)")
     boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps)
     if args.val_count >= len(store):
-        raise ValueError(f"--val-count {args.val_count} leaves no training trajectories in a store of {len(store)}")
+        raise UserError(f"--val-count {args.val_count} leaves no training trajectories in a store of {len(store)}")
     dataset = TrajectoryDataset(store, boundaries, args.target)  # checks the boundaries against the store
-    ckpt = load_resume(args, RUN_DEFINING_ARGS)
-    init = None
+    ckpt = prepare_run(args, RUN_DEFINING_ARGS)
+    if ckpt is not None and ckpt.get("config", {}).get("teacher_sha256") != teacher_sha256:
+        raise UserError(f"--resume {args.resume} was distilled from another teacher than --teacher-ckpt {args.teacher_ckpt}")
+    return store, teacher, teacher_cfg, boundaries, dataset, ckpt, load_init(args, boundaries)
+
+
+def load_init(args, boundaries):
+    """The regression checkpoint that --init-ckpt (required by --gan) starts from, checked against this run."""
     if args.gan and not args.init_ckpt:
-        raise ValueError("--gan starts from a regression checkpoint: pass --init-ckpt")
-    if args.init_ckpt:
-        init = load_checkpoint(args.init_ckpt)
-        if init.get("config", {}).get("kind") != "ard":
-            raise ValueError(f"--init-ckpt {args.init_ckpt} is not a checkpoint of train_ard.py")
-        if init["config"]["boundaries"] != boundaries or init["config"]["history_layers"] != args.history_layers:
-            raise ValueError(f"--init-ckpt {args.init_ckpt} has boundaries {init['config']['boundaries']} and "
-                             f"N={init['config']['history_layers']}; pass the same --boundaries and --history-layers")
-    return store, teacher, teacher_cfg, boundaries, dataset, ckpt, init
+        raise UserError("--gan starts from a regression checkpoint: pass --init-ckpt")
+    if not args.init_ckpt:
+        return None
+    init = load_checkpoint(args.init_ckpt)
+    if not isinstance(init, dict) or init.get("config", {}).get("kind") != "ard":
+        raise UserError(f"--init-ckpt {args.init_ckpt} is not a checkpoint of train_ard.py")
+    if init["config"]["boundaries"] != boundaries or init["config"]["history_layers"] != args.history_layers:
+        raise UserError(f"--init-ckpt {args.init_ckpt} has boundaries {init['config']['boundaries']} and "
+                        f"N={init['config']['history_layers']}; pass the same --boundaries and --history-layers")
+    check_finite(init["ema"], args.init_ckpt)
+    return init
 
 
 def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt):
@@ -97,8 +119,14 @@ def main(args):
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if args.global_batch_size % world_size:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
+        raise UserError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
     store, teacher, teacher_cfg, boundaries, dataset, ckpt, init = check_inputs(args, device)
+    start_step = ckpt["step"] if ckpt is not None else 0
+    local_indices = store.rank_indices(range(len(store) - args.val_count), rank, world_size)
+    sampler = StepBatchSampler(len(local_indices), args.global_batch_size // world_size,
+                               rank_seed(args.global_seed, rank), 0, 1, start_step, args.max_steps)
+    latent = teacher_cfg["space"] == "latent" and (args.gan or args.sample_every)
+    vae = load_vae(teacher_cfg["vae"], device) if latent else None  # real latents for the GAN, decoded sample grids
     run = Run(args, ckpt, f"ARD-{teacher_cfg['model'].replace('/', '-')}-N{args.history_layers}", subfolders=["samples"])
     val_indices = list(range(len(store) - args.val_count, len(store)))
     run.logger.info(f"Store {args.traj}: {len(store):,} trajectories ({len(val_indices)} held out), boundaries {boundaries} "
@@ -112,17 +140,12 @@ def main(args):
     if init is not None:
         student.load_state_dict(init["ema"])
     trainer = Trainer(student, device, args.lr, args.weight_decay, args.ema_decay, args.grad_clip, args.compile, state=ckpt)
-    latent = teacher_cfg["space"] == "latent" and (args.gan or args.sample_every)
-    vae = load_vae(teacher_cfg["vae"], device) if latent else None  # real latents for the GAN, decoded sample grids
-    gan = build_gan_stage(args, teacher, teacher_cfg, device, vae, run.start_step, ckpt) if args.gan else None
+    gan = build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt) if args.gan else None
     run.logger.info(f"Student {teacher_cfg['model']}, K={student.num_steps}, N={args.history_layers}: "
                     f"{sum(p.numel() for p in student.parameters()):,} parameters"
                     + (f", GAN on teacher blocks {gan.raw_disc.blocks}" if gan else ""))
 
     # Setup data (positions are functions of the step):
-    local_indices = store.rank_indices(range(len(store) - args.val_count), rank, world_size)
-    sampler = StepBatchSampler(len(local_indices), args.global_batch_size // world_size,
-                               rank_seed(args.global_seed, rank), 0, 1, run.start_step, args.max_steps)
     loader = torch.utils.data.DataLoader(TrajectoryDataset(store, boundaries, args.target, indices=local_indices),
                                          batch_sampler=sampler, collate_fn=collate_batch, num_workers=0)
 
@@ -134,7 +157,7 @@ def main(args):
     try:
         train_loop(args, run, trainer, gan, loader, device, dataset, val_indices, vae, save)
     except NonFiniteError as e:
-        raise SystemExit(stop_on_nonfinite(run, e)) from None
+        raise stop_on_nonfinite(run, e) from None
     run.logger.info("Done!")
     dist_util.cleanup()
 
@@ -193,36 +216,40 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traj", type=str, required=True, help="trajectory store written by train_teacher_traj.py")
     parser.add_argument("--teacher-ckpt", type=str, required=True, help="the teacher that wrote the store")
-    parser.add_argument("--history-layers", "--stack", dest="history_layers", type=int, default=6,
+    parser.add_argument("--history-layers", "--stack", dest="history_layers", type=non_negative_int, default=6,
                         help="N, the lowest blocks that see the history (0 = step distillation); --stack is the public code's name")
     parser.add_argument("--target", type=str, choices=list(TARGETS), default="state",
                         help="history and targets: ODE states x_t, or the teacher's x0 predictions")
-    parser.add_argument("--num-steps", type=int, default=4, help="K, the student's steps (with default boundaries)")
-    parser.add_argument("--boundaries", type=int, nargs="+", default=None,
+    parser.add_argument("--num-steps", type=positive_int, default=None, help="K, the student's steps (default 4, or as --boundaries give)")
+    parser.add_argument("--boundaries", type=non_negative_int, nargs="+", default=None,
                         help="K + 1 solver steps, from 0 (noise) to S (sample), e.g. 0 10 15 20 25; default: evenly spaced in t")
     add_run_arguments(parser, "ARD-MODEL-NN", "trajectories", batch_size=64, max_steps=300_000)
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the student")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the student's gradient norm to this")
-    parser.add_argument("--val-count", type=int, default=0, help="trajectories at the end of the store held out for validation")
-    parser.add_argument("--val-every", type=int, default=1000, help="validate every this many steps (at a log step)")
-    parser.add_argument("--sample-every", type=int, default=5_000, help="EMA sample grid from fixed noise (0: never)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay of the student")
+    parser.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the student's gradient norm to this")
+    parser.add_argument("--val-count", type=non_negative_int, default=0, help="trajectories at the end of the store held out for validation")
+    parser.add_argument("--val-every", type=positive_int, default=1000, help="validate every this many steps (at a log step)")
+    parser.add_argument("--sample-every", type=non_negative_int, default=5_000, help="EMA sample grid from fixed noise (0: never)")
     gan = parser.add_argument_group("GAN fine-tuning")
     gan.add_argument("--gan", action=argparse.BooleanOptionalAction, default=False, help="run the GAN stage")
     gan.add_argument("--init-ckpt", type=str, default=None,
                      help="start from this train_ard.py checkpoint's EMA weights (required by --gan) instead of the teacher")
-    gan.add_argument("--gan-blocks", type=int, nargs="+", default=None, help="teacher blocks with a head (default: all)")
-    gan.add_argument("--gan-scale", type=float, default=10.0, help="lambda = scale * |grad L_reg| / |grad L_GAN|")
-    gan.add_argument("--gan-warmup", type=int, default=3000, help="steps with lambda = 0 (the discriminator still trains)")
-    gan.add_argument("--gan-max-t", type=int, default=1000, help="real and fake x0 are diffused to t ~ U[0, this)")
-    gan.add_argument("--disc-lr", type=float, default=1e-3, help="AdamW learning rate of the discriminator heads")
+    gan.add_argument("--gan-blocks", type=non_negative_int, nargs="+", default=None, help="teacher blocks with a head (default: all)")
+    gan.add_argument("--gan-scale", type=non_negative_float, default=10.0, help="lambda = scale * |grad L_reg| / |grad L_GAN|")
+    gan.add_argument("--gan-warmup", type=non_negative_int, default=3000, help="steps with lambda = 0 (the discriminator still trains)")
+    gan.add_argument("--gan-max-t", type=diffusion_steps, default=1000, help="real and fake x0 are diffused to t ~ U[0, this)")
+    gan.add_argument("--disc-lr", type=positive_float, default=1e-3, help="AdamW learning rate of the discriminator heads")
     gan.add_argument("--data", type=str, default="digits", help="real data: 'digits' or an ImageFolder path")
-    gan.add_argument("--image-size", type=int, default=None, help="image size of --data (default: the teacher's)")
-    gan.add_argument("--num-workers", type=int, default=4, help="data loader workers for an ImageFolder")
+    gan.add_argument("--image-size", type=positive_int, default=None, help="image size of --data (default: the teacher's)")
+    gan.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for an ImageFolder")
     args = parser.parse_args(argv)
     if args.boundaries is not None:
+        if args.num_steps is not None and args.num_steps != len(args.boundaries) - 1:
+            parser.error(f"--num-steps {args.num_steps} disagrees with the {len(args.boundaries) - 1} steps of --boundaries: drop one")
         args.num_steps = len(args.boundaries) - 1
+    elif args.num_steps is None:
+        args.num_steps = 4
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

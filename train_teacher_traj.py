@@ -22,8 +22,10 @@ import dist_util
 from checkpoints import find_checkpoint, load_model
 from diffusion.ode import solver_grid
 from diffusion.sampling import SOLVERS, TeacherSampler, add_sampler_arguments
-from fileio import file_sha256, start_or_resume
-from trajectory_store import MANIFEST, shard_name, shard_ranges, write_shard
+import cli
+from cli import UserError, check_output_path, non_negative_int, positive_int
+from fileio import WriterLock, file_sha256, remove_stale_temporaries, start_or_resume
+from trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
 
 SMALL_MODEL_TOKENS = 64  # up to this many tokens per image, every solver step is saved by default
 
@@ -34,13 +36,15 @@ def parse_save_steps(spec, num_steps, default_all):
         spec = "all" if default_all else "every:5"
     if spec == "all":
         steps = set(range(num_steps + 1))
-    elif spec.startswith("every:"):
-        steps = set(range(0, num_steps + 1, int(spec.split(":", 1)[1])))
     else:
-        steps = {int(s) for s in spec.split(",") if s.strip()}
+        try:
+            steps = (set(range(0, num_steps + 1, int(spec.split(":", 1)[1]))) if spec.startswith("every:")
+                     else {int(s) for s in spec.split(",") if s.strip()})
+        except ValueError:
+            raise UserError(f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1) or a list of solver steps like 0,10,25") from None
     bad = sorted(s for s in steps if not 0 <= s <= num_steps)
     if bad:
-        raise ValueError(f"--save-steps {bad} are outside the solver's steps 0..{num_steps}")
+        raise UserError(f"--save-steps {bad} are outside the solver's steps 0..{num_steps}")
     return sorted(steps | {0, num_steps})
 
 
@@ -60,25 +64,38 @@ def store_manifest(args, ckpt_path, config, sampler, save_steps):
 
 
 def main(args):
-    # Setup DDP:
+    # Setup DDP and check the inputs:
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     torch.set_grad_enabled(False)
+    check_output_path(args.out, "the trajectory store", folder=True)
+    ckpt_path = find_checkpoint(args.ckpt)
 
     # Load the teacher and describe the run:
-    ckpt_path = find_checkpoint(args.ckpt)
     model, config = load_model(ckpt_path, device, kind="dit")
     sampler = TeacherSampler(model, config["space"], args.solver, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg)
     tokens = (config["input_size"] // model.patch_size) ** 2
     save_steps = parse_save_steps(args.save_steps, args.num_sampling_steps, tokens <= SMALL_MODEL_TOKENS)
     manifest = store_manifest(args, ckpt_path, config, sampler, save_steps)
 
-    # Create the store, or check that an existing one was made with the same settings:
+    # Create the store, or check that an existing one was made with the same settings; one writer at a time:
     start_or_resume(os.path.join(args.out, MANIFEST), manifest, f"the trajectory store {args.out}")
+    with WriterLock(args.out, f"the trajectory store {args.out}"):
+        write_missing_shards(args, manifest, sampler, save_steps, device)
+    dist_util.cleanup()
 
-    # Write this rank's missing shards:
+
+def write_missing_shards(args, manifest, sampler, save_steps, device):
+    """This rank's shards that are missing or damaged, with progress on rank 0 and a summary at the end."""
+    rank, world_size = dist_util.rank(), dist_util.world_size()
+    if rank == 0:
+        for name in remove_stale_temporaries(args.out):
+            print(f"removed {name}, left by an interrupted writer")
     ranges = shard_ranges(args.num_trajectories, args.shard_size)
-    complete = {s for s in range(len(ranges)) if os.path.isdir(os.path.join(args.out, shard_name(s)))}
+    complete, damaged = complete_shards(args.out, manifest)
+    for problem in damaged:
+        dist_util.print0(f"rewriting a damaged shard: {problem}")
+    dist_util.barrier()
     todo = [s for s in range(rank, len(ranges), world_size) if s not in complete]
     dist_util.print0(f"{len(ranges)} shards of up to {args.shard_size} trajectories, {len(complete)} already complete; "
                      f"saving solver steps {save_steps} of {args.num_sampling_steps}")
@@ -93,7 +110,7 @@ def main(args):
 
     start_time, written = time.time(), 0
     for s in todo:
-        written += write_shard(args.out, s, *ranges[s], solve, shape, config["num_classes"], args.global_seed,
+        written += write_shard(args.out, s, *ranges[s], solve, shape, manifest["num_classes"], args.global_seed,
                                args.dtype, args.batch_size, progress.update)
     progress.close()
     count = int(dist_util.all_reduce_sum(total, device))
@@ -101,7 +118,6 @@ def main(args):
     seconds = time.time() - start_time
     dist_util.print0(f"Wrote {count:,} trajectories ({written / 2**20:.1f} MiB) to {args.out} in {seconds:.1f} s "
                      f"({count / max(seconds, 1e-9):.1f} trajectories/s); the store holds {args.num_trajectories:,}")
-    dist_util.cleanup()
 
 
 def parse_args(argv=None):
@@ -109,21 +125,18 @@ def parse_args(argv=None):
     add_sampler_arguments(parser, flag="--solver", choices=SOLVERS)
     parser.add_argument("--ckpt", type=str, required=True, help="teacher checkpoint: train.py's or an official DiT one")
     parser.add_argument("--out", type=str, required=True, help="the trajectory store folder")
-    parser.add_argument("--num-trajectories", type=int, default=10_000, help="how many trajectories the store holds")
+    parser.add_argument("--num-trajectories", type=positive_int, default=10_000, help="how many trajectories the store holds")
     parser.add_argument("--save-steps", type=str, default=None,
                         help="solver steps to save: 'all', 'every:N' or a list like 0,10,15,20,25 "
                              f"(default: all for models of at most {SMALL_MODEL_TOKENS} tokens, else every:5); "
                              "0 (the noise) and S (the sample) are always saved")
     parser.add_argument("--dtype", type=str, choices=["float16", "float32"], default="float32", help="dtype of the stored arrays")
-    parser.add_argument("--batch-size", type=int, default=500, help="trajectories per solver batch, per process")
-    parser.add_argument("--shard-size", type=int, default=1000, help="trajectories per shard")
-    parser.add_argument("--global-seed", type=int, default=0, help="seed of every trajectory's noise")
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="trajectories per solver batch, per process")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="trajectories per shard")
+    parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of every trajectory's noise")
     dist_util.add_precision_argument(parser, default="fp32")
-    args = parser.parse_args(argv)
-    if args.num_trajectories < 1 or args.shard_size < 1 or args.batch_size < 1:
-        parser.error("--num-trajectories, --shard-size and --batch-size must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -12,16 +12,17 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import OrderedDict
 from copy import deepcopy
-from glob import glob
 
 import torch
 
 import dist_util
-from checkpoints import load_checkpoint, save_checkpoint
-from fileio import write_json
+from checkpoints import check_finite, load_checkpoint, save_checkpoint
+from cli import UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
+from fileio import remove_stale_temporaries, write_json
 from seeding import epoch_permutation
 from vae import vae_encode
 
@@ -54,7 +55,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         assert global_batch % world_size == 0, "the global batch size must be divisible by the world size"
         self.steps_per_epoch = num_items // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the global batch size {global_batch} exceeds the dataset size {num_items}")
+            raise UserError(f"the global batch size {global_batch} exceeds the {num_items} items there are to draw from: use a smaller one")
         self.num_items, self.global_batch = num_items, global_batch
         self.seed, self.rank, self.local_batch = seed, rank, global_batch // world_size
         self.start_step, self.num_steps = start_step, num_steps
@@ -88,20 +89,44 @@ def teacher_loss(model, diffusion, x, y, vae=None, random_flip=False):
 #                              The run folder                                   #
 #################################################################################
 
-def load_resume(args, run_defining_args):
-    """The checkpoint of --resume, after checking that it was trained with the same run-defining
-    arguments and is not finished; None for a new run."""
+def prepare_run(args, run_defining_args):
+    """Checks, before any work, where the run will write, and returns the --resume checkpoint (None for a new
+    run). A resume must agree with its checkpoint on the run-defining arguments and not be finished; a new run
+    refuses a --run-dir that already holds files, unless --replace says to start it over."""
     if not args.resume:
+        # Rank 0 looks before any rank writes: the others would see the folder it is about to make.
+        error = check_new_run_dir(args) if dist_util.is_main() else None
+        error = dist_util.broadcast_object(error)
+        if error:
+            raise UserError(error)
         return None
     ckpt = load_checkpoint(args.resume)
-    saved = ckpt.get("args", {})
+    if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= set(ckpt):
+        raise UserError(f"--resume {args.resume} is not a training checkpoint of this script (it has no optimiser state)")
+    check_finite({k: ckpt[k] for k in ("model", "ema")}, args.resume)
+    saved = ckpt["args"]
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
              for k in run_defining_args if saved.get(k) != getattr(args, k)]
     if diffs:
-        raise ValueError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
+        raise UserError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
     if ckpt["step"] >= args.max_steps:
-        raise ValueError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
+        raise UserError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
     return ckpt
+
+
+def check_new_run_dir(args):
+    """The one-sentence reason a new run cannot start in its folder, or None."""
+    try:
+        check_output_path(args.run_dir or args.results_dir, "--run-dir" if args.run_dir else "--results-dir", folder=True)
+    except UserError as e:
+        return str(e)
+    if args.run_dir and os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
+        if not args.replace:
+            return (f"--run-dir {args.run_dir} already holds a run: pass --resume with one of its checkpoints to continue it, "
+                    f"--replace to start it over, or another --run-dir")
+        if not os.path.exists(os.path.join(args.run_dir, "args.json")):
+            return f"--replace deletes a run folder, and {args.run_dir} holds files but no run (no args.json): pick a new --run-dir"
+    return None
 
 
 def create_logger(logging_dir):
@@ -121,7 +146,7 @@ def create_logger(logging_dir):
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradient became infinite or NaN."""
+    """The loss, the gradient or a weight became infinite or NaN."""
 
 
 class Run:
@@ -139,21 +164,27 @@ class Run:
         self.checkpoint_dir = os.path.join(self.dir, "checkpoints")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         if dist_util.is_main():
+            if ckpt is None and os.path.isdir(self.dir):
+                shutil.rmtree(self.dir)  # --replace (prepare_run refused a non-empty folder without it)
             for folder in (self.checkpoint_dir, *(os.path.join(self.dir, s) for s in subfolders)):
                 os.makedirs(folder, exist_ok=True)
+            stale = remove_stale_temporaries(self.checkpoint_dir)
             args_name = "args.json" if ckpt is None else f"args-resume-{ckpt['step']}.json"
             write_json(os.path.join(self.dir, args_name), vars(args))
         dist_util.barrier()
         self.logger = create_logger(self.dir)
         self.logger.info(f"Run folder {self.dir}, world size {dist_util.world_size()}")
+        if dist_util.is_main() and stale:
+            self.logger.info(f"Removed {', '.join(stale)}, left by an interrupted checkpoint write")
 
     @staticmethod
     def _numbered_dir(results_dir, name):
-        """results_dir/NNN-name, with NNN the number of entries there (rank 0 picks, all agree)."""
+        """results_dir/NNN-name, with NNN one more than the highest number there (rank 0 picks, all agree)."""
         run_dir = None
         if dist_util.is_main():
             os.makedirs(results_dir, exist_ok=True)
-            run_dir = os.path.join(results_dir, f"{len(glob(os.path.join(results_dir, '*'))):03d}-{name}")
+            numbers = [int(entry.split("-", 1)[0]) for entry in os.listdir(results_dir) if entry.split("-", 1)[0].isdigit()]
+            run_dir = os.path.join(results_dir, f"{max(numbers, default=-1) + 1:03d}-{name}")
         return dist_util.broadcast_object(run_dir)
 
     def path(self, *parts):
@@ -170,11 +201,17 @@ class Run:
 
     def save(self, step, state):
         """Rank 0 writes checkpoints/STEP.pt (the step, the arguments and `state`); every rank waits for it."""
+        error = None
         if dist_util.is_main():
             path = os.path.join(self.checkpoint_dir, f"{step:07d}.pt")
-            save_checkpoint(path, {"step": step, "args": vars(self.args), **state})
-            self.logger.info(f"Saved checkpoint to {path}")
-        dist_util.barrier()
+            try:
+                save_checkpoint(path, {"step": step, "args": vars(self.args), **state})
+                self.logger.info(f"Saved checkpoint to {path}")
+            except FloatingPointError as e:
+                error = str(e)
+        error = dist_util.broadcast_object(error)
+        if error:
+            raise NonFiniteError(f"a weight became infinite or NaN by step {step}, {error}")
 
 
 #################################################################################
@@ -259,10 +296,10 @@ def log_due(done, every, max_steps):
 
 
 def stop_on_nonfinite(run, error):
-    """The NonFiniteError's message, with the last good checkpoint named."""
+    """A UserError for a NonFiniteError, naming the last good checkpoint (none is written after the fault)."""
     last = run.last_checkpoint_step()
     where = f"step {last} in {run.checkpoint_dir}" if last is not None else f"none (nothing was saved in {run.checkpoint_dir})"
-    return f"{error}; stopping. The last good checkpoint is {where}"
+    return UserError(f"{error}; stopping. The last good checkpoint is {where}; lower --lr or check the data, then resume from it")
 
 
 def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_decay=0.9999):
@@ -270,13 +307,15 @@ def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_de
     `name` is the run folder's pattern and `unit` what a batch holds, for the help texts."""
     parser.add_argument("--results-dir", type=str, default="results", help=f"new runs go to RESULTS_DIR/NNN-{name}")
     parser.add_argument("--run-dir", type=str, default=None, help="use this run folder instead of a new numbered one")
+    parser.add_argument("--replace", action=argparse.BooleanOptionalAction, default=False,
+                        help="start over in a --run-dir that already holds a run, deleting it (without this, it is refused)")
     parser.add_argument("--resume", type=str, default=None, help="a checkpoint of this script to continue from")
-    parser.add_argument("--max-steps", type=int, default=max_steps, help="total optimiser steps (including resumed ones)")
-    parser.add_argument("--global-batch-size", type=int, default=batch_size, help=f"{unit} per step over all processes")
-    parser.add_argument("--global-seed", type=int, default=0, help="seed of the initial weights, the data order and every step")
-    parser.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
-    parser.add_argument("--ema-decay", type=float, default=ema_decay, help="EMA decay per step")
-    parser.add_argument("--log-every", type=int, default=100, help="log the losses every this many steps")
-    parser.add_argument("--ckpt-every", type=int, default=50_000, help="write a checkpoint every this many steps (and at the end)")
+    parser.add_argument("--max-steps", type=positive_int, default=max_steps, help="total optimiser steps (including resumed ones)")
+    parser.add_argument("--global-batch-size", type=positive_int, default=batch_size, help=f"{unit} per step over all processes")
+    parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of the initial weights, the data order and every step")
+    parser.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
+    parser.add_argument("--ema-decay", type=decay, default=ema_decay, help="EMA decay per step")
+    parser.add_argument("--log-every", type=positive_int, default=100, help="log the losses every this many steps")
+    parser.add_argument("--ckpt-every", type=positive_int, default=50_000, help="write a checkpoint every this many steps (and at the end)")
     dist_util.add_precision_argument(parser, default="tf32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")

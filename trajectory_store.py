@@ -25,11 +25,14 @@ import shutil
 import numpy as np
 import torch
 
+from cli import MissingFileError, UserError
+from fileio import temporary_name
 from seeding import TRAJECTORY_STREAM, per_index_noise
 
 MANIFEST = "manifest.json"
 ARRAYS = ("xt", "x0", "y", "index")
 TARGETS = ("state", "x0")
+REQUIRED = ("count", "shard_size", "shape", "num_classes", "model", "save_steps", "save_timesteps", "dtype", "shards", "teacher_sha256")
 
 
 def shard_name(i):
@@ -39,6 +42,21 @@ def shard_name(i):
 def shard_ranges(count, shard_size):
     """[(start, stop), ...] of the shards of a store of `count` samples."""
     return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+
+
+def complete_shards(store_dir, manifest):
+    """(complete, damaged) shards of a store being written: those intact, and the errors of those whose folder
+    exists but fails verification (their writer replaces them)."""
+    complete, damaged = set(), []
+    for s, (start, stop) in enumerate(shard_ranges(manifest["count"], manifest["shard_size"])):
+        folder = os.path.join(store_dir, shard_name(s))
+        if os.path.isdir(folder):
+            try:
+                open_shard(folder, start, stop, (stop - start, len(manifest["save_steps"]), *manifest["shape"]), manifest["dtype"])
+                complete.add(s)
+            except UserError as e:
+                damaged.append(str(e))
+    return complete, damaged
 
 
 def trajectory_noise(seed, indices, shape):
@@ -56,7 +74,8 @@ def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, 
     batch by batch into memory-mapped arrays of a temporary folder, renamed into place when complete.
     Returns the shard's size in bytes."""
     final = os.path.join(store_dir, shard_name(shard))
-    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(final, ignore_errors=True)  # a damaged shard (complete_shards did not count it)
+    tmp = temporary_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     indices = np.arange(start, stop, dtype=np.int64)
@@ -78,20 +97,60 @@ def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, 
     del arrays
     np.save(os.path.join(tmp, "y.npy"), labels.numpy())
     np.save(os.path.join(tmp, "index.npy"), indices)
+    open_shard(tmp, start, stop, (len(indices), *xt.shape[1:]), dtype)  # verify before it counts as complete
     os.replace(tmp, final)
     return sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
 
 
 def read_manifest(path):
-    with open(os.path.join(path, MANIFEST)) as f:
-        return json.load(f)
+    """The manifest of the store at `path`, with every field a reader needs, or one clear error."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise MissingFileError(f"{path} is not a trajectory store: it has no {MANIFEST} (make one with train_teacher_traj.py)")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{manifest_path} is not valid JSON ({e}): the store is damaged; write it again with train_teacher_traj.py") from e
+    missing = [k for k in REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise UserError(f"{manifest_path} lacks {', '.join(missing)}: the store is damaged or not a trajectory store")
+    expected = [shard_name(i) for i in range(len(manifest["shards"]))]
+    if manifest["shards"] != expected:
+        raise UserError(f"{manifest_path} lists shards {manifest['shards'][:3]}..., not {expected[:3]}...: the store is damaged")
+    return manifest
+
+
+def open_shard(folder, start, stop, state_shape, dtype):
+    """The memory-mapped arrays of one shard, verified: every array readable, xt and x0 of shape
+    (stop - start, J, C, H, W) = state_shape and the store's dtype, y and index of length stop - start, and
+    index = start, ..., stop - 1. Any other content is a damaged shard, named in the error."""
+    arrays = {}
+    for a in ARRAYS:
+        path = os.path.join(folder, f"{a}.npy")
+        try:
+            arrays[a] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} cannot be read ({e}): the shard is damaged; remove {folder} and run the same "
+                            f"train_teacher_traj.py command again to rewrite it") from e
+    n = stop - start
+    problems = [f"{a}.npy has shape {arrays[a].shape}, not {tuple(state_shape)}" for a in ("xt", "x0")
+                if arrays[a].shape != tuple(state_shape)]
+    problems += [f"{a}.npy has dtype {arrays[a].dtype}, not {np.dtype(dtype)}" for a in ("xt", "x0") if arrays[a].dtype != np.dtype(dtype)]
+    problems += [f"{a}.npy has shape {arrays[a].shape}, not ({n},)" for a in ("y", "index") if arrays[a].shape != (n,)]
+    if not problems and not np.array_equal(arrays["index"], np.arange(start, stop)):
+        problems.append(f"index.npy does not hold the indices {start}..{stop - 1}")
+    if problems:
+        raise UserError(f"{folder} is damaged ({'; '.join(problems)}): remove it and run the same train_teacher_traj.py "
+                        f"command again to rewrite it")
+    return arrays
 
 
 def default_boundaries(saved_steps, saved_timesteps, num_steps):
     """K + 1 solver steps among the saved ones, from the noise to the sample, as evenly spaced in t as the
     saved grid allows: boundary k is the saved state whose timestep is nearest to T * (1 - k / K)."""
     if num_steps < 1:
-        raise ValueError("the student needs at least one step")
+        raise UserError("the student needs at least one step")
     first, last = saved_steps[0], saved_steps[-1]
     t_max = saved_timesteps[0]
     inner = list(zip(saved_steps[1:-1], saved_timesteps[1:-1]))
@@ -100,18 +159,15 @@ def default_boundaries(saved_steps, saved_timesteps, num_steps):
         target = t_max * (1 - k / num_steps)
         candidates = [(abs(t - target), s) for s, t in inner if s > boundaries[-1]]
         if not candidates:
-            raise ValueError(f"the store saved too few steps ({len(saved_steps)}) for a {num_steps}-step student")
+            raise UserError(f"the store saved too few steps ({len(saved_steps)}) for a {num_steps}-step student")
         boundaries.append(min(candidates)[1])
     return boundaries + [last]
 
 
 class TrajectoryStore:
-    """Memory-mapped, random-access view of a complete store."""
+    """Memory-mapped, random-access view of a complete store, verified when opened (see open_shard)."""
 
     def __init__(self, path):
-        manifest_path = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(f"{path} is not a trajectory store: it has no {MANIFEST} (make one with train_teacher_traj.py)")
         self.path = path
         self.manifest = read_manifest(path)
         self.saved_steps = list(self.manifest["save_steps"])
@@ -119,16 +175,16 @@ class TrajectoryStore:
         self.shards, self.starts = [], []
         missing = [name for name in self.manifest["shards"] if not os.path.isdir(os.path.join(path, name))]
         if missing:
-            raise ValueError(f"{path} is incomplete ({len(missing)} of {len(self.manifest['shards'])} shards missing, "
-                             f"e.g. {missing[0]}): run the same train_teacher_traj.py command again to finish it")
-        start = 0
-        for name in self.manifest["shards"]:
-            arrays = {a: np.load(os.path.join(path, name, f"{a}.npy"), mmap_mode="r", allow_pickle=False) for a in ARRAYS}
-            self.shards.append(arrays)
+            raise UserError(f"{path} is incomplete ({len(missing)} of {len(self.manifest['shards'])} shards missing, "
+                            f"e.g. {missing[0]}): run the same train_teacher_traj.py command again to finish it")
+        ranges = shard_ranges(self.manifest["count"], self.manifest["shard_size"])
+        if len(ranges) != len(self.manifest["shards"]):
+            raise UserError(f"{path}: the manifest lists {len(self.manifest['shards'])} shards for {self.manifest['count']} "
+                            f"trajectories in shards of {self.manifest['shard_size']}: the store is damaged")
+        for name, (start, stop) in zip(self.manifest["shards"], ranges):
+            state_shape = (stop - start, len(self.saved_steps), *self.manifest["shape"])
+            self.shards.append(open_shard(os.path.join(path, name), start, stop, state_shape, self.manifest["dtype"]))
             self.starts.append(start)
-            start += len(arrays["y"])
-        if start != self.manifest["count"]:
-            raise ValueError(f"{path}: the shards hold {start} trajectories, the manifest says {self.manifest['count']}")
 
     def __len__(self):
         return self.manifest["count"]
@@ -154,14 +210,14 @@ class TrajectoryStore:
         else:
             mine = [i for n, i in enumerate(sorted(allowed)) if n % world_size == rank]
         if not mine:
-            raise ValueError(f"rank {rank} has no training trajectories: use fewer processes or a larger store")
+            raise UserError(f"rank {rank} has no training trajectories: use fewer processes or a larger store")
         return mine
 
     def positions(self, steps):
         """Positions in the saved-step axis of the given solver steps, with a clear error for any not saved."""
         missing = [s for s in steps if s not in self.saved_steps]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"the store {self.path} did not save solver steps {missing}; it saved {self.saved_steps}. "
                 f"Pick --boundaries among those, or write a store with --save-steps that include them"
             )
@@ -174,12 +230,12 @@ class TrajectoryStore:
         """Stops with a clear message when the store was written for another model shape or class count."""
         m = self.manifest
         if shape is not None and tuple(shape) != self.shape:
-            raise ValueError(f"the store {self.path} holds {'x'.join(map(str, self.shape))} trajectories "
+            raise UserError(f"the store {self.path} holds {'x'.join(map(str, self.shape))} trajectories "
                              f"but the model expects {'x'.join(map(str, shape))}: use a store made by a teacher of this shape")
         if num_classes is not None and num_classes != m["num_classes"]:
-            raise ValueError(f"the store {self.path} has {m['num_classes']} classes but the model has {num_classes}")
+            raise UserError(f"the store {self.path} has {m['num_classes']} classes but the model has {num_classes}")
         if model is not None and model != m["model"]:
-            raise ValueError(f"the store {self.path} was written by a {m['model']} teacher, not {model}")
+            raise UserError(f"the store {self.path} was written by a {m['model']} teacher, not {model}")
 
     def read(self, indices, steps, arrays=("xt", "x0")):
         """For sample indices (any order) and solver steps: {array: (len(indices), len(steps), C, H, W), 'y': (n,)},
@@ -215,11 +271,11 @@ class TrajectoryDataset(torch.utils.data.Dataset):
 
     def __init__(self, store, boundaries, target="state", indices=None):
         if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}: use one of {TARGETS}")
+            raise UserError(f"unknown target {target!r}: use one of {TARGETS}")
         if list(boundaries) != sorted(set(boundaries)) or len(boundaries) < 2:
-            raise ValueError(f"boundaries must be at least two increasing solver steps, got {boundaries}")
+            raise UserError(f"boundaries must be at least two increasing solver steps, got {boundaries}")
         if boundaries[0] != store.saved_steps[0] or boundaries[-1] != store.saved_steps[-1]:
-            raise ValueError(f"boundaries must start at the noise (step {store.saved_steps[0]}) and end at the sample "
+            raise UserError(f"boundaries must start at the noise (step {store.saved_steps[0]}) and end at the sample "
                              f"(step {store.saved_steps[-1]}), got {boundaries}")
         store.positions(boundaries)  # every boundary must have been saved
         self.store, self.boundaries, self.target = store, list(boundaries), target

@@ -2,6 +2,8 @@
 
 import torch
 
+from cli import MissingFileError
+
 VAE_SCALE = 0.18215  # latents are scaled to roughly unit variance, as in LDM and DiT
 VAE_DOWNSAMPLE = 8  # the SD VAE maps 256x256x3 images to 32x32x4 latents
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -15,7 +17,7 @@ def load_vae(name_or_path, device="cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"cannot load the VAE {source!r}: it is neither a local folder nor in the Hugging Face cache, "
             f"and the hub could not be reached; pass --vae PATH to a folder saved with save_pretrained ({e})"
         ) from e

@@ -35,7 +35,7 @@ def build_store(root, count, steps, shape, shard_size, dtype, rng):
         n = stop - start
         xt = rng.standard_normal((n, steps, *shape)).astype(dtype)
         x0 = rng.standard_normal((n, steps, *shape)).astype(dtype)
-        y = rng.integers(0, 1000, n)
+        y = rng.integers(0, 1000, n).astype(np.int64)
         folder = os.path.join(root, "store", shard_name(s))
         os.makedirs(folder)
         for name, array in (("xt", xt), ("x0", x0), ("y", y), ("index", np.arange(start, stop))):
@@ -44,8 +44,9 @@ def build_store(root, count, steps, shape, shard_size, dtype, rng):
             for k in range(steps):
                 np.savez(os.path.join(per_sample, f"{start + j:07d}_{k:02d}.npz"), xt=xt[j, k], x0=x0[j, k], y=y[j])
     write_json(os.path.join(root, "store", MANIFEST), dict(
-        count=count, dtype=np.dtype(dtype).name, shape=list(shape), save_steps=list(range(steps)), save_timesteps=timesteps,
-        shards=[shard_name(s) for s in range(len(ranges))], num_classes=1000, model="random"))
+        count=count, shard_size=shard_size, dtype=np.dtype(dtype).name, shape=list(shape), save_steps=list(range(steps)),
+        save_timesteps=timesteps, shards=[shard_name(s) for s in range(len(ranges))], num_classes=1000, model="random",
+        teacher_sha256=None))
     return per_sample
 
 

@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from cli import UserError, diffusion_steps, non_negative_float
+
 from . import create_diffusion
 from .ode import sample_ddim, sample_heun, trajectory
 
@@ -31,7 +33,7 @@ def sample_ddpm(diffusion, model, noise, model_kwargs=None, clip_denoised=False,
     """Ancestral (DDPM) sampling, ADM's p_sample_loop, behind the solvers' signature. It is stochastic:
     its noise comes from the global generator, and it exposes no trajectory."""
     if callback is not None:
-        raise ValueError("ancestral sampling is not an ODE solver and exposes no trajectory: use ddim or heun")
+        raise UserError("ancestral sampling is not an ODE solver and exposes no trajectory: use ddim or heun")
     return diffusion.p_sample_loop(model, noise.shape, noise=noise, clip_denoised=clip_denoised,
                                    model_kwargs=model_kwargs, device=noise.device)
 
@@ -82,7 +84,7 @@ def add_sampler_arguments(parser, flag="--sampler", choices=SAMPLERS, note=""):
     will do), S, the guidance scale and official DiT's legacy guidance. `note` prefixes their help."""
     parser.add_argument(flag, type=str, choices=list(choices), default="ddim",
                         help=f"{note}deterministic DDIM (eta 0), Heun on the same ODE" + (", or ancestral DDPM" if "ddpm" in choices else ""))
-    parser.add_argument("--num-sampling-steps", type=int, default=25, help=f"{note}S, the steps of DiT's respaced grid")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help=f"{note}classifier-free guidance scale (1: none)")
+    parser.add_argument("--num-sampling-steps", type=diffusion_steps, default=25, help=f"{note}S, the steps of DiT's respaced grid")
+    parser.add_argument("--cfg-scale", type=non_negative_float, default=1.5, help=f"{note}classifier-free guidance scale (1: none)")
     parser.add_argument("--legacy-cfg", action=argparse.BooleanOptionalAction, default=False,
                         help=f"{note}guide only the first 3 noise channels, as official DiT does")

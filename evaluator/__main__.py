@@ -13,15 +13,34 @@ import os
 
 import numpy as np
 
+import cli
+from cli import MissingFileError, UserError, check_output_path
 from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from fileio import write_json
 
 
 def load_batch(path):
+    """An ADM-format batch, checked: arr_0 uint8 images (N, H, W, 3); arr_1, if present, N integer labels; or, for
+    a reference batch, precomputed statistics."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+        raise MissingFileError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            batch = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable .npz batch ({e})") from e
+    if "arr_0" in batch:
+        images = batch["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+        if "arr_1" in batch:
+            labels = batch["arr_1"]
+            if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+                raise UserError(f"{path}: arr_1 must hold one integer label per image, shape ({len(images)},), "
+                                f"got {labels.dtype} {labels.shape}")
+    elif "mu" not in batch:
+        raise UserError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
+    return batch
 
 
 def evaluate_inception(ref, sample, weights=None, device="cpu"):
@@ -47,7 +66,7 @@ def evaluate_digits(ref, sample, net_path):
 
     net = load_digits_net(net_path)
     if "arr_0" not in ref:
-        raise ValueError("the digits reference batch must hold its images (arr_0)")
+        raise UserError("the digits reference batch must hold its images (arr_0)")
     real_f, _ = digits_features(net, ref["arr_0"])
     fake_f, fake_logits = digits_features(net, sample["arr_0"])
     results = {"fid": frechet_distance(*feature_statistics(fake_f), *feature_statistics(real_f)),
@@ -62,7 +81,7 @@ NAMES = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"
          ("recall", "Recall"), ("class_accuracy", "Class accuracy")]
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch (.npz)")
     parser.add_argument("sample_batch", help="sample batch (.npz)")
@@ -72,12 +91,18 @@ def main():
                         help="with --features digits: the feature network, made by python -m evaluator.digits_net --out PATH")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.features == "digits" and args.digits_net is None:
         parser.error("--features digits needs --digits-net PATH (train one with python -m evaluator.digits_net --out PATH)")
+    return args
+
+
+def main(args):
+    if args.json:
+        check_output_path(args.json, "--json")
     ref, sample = load_batch(args.ref_batch), load_batch(args.sample_batch)
     if "arr_0" not in sample:
-        raise ValueError(f"{args.sample_batch} holds no images (arr_0)")
+        raise UserError(f"{args.sample_batch} holds no images (arr_0)")
     if args.features == "digits":
         results = evaluate_digits(ref, sample, args.digits_net)
     else:
@@ -89,10 +114,9 @@ def main():
         if key in results:
             print(f"{name}: {results[key]}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
                                    num_samples=int(len(sample["arr_0"]))))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, parse_args)

@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 from checkpoints import load_checkpoint, save_checkpoint
+from cli import MissingFileError, UserError, check_output_path, non_negative_int, positive_int
 from image_data import DIGITS_CLASSES, load_digits, to_uint8
 
 
@@ -44,11 +46,11 @@ def uint8_to_input(images):
     """uint8 (N, 8, 8, 3) or (N, 8, 8) -> float (N, 1, 8, 8) in [-1, 1]."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ValueError(f"the digits network expects uint8 images, got {images.dtype}")
+        raise UserError(f"the digits network expects uint8 images, got {images.dtype}")
     if images.ndim == 4:
         images = images[..., 0]
     if images.shape[1:] != (8, 8):
-        raise ValueError(f"the digits network expects 8x8 images, got {images.shape[1:]}")
+        raise UserError(f"the digits network expects 8x8 images, got {images.shape[1:]}")
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
 
 
@@ -87,7 +89,7 @@ def test_accuracy(net):
 
 def load_digits_net(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no digits feature network at {path}: train one with "
+        raise MissingFileError(f"no digits feature network at {path}: train one with "
                                 f"python -m evaluator.digits_net --out {path}")
     net = DigitsNet()
     net.load_state_dict(load_checkpoint(path)["model"])
@@ -102,12 +104,16 @@ def digits_features(net, images, batch_size=2000):
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=str, required=True, help="where to save the network (.pt)")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=positive_int, default=40, help="passes over the 1,437 training digits")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights and the data order")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    check_output_path(args.out, "--out")
     net = train_digits_net(args.epochs, seed=args.seed)
     accuracy = test_accuracy(net)
     save_checkpoint(args.out, {"model": net.state_dict(), "test_accuracy": accuracy, "epochs": args.epochs, "seed": args.seed})
@@ -126,4 +132,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, parse_args)

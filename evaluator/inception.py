@@ -13,7 +13,11 @@ import os
 import numpy as np
 import torch
 
+from cli import MissingFileError, UserError
+from fileio import file_sha256
+
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the file name ends with the start of its sha256
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
 SPATIAL_CHANNELS = 7
 
@@ -25,10 +29,19 @@ def find_weights(path=None):
     for candidate in candidates:
         if candidate and os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"the Inception weights were not found ({', '.join(c for c in candidates if c)}); download {WEIGHTS_URL} "
         f"into pretrained_models/ (or pass --inception-weights PATH)"
     )
+
+
+def verify_weights(path):
+    """Refuses any file but torch-fidelity's port of the TF FID Inception: another network gives figures that
+    cannot be compared with ADM's."""
+    digest = file_sha256(path)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        raise UserError(f"{path} is not {WEIGHTS_NAME} (its sha256 starts with {digest[:8]}, not {WEIGHTS_SHA256_PREFIX}): "
+                        f"download {WEIGHTS_URL}")
 
 
 def check_images(images):
@@ -36,24 +49,26 @@ def check_images(images):
     images = np.asarray(images)
     if images.dtype != np.uint8:
         hint = " (floats in [-1, 1] or [0, 1]? convert to uint8 0..255 first)" if images.dtype.kind == "f" else ""
-        raise ValueError(f"the evaluator expects uint8 images with values 0..255, got {images.dtype}{hint}")
+        raise UserError(f"the evaluator expects uint8 images with values 0..255, got {images.dtype}{hint}")
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"the evaluator expects images of shape (N, H, W, 3), got {images.shape}")
+        raise UserError(f"the evaluator expects images of shape (N, H, W, 3), got {images.shape}")
     return images
 
 
 class InceptionFeatures:
     """pool (2048), spatial (2023) and logits (1008) of uint8 NHWC images, batch by batch."""
 
-    def __init__(self, weights_path=None, device="cpu"):
+    def __init__(self, weights_path=None, device="cpu", verify=True):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         weights_path = find_weights(weights_path)
+        if verify:
+            verify_weights(weights_path)
         # torch-fidelity unpickles the file without weights_only; refuse anything that is not plain weights first.
         try:
             torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{weights_path} is not a plain state dict (weights_only=True refused it): {e}") from e
+            raise UserError(f"{weights_path} is not a plain state dict (weights_only=True refused it): {e}") from e
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=weights_path).to(device).eval()
         self.device = device

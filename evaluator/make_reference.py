@@ -12,18 +12,24 @@ import argparse
 import numpy as np
 import torch
 
+import cli
+from cli import check_output_path, positive_int
 from fileio import save_npz
 from image_data import image_folder, load_digits, to_uint8
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="'digits' or an ImageFolder path")
     parser.add_argument("--split", default="test", choices=["train", "test", "all"], help="digits split")
-    parser.add_argument("--image-size", type=int, default=256, help="image folders: centre-crop size")
-    parser.add_argument("--num", type=int, default=None, help="at most this many images (a seeded random subset)")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    parser.add_argument("--image-size", type=positive_int, default=256, help="image folders: centre-crop size")
+    parser.add_argument("--num", type=positive_int, default=None, help="at most this many images (a seeded random subset)")
+    parser.add_argument("--out", required=True, help="the .npz to write")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    check_output_path(args.out, "--out")
     if args.data == "digits":
         x, y = load_digits(args.split)
         images, labels = to_uint8(x), y.numpy()
@@ -42,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, parse_args)

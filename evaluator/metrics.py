@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from cli import UserError
+
 
 def feature_statistics(features):
     """(mu, sigma) of (N, D) features, with np.cov as ADM does."""
@@ -28,7 +30,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+        raise UserError(f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -87,7 +89,7 @@ def precision_recall(real_features, fake_features, k=3, block=10_000):
     (k-NN balls around real features), recall the fraction of real samples within the fake manifold."""
     real, fake = np.asarray(real_features), np.asarray(fake_features)
     if len(real) <= k or len(fake) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+        raise UserError(f"precision/recall with k={k} needs more than {k} samples in each set")
     precision = _coverage(fake, real, _knn_radii(real, k, block), block)
     recall = _coverage(real, fake, _knn_radii(fake, k, block), block)
     return precision, recall

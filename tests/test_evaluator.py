@@ -114,7 +114,7 @@ def random_inception_weights(tmp_path_factory):
 def test_inception_wrapper_returns_adm_feature_shapes(random_inception_weights):
     from evaluator.inception import InceptionFeatures
 
-    net = InceptionFeatures(random_inception_weights)
+    net = InceptionFeatures(random_inception_weights, verify=False)
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = net(images, batch_size=2)
     assert out["pool"].shape == (3, 2048) and out["spatial"].shape == (3, 2023) and out["logits"].shape == (3, 1008)
@@ -123,11 +123,18 @@ def test_inception_wrapper_returns_adm_feature_shapes(random_inception_weights):
 def test_inception_wrapper_refuses_wrong_dtype_range_and_shape(random_inception_weights):
     from evaluator.inception import InceptionFeatures
 
-    net = InceptionFeatures(random_inception_weights)
+    net = InceptionFeatures(random_inception_weights, verify=False)
     with pytest.raises(ValueError, match=r"uint8 images with values 0\.\.255, got float32 \(floats in \[-1, 1\]"):
         net(np.zeros((2, 32, 32, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
         net(np.zeros((2, 3, 32, 32), dtype=np.uint8))
+
+
+def test_inception_weights_of_another_file_are_refused_by_their_hash(random_inception_weights):
+    from evaluator.inception import InceptionFeatures
+
+    with pytest.raises(ValueError, match=r"is not weights-inception-2015-12-05-6726825d\.pth \(its sha256 starts with"):
+        InceptionFeatures(random_inception_weights)
 
 
 def test_missing_inception_weights_say_how_to_get_them(tmp_path):

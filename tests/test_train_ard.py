@@ -132,11 +132,12 @@ def test_two_process_gan_stage_runs(ddp_gan_run):
     assert len(m) == 1 and m[0]["gan_weight"] > 0 and np.isfinite(m[0]["d_loss"])
 
 
-def test_store_of_another_teacher_shape_is_refused(store, tmp_path):
+def test_store_written_by_another_teacher_of_the_same_architecture_is_refused(store, tmp_path):
     other = tmp_path / "other.pt"
-    make_teacher_checkpoint(other, input_size=16)
+    make_teacher_checkpoint(other, seed=1)  # same config, other weights
     out = run_script_expect_failure(ard_args(str(other), store, tmp_path / "run", 1))
-    assert "holds 1x8x8 trajectories but the model expects 1x16x16" in out
+    assert "was written by another teacher" in out and "pass the teacher that wrote the store" in out
+    assert "Traceback" not in out and not (tmp_path / "run").exists()
 
 
 def test_missing_boundaries_are_refused(teacher, sparse_store, tmp_path):

@@ -128,9 +128,3 @@ def test_step_batch_sampler_splits_global_batches_over_ranks_and_resumes_mid_epo
     assert list(StepBatchSampler(50, 8, 3, 0, 1, 7, 12)) == whole[7:]
     epoch = [i for batch in whole[:6] for i in batch]  # 6 steps per epoch of 50 items
     assert len(set(epoch)) == 48
-
-
-def test_bad_data_path_fails_before_training(tmp_path):
-    out = run_script_expect_failure(["train.py", "--data", str(tmp_path / "missing"), "--max-steps", "1",
-                                     "--run-dir", str(tmp_path / "run")])
-    assert "does not exist" in out

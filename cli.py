@@ -1,0 +1,68 @@
+"""The command line: user errors, argument types that refuse values that cannot work, output-path checks.
+
+A mistake a user can make and fix (a missing or wrong file, a value that cannot work, a file made by another
+run or another teacher) raises UserError; `run` prints its one sentence and exits with status 2, before any
+work where it can be checked up front. Any other exception is a programming error and keeps its traceback.
+"""
+
+import argparse
+import os
+import sys
+
+import dist_util
+
+
+class UserError(ValueError):
+    """Something the user can fix; its message is one sentence that says what to change."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def run(main, parse_args):
+    """Every script's entry point: main(parse_args()), with a UserError shown as one line and exit status 2."""
+    try:
+        main(parse_args())
+    except UserError as e:
+        prefix = f"error (rank {dist_util.rank()}): " if dist_util.world_size() > 1 else "error: "
+        print(prefix + str(e), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _typed(kind, accept, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _typed(float, lambda v: v > 0, "a positive number")
+non_negative_float = _typed(float, lambda v: v >= 0, "a non-negative number")
+probability = _typed(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+decay = _typed(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+diffusion_steps = _typed(int, lambda v: 1 <= v <= 1000, "between 1 and 1000 (DiT's diffusion has 1000 steps)")
+
+
+def check_output_path(path, what, folder=False):
+    """Refuses, before any work, an output path that cannot be written: a folder where a file is wanted (or the
+    reverse), or a location under a file or in a folder this user cannot write to."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}: give a {'folder' if folder else 'file'} path")
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{what} {path} cannot be made: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no write permission in {parent}")
