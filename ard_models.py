@@ -94,9 +94,15 @@ class ARD(DiTBackbone):
         return self.predict(tokens, c, steps)
 
     @torch.no_grad()
-    def sample(self, noise, y):
+    def sample(self, noise, y, feedback=None):
         """K steps from noise (B, C, H, W), each prediction fed back as the next input. Returns the whole
-        predicted trajectory (B, K, C, H, W); [:, -1] is the sample."""
+        predicted trajectory (B, K, C, H, W); [:, -1] is the sample. feedback(k, x), if given, maps step k's
+        prediction to the next step's input (a probe of exposure bias perturbs it); the trajectory keeps x."""
+        return self.rollout(noise, y, feedback)
+
+    def rollout(self, noise, y, feedback=None):
+        """`sample` with gradients: the same K steps, where each step's input is the previous prediction itself,
+        so a loss on the sample reaches every step's head and every earlier step (the GAN stage's fake)."""
         caches = [KVCache() for _ in range(self.history_layers)]
         x, trajectory = noise, []
         for k in range(self.num_steps):
@@ -107,8 +113,9 @@ class ARD(DiTBackbone):
                     tokens = block(tokens, c, joint=True, kv_cache=caches[i])  # attends to steps <= k
                 else:
                     tokens = block(tokens, c)
-            x = self.predict(tokens, c, [k])[:, 0]
-            trajectory.append(x)
+            pred = self.predict(tokens, c, [k])[:, 0]
+            trajectory.append(pred)
+            x = feedback(k, pred) if feedback is not None else pred
         return torch.stack(trajectory, dim=1)
 
     def load_teacher(self, teacher_state_dict):

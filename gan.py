@@ -1,27 +1,35 @@
 """The GAN fine-tuning stage: the discriminator, the losses, and one GAN step (GANStage).
 
-ARD's second stage adds an adversarial loss to the regression loss, with the frozen teacher as the
-feature network and one light head per teacher block. The public code's GAN functions are missing, so
-what the heads see is our design, in the manner of ADD/LADD's feature discriminators:
+ARD's second stage adds an adversarial loss to the regression loss, with the frozen teacher as the feature
+network and one light head per teacher block (the paper's elements). The public code's GAN functions are
+missing; what the heads see, at which noise levels, and how the two losses are balanced is our design, after
+ADD/LADD's feature discriminators and what failed on the digits (see the README's GAN section):
 
-  * Real x0 (training data, VAE-encoded in latent space) and generated x0 (the student's final-step
-    prediction) are both diffused to the same random timestep t ~ U[0, --gan-max-t) with fresh noise,
-    so the discriminator compares them at a noise level where the teacher's features are meaningful.
-  * The frozen teacher runs on them with the true class label and t; the tokens after each selected
-    block go to that block's head: LayerNorm, Linear(D, D/4), SiLU, then a per-token logit plus a
-    class-projection term (Miyato & Koyama, 2018); a head's logit is the mean over tokens, and the
-    discriminator's output is the mean over heads.
-  * Hinge loss for the discriminator, -D(fake) for the generator. Gradients reach the student through
-    the frozen teacher; only the heads are trained by the discriminator's optimiser.
+  * The fake is the student's own sample: a differentiable rollout of its K steps (ARD.rollout), the way it
+    samples, so the adversarial loss sees the errors it accumulates and its gradient reaches every step's head.
+  * Real x0 (training data; in latent space VAE-encoded, with random horizontal flips) and fake x0 are
+    translated at random by up to an eighth of their side (DiffAugment's translation; pixel space only) and
+    diffused to the same kind of noise level, t ~ U[0, --gan-max-t) with fresh noise. The default keeps
+    t < 300, where alpha-bar >= 0.4: at higher t the teacher's features cannot tell real from fake, and the
+    gradient reaching the sample is scaled by sqrt(alpha-bar).
+  * The frozen teacher runs on them with the true class and t; the tokens after each selected block go to that
+    block's head: LayerNorm, spectrally normalised Linear(D, D/4), SiLU, then a spectrally normalised per-token
+    logit plus a class-projection term (Miyato & Koyama, 2018); a head's logit is the mean over tokens, the
+    discriminator's the mean over heads. Spectral norm bounds how sharp the heads can become.
+  * Hinge loss for the discriminator (AdamW at --disc-lr), -D(fake) for the generator. Gradients reach the
+    student through the frozen teacher; only the heads are trained by the discriminator's optimiser.
 
-The generator loss is L_reg + lambda * L_GAN with lambda = scale * |grad L_reg| / |grad L_GAN| measured
-on the student's last output layer, clamped to [0, 1e4], and lambda = 0 during the first warm-up steps
-(VQGAN's adaptive weight; ARD: scale 10, warm-up 3,000 steps).
+The generator's loss is L_reg + lambda * L_GAN, with lambda = scale * |grad L_reg| / |grad L_GAN| measured on
+the student's last output layer (VQGAN's adaptive weight), clamped to [0, --gan-max-weight], and lambda = 0
+during the first --gan-warmup steps (the discriminator trains during the warm-up). The paper uses scale 10;
+on the digits that lets the adversarial gradient dominate and the student drifts, so the default is 0.5:
+the regression to the teacher's trajectories stays the anchor.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
 
 import dist_util
 from cli import UserError
@@ -32,14 +40,14 @@ from vae import vae_encode
 
 
 class DiscriminatorHead(nn.Module):
-    """Per-token logits from one block's tokens, class-conditioned by projection."""
+    """Per-token logits from one block's tokens, class-conditioned by projection, spectrally normalised."""
 
     def __init__(self, hidden_size, num_classes, width_ratio=0.25):
         super().__init__()
         width = max(8, int(hidden_size * width_ratio))
         self.norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear(hidden_size, width)
-        self.out = nn.Linear(width, 1)
+        self.proj = spectral_norm(nn.Linear(hidden_size, width))
+        self.out = spectral_norm(nn.Linear(width, 1))
         self.class_embed = nn.Embedding(num_classes, width)
         nn.init.normal_(self.class_embed.weight, std=0.02)
         self.scale = width**-0.5
@@ -84,12 +92,30 @@ def generator_loss(logits_fake):
     return -logits_fake.mean()
 
 
-def adaptive_weight(loss_reg, loss_gan, last_layer, scale=10.0, max_weight=1e4):
-    """scale * |grad L_reg| / |grad L_GAN| on last_layer (a parameter), clamped to [0, max_weight]; no graph kept."""
+def gradient_norms(loss_reg, loss_gan, last_layer):
+    """|grad L_reg| and |grad L_GAN| on last_layer (a parameter); the graph is kept for the backward pass."""
     g_reg = torch.autograd.grad(loss_reg, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(loss_gan, last_layer, retain_graph=True)[0]
-    weight = scale * g_reg.norm() / (g_gan.norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+    return g_reg.norm(), g_gan.norm()
+
+
+def adaptive_weight(reg_norm, gan_norm, scale, max_weight):
+    """lambda = scale * |grad L_reg| / |grad L_GAN|, clamped to [0, max_weight] (VQGAN's adaptive weight)."""
+    return (scale * reg_norm / (gan_norm + 1e-8)).clamp(0.0, max_weight).detach()
+
+
+def translate(x, max_shift):
+    """Each image shifted by its own random offset in [-max_shift, max_shift] pixels along each axis, the
+    uncovered border filled with the background value -1 (DiffAugment's translation, for both real and fake)."""
+    if max_shift == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, [max_shift] * 4, value=-1.0)
+    dy, dx = (torch.randint(-max_shift, max_shift + 1, (n,), device=x.device) for _ in range(2))
+    rows = (torch.arange(h, device=x.device)[None, :] + max_shift - dy[:, None])  # (n, h)
+    cols = (torch.arange(w, device=x.device)[None, :] + max_shift - dx[:, None])  # (n, w)
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def real_images(data, image_size, global_batch, seed, rank, world_size, start_step, max_steps, num_workers):
@@ -101,12 +127,14 @@ def real_images(data, image_size, global_batch, seed, rank, world_size, start_st
 
 
 class GANStage:
-    """The adversarial half of a GAN fine-tuning step. `step` trains the discriminator on a real batch and the
-    student's (detached) final-step prediction, and returns the generator's loss, L_reg + lambda * L_GAN,
-    with the figures to log (the discriminator's loss and lambda)."""
+    """The adversarial half of a GAN fine-tuning step. `step` makes the fake (the student's differentiable rollout),
+    trains the discriminator on a real batch and the detached fake, and returns the generator's loss
+    L_reg + lambda * L_GAN with the figures to log."""
 
-    def __init__(self, teacher, num_classes, blocks, device, real_batches, vae=None, disc_lr=1e-3, scale=10.0,
-                 warmup=3000, max_t=1000, precision="fp32", state=None):
+    FIGURES = ("d_loss", "gan_weight", "grad_reg", "grad_gan", "d_real", "d_fake", "fake_min", "fake_max")
+
+    def __init__(self, teacher, num_classes, blocks, device, real_batches, vae=None, disc_lr=2e-4, scale=0.5,
+                 max_weight=10.0, warmup=100, max_t=300, augment=0, flip=False, precision="fp32", state=None, weight=None):
         self.diffusion = create_diffusion("")
         self.raw_disc = FeatureDiscriminator(teacher, self.diffusion, blocks, num_classes).to(device)
         self.disc_opt = torch.optim.AdamW(self.raw_disc.parameters(), lr=disc_lr, weight_decay=0)
@@ -115,36 +143,50 @@ class GANStage:
             self.disc_opt.load_state_dict(state["disc_opt"])
         self.disc = dist_util.wrap_ddp(self.raw_disc, device)
         self.real_batches, self.vae, self.device, self.precision = real_batches, vae, device, precision
-        self.scale, self.warmup, self.max_t = scale, warmup, max_t
+        self.scale, self.max_weight, self.warmup, self.max_t = scale, max_weight, warmup, max_t
+        self.augment, self.flip, self.fixed_weight = augment, flip, weight
 
-    def step(self, step, fake, y, loss_reg, last_layer):
-        """fake: the student's final-step prediction (B, C, H, W) with its graph; last_layer: the parameter on
-        which lambda compares the two gradients. Returns (generator loss, [discriminator loss, lambda])."""
-        x_real, y_real = next(self.real_batches)
-        x_real, y_real = x_real.to(self.device), y_real.to(self.device)
-        if self.vae is not None:
-            x_real = vae_encode(self.vae, x_real)
-        # Discriminator step on detached samples, each diffused to a random t (one forward for both halves):
-        t = torch.randint(0, self.max_t, (len(x_real) + len(fake),), device=self.device)
-        both = torch.cat([x_real, fake.detach()])
+    def real(self):
+        x, y = next(self.real_batches)
+        x, y = x.to(self.device), y.to(self.device)
+        if self.flip:  # image folders: random horizontal flips, drawn from the step's seeded generator
+            x = torch.where((torch.rand(len(x), device=x.device) < 0.5)[:, None, None, None], x.flip(-1), x)
+        return (vae_encode(self.vae, x) if self.vae is not None else x), y
+
+    def logits(self, disc, x0, y):
+        t = torch.randint(0, self.max_t, (len(x0),), device=self.device)
+        return disc(translate(x0, self.augment), y, t, torch.randn_like(x0))
+
+    def step(self, step, student, noise, y, loss_reg, last_layer):
+        """student: the raw student (its rollout from `noise` and labels `y` is the fake); last_layer: the parameter
+        on which lambda compares the two gradients. Returns (generator loss, figures in the order of FIGURES)."""
+        adversarial = step >= self.warmup
         with dist_util.autocast(self.device, self.precision):
-            logits = self.disc(both, torch.cat([y_real, y]), t, torch.randn_like(both))
-            d_loss = hinge_d_loss(logits[: len(x_real)], logits[len(x_real) :])
-        t = t[len(x_real) :]
+            fake = (student.rollout if adversarial else student.sample)(noise, y)[:, -1]
+        # Discriminator step on the detached fake and a real batch:
+        x_real, y_real = self.real()
+        with dist_util.autocast(self.device, self.precision):
+            logits = self.logits(self.disc, torch.cat([x_real, fake.detach()]), torch.cat([y_real, y]))
+            d_loss = hinge_d_loss(logits[: len(x_real)], logits[len(x_real):])
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         self.disc_opt.step()
-        # Generator: regression plus the adaptively weighted adversarial loss after the warm-up.
-        weight, loss = torch.zeros((), device=self.device), loss_reg
-        if step >= self.warmup:
-            requires_grad(self.raw_disc, False)  # the generator's loss flows through the heads, not into them
-            with dist_util.autocast(self.device, self.precision):
-                g_loss = generator_loss(self.raw_disc(fake, y, t, torch.randn_like(fake)))
-            weight = adaptive_weight(loss_reg, g_loss, last_layer, self.scale)
-            weight = torch.tensor(dist_util.all_reduce_mean(weight.item(), self.device), device=self.device)
-            loss = loss_reg + weight * g_loss
-            requires_grad(self.raw_disc, True)
-        return loss, [d_loss.item(), weight.item()]
+        self.disc_opt.zero_grad(set_to_none=True)  # any gradient a head holds from here on would be the generator's
+        figures = [d_loss.item(), 0.0, 0.0, 0.0, logits[: len(x_real)].mean().item(), logits[len(x_real):].mean().item(),
+                   fake.min().item(), fake.max().item()]
+        if not adversarial:
+            return loss_reg, figures
+        # Generator: regression plus the adaptively weighted adversarial loss; the heads are frozen for it.
+        requires_grad(self.raw_disc, False)
+        with dist_util.autocast(self.device, self.precision):
+            g_loss = generator_loss(self.logits(self.raw_disc, fake.float(), y))
+        requires_grad(self.raw_disc, True)
+        reg_norm, gan_norm = gradient_norms(loss_reg, g_loss, last_layer)
+        reg_norm, gan_norm = (torch.tensor(v, device=self.device) for v in dist_util.all_reduce_mean([reg_norm.item(), gan_norm.item()], self.device))
+        weight = (adaptive_weight(reg_norm, gan_norm, self.scale, self.max_weight) if self.fixed_weight is None
+                  else torch.tensor(self.fixed_weight, device=self.device))
+        figures[1:4] = [weight.item(), reg_norm.item(), gan_norm.item()]
+        return loss_reg + weight * g_loss, figures
 
     def state_dict(self):
         return {"disc": self.raw_disc.state_dict(), "disc_opt": self.disc_opt.state_dict(), "disc_blocks": self.raw_disc.blocks}

@@ -1,0 +1,88 @@
+"""The GAN stage's parts: the differentiable rollout, what each update may touch, lambda, the augmentation."""
+
+import pytest
+import torch
+
+from ard_models import ARD
+from gan import GANStage, adaptive_weight, translate
+from models import DiT
+
+
+def randomised(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def tiny(seed=0, K=3, N=2):
+    teacher = randomised(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=4), seed)
+    student = ARD(timesteps=torch.linspace(999, 999 / K, K).round().tolist(), history_layers=N, input_size=8, patch_size=2,
+                  in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=4)
+    return teacher.eval(), randomised(student.load_teacher(teacher.state_dict()), seed + 1)
+
+
+def test_rollout_fake_equals_samples_last_step_and_its_gradient_reaches_every_head():
+    _, student = tiny()
+    noise, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 3])
+    fake = student.rollout(noise, y)[:, -1]
+    torch.testing.assert_close(fake, student.sample(noise, y)[:, -1], rtol=0, atol=0)
+    fake.square().mean().backward()
+    for k, head in enumerate(student.heads):
+        assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0, f"no gradient reaches head {k}"
+
+
+def stage(teacher, warmup=0, scale=0.5, max_weight=10.0):
+    for p in teacher.parameters():
+        p.requires_grad = False
+    real = iter([(torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3]))] * 10)
+    return GANStage(teacher, 4, [0, 2], torch.device("cpu"), real, disc_lr=1e-2, scale=scale, max_weight=max_weight,
+                    warmup=warmup, max_t=300, augment=1)
+
+
+def test_discriminator_update_never_changes_the_teacher_and_generator_update_never_changes_the_discriminator():
+    teacher, student = tiny()
+    gan = stage(teacher)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    disc_before = {k: v.clone() for k, v in gan.raw_disc.state_dict().items()}
+    inputs, y = torch.randn(4, 3, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss_reg = (student(inputs, y) - inputs).square().mean()
+    loss, figures = gan.step(0, student, inputs[:, 0], y, loss_reg, student.heads[-1].linear.weight)
+    assert any(not torch.equal(v, disc_before[k]) for k, v in gan.raw_disc.state_dict().items()), "the discriminator did not train"
+    disc_after_d = {k: v.clone() for k, v in gan.raw_disc.state_dict().items()}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    opt.zero_grad()
+    loss.backward()  # the generator's update
+    opt.step()
+    assert all(p.grad is None for p in gan.raw_disc.parameters()), "the generator's loss left gradients in the heads"
+    assert all(torch.equal(v, disc_after_d[k]) for k, v in gan.raw_disc.state_dict().items())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert figures[1] > 0 and all(torch.isfinite(torch.tensor(figures)))
+
+
+def test_lambda_stays_within_its_bounds():
+    assert adaptive_weight(torch.tensor(1.0), torch.tensor(1e-12), 0.5, 10.0).item() == 10.0
+    assert adaptive_weight(torch.tensor(0.0), torch.tensor(1.0), 0.5, 10.0).item() == 0.0
+    assert adaptive_weight(torch.tensor(2.0), torch.tensor(4.0), 0.5, 10.0).item() == pytest.approx(0.25)
+
+
+def test_lambda_is_zero_during_the_warmup_and_the_loss_is_the_regression_loss():
+    teacher, student = tiny()
+    gan = stage(teacher, warmup=5)
+    inputs, y = torch.randn(4, 3, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss_reg = (student(inputs, y) - inputs).square().mean()
+    loss, figures = gan.step(4, student, inputs[:, 0], y, loss_reg, student.heads[-1].linear.weight)
+    assert loss is loss_reg and figures[1] == 0.0
+
+
+def test_translation_shifts_each_image_and_fills_the_border_with_background():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
+    out = translate(x, 1)
+    assert out.shape == x.shape
+    for i in range(2):
+        shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                  if torch.equal(out[i], torch.nn.functional.pad(x[i], [1] * 4, value=-1.0)[:, 1 - dy : 5 - dy, 1 - dx : 5 - dx])]
+        assert len(shifts) == 1
