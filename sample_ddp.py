@@ -9,7 +9,7 @@ Image i draws its label and noise from a generator seeded by (seed, i), so the f
 number of processes. Images are made in chunks of consecutive indices, written to OUT.chunks/ under a
 temporary name and renamed when complete: running the same command again after an interruption makes only
 the missing chunks; the chunks are gathered into OUT and removed at the end. OUT.json records what made the
-file (the checkpoint's sha256, the sampler, its steps and guidance, the seed).
+file (the checkpoint's sha256, the sampler, its steps and guidance, the seeds).
 """
 
 import argparse
@@ -37,6 +37,8 @@ def run_settings(args, ckpt_sha256, student):
     """What fixes the content of the file; a resumed run must match it."""
     settings = dict(ckpt_sha256=ckpt_sha256, kind="student" if student else "teacher", num_samples=args.num_samples,
                     seed=args.global_seed, chunk_size=args.chunk_size)
+    if args.label_seed is not None and args.label_seed != args.global_seed:
+        settings["label_seed"] = args.label_seed
     if not student:
         settings.update(sampler=args.sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
                         legacy_cfg=args.legacy_cfg)
@@ -53,7 +55,7 @@ def make_chunk(generate, vae, indices, args, config, device):
     images, labels = [], []
     for b in range(0, len(indices), args.per_proc_batch_size):
         y, noise = per_index_noise(args.global_seed, indices[b : b + args.per_proc_batch_size], shape, EVALUATION_STREAM,
-                                   num_classes=config["num_classes"])
+                                   num_classes=config["num_classes"], label_seed=args.label_seed)
         with dist_util.autocast(device, args.precision):
             x = generate(noise.to(device), y.to(device)).float()
         if vae is not None:
@@ -127,6 +129,8 @@ def parse_args(argv=None):
     add_sampler_arguments(parser, note="teachers only: ")
     parser.add_argument("--vae", type=str, default=None, help="override the checkpoint's VAE (latent models)")
     parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of every sample's label and noise")
+    parser.add_argument("--label-seed", type=non_negative_int, default=None,
+                        help="draw the labels from this seed instead (the same labels as another file, with other noises)")
     dist_util.add_precision_argument(parser, default="fp32")
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):

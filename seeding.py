@@ -46,15 +46,18 @@ def rank_seed(seed, rank):
     return seed * 1009 + rank
 
 
-def per_index_noise(seed, indices, shape, stream, num_classes=None):
+def per_index_noise(seed, indices, shape, stream, num_classes=None, label_seed=None):
     """Each index's noise (len(indices), *shape) from its own generator, so that sample i is the same
     whichever process makes it. With num_classes, a random label per index is drawn first (before the
-    noise) and (labels, noise) is returned; else the noise alone."""
+    noise) and (labels, noise) is returned; else the noise alone. label_seed (default: seed) draws the labels
+    from another seed's generators, leaving the noise as it is: the same labels with other noises."""
     noise = torch.empty(len(indices), *shape)
     labels = torch.empty(len(indices), dtype=torch.long)
     for n, i in enumerate(indices):
         gen = sample_generator(seed, i, stream)
         if num_classes is not None:
             labels[n] = torch.randint(num_classes, (1,), generator=gen)
+            if label_seed is not None and label_seed != seed:
+                labels[n] = torch.randint(num_classes, (1,), generator=sample_generator(label_seed, i, stream))
         noise[n] = torch.randn(shape, generator=gen)
     return (labels, noise) if num_classes is not None else noise

@@ -26,13 +26,13 @@ from diffusion import create_diffusion
 from image_data import image_folder, load_digits
 from models import DiT_models
 from seeding import step_seed
-from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, prepare_run,
-                      stop_on_nonfinite, teacher_loss)
+from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
+                      prepare_run, stop_on_nonfinite, teacher_loss)
 from vae import VAE_DOWNSAMPLE, load_vae
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
 RUN_DEFINING_ARGS = ("model", "data", "image_size", "vae", "global_batch_size", "global_seed",
-                     "class_dropout_prob", "learn_sigma", "ema_decay", "lr")
+                     "class_dropout_prob", "learn_sigma", "ema_decay", "lr", "lr_schedule", "warmup_steps")
 
 
 def build_data(args):
@@ -77,7 +77,8 @@ def main(args):
                             "pixel" if vae is None else "latent", args.vae, args.image_size, args.data)
     torch.manual_seed(args.global_seed)
     trainer = Trainer(build_model(config, class_dropout_prob=args.class_dropout_prob), device, args.lr,
-                      ema_decay=args.ema_decay, compile=args.compile, state=ckpt)
+                      ema_decay=args.ema_decay, compile=args.compile, state=ckpt,
+                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps))
     run.logger.info(f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}")
 
     def save(done):

@@ -231,8 +231,9 @@ class Trainer:
     compiled. `step(loss)` does one update, and stops the run on a non-finite loss or gradient before
     the optimiser touches the weights."""
 
-    def __init__(self, model, device, lr, weight_decay=0.0, ema_decay=0.9999, grad_clip=None, compile=False, state=None):
-        self.raw = model
+    def __init__(self, model, device, lr, weight_decay=0.0, ema_decay=0.9999, grad_clip=None, compile=False, state=None,
+                 schedule=None):
+        self.raw, self.lr, self.schedule = model, lr, schedule
         self.ema = deepcopy(model)
         requires_grad(self.ema, False)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -250,9 +251,19 @@ class Trainer:
         self.device, self.ema_decay = device, ema_decay
         self.grad_clip = grad_clip if grad_clip is not None else math.inf  # inf: the norm is measured, nothing is clipped
 
+    def load_optimizer(self, state, lr, weight_decay):
+        """Continues from another run's optimiser state (its moments), with this run's learning rate and decay."""
+        self.opt.load_state_dict(state)
+        for group in self.opt.param_groups:
+            group.update(lr=lr, weight_decay=weight_decay)
+        optimizer_to(self.opt, self.device)
+
     def step(self, loss, step):
         """Backward, gradient clipping, a finiteness check on every rank, the optimiser and EMA updates.
         `step` is the 0-based step being taken; a NonFiniteError names it (1-based, as checkpoints count)."""
+        if self.schedule is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * self.schedule(step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
@@ -265,6 +276,22 @@ class Trainer:
 
     def state_dict(self):
         return {"model": self.raw.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+
+
+def lr_schedule(name, warmup_steps, max_steps):
+    """The factor on the learning rate at each (0-based) step, a pure function of the step so that a resumed run
+    continues exactly: None for 'constant' without warm-up; a linear warm-up over warmup_steps; then constant, or a
+    cosine decay to 0 at max_steps."""
+    if name == "constant" and warmup_steps == 0:
+        return None
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, max_steps - warmup_steps)))
+    return factor
 
 
 class MetricsAverager:
@@ -313,7 +340,10 @@ def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_de
     parser.add_argument("--max-steps", type=positive_int, default=max_steps, help="total optimiser steps (including resumed ones)")
     parser.add_argument("--global-batch-size", type=positive_int, default=batch_size, help=f"{unit} per step over all processes")
     parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of the initial weights, the data order and every step")
-    parser.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
+    parser.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate (the peak, with a schedule)")
+    parser.add_argument("--lr-schedule", type=str, choices=["constant", "cosine"], default="constant",
+                        help="the learning rate over the run: constant (DiT's), or a cosine decay to 0 at --max-steps")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear learning-rate warm-up over these steps")
     parser.add_argument("--ema-decay", type=decay, default=ema_decay, help="EMA decay per step")
     parser.add_argument("--log-every", type=positive_int, default=100, help="log the losses every this many steps")
     parser.add_argument("--ckpt-every", type=positive_int, default=50_000, help="write a checkpoint every this many steps (and at the end)")

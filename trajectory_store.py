@@ -146,18 +146,36 @@ def open_shard(folder, start, stop, state_shape, dtype):
     return arrays
 
 
-def default_boundaries(saved_steps, saved_timesteps, num_steps):
-    """K + 1 solver steps among the saved ones, from the noise to the sample, as evenly spaced in t as the
-    saved grid allows: boundary k is the saved state whose timestep is nearest to T * (1 - k / K)."""
+def log_snr(t):
+    """log(alpha-bar / (1 - alpha-bar)) of a timestep of DiT's 1000-step linear schedule."""
+    from diffusion.gaussian_diffusion import get_named_beta_schedule
+
+    alpha_bar = float(np.cumprod(1.0 - get_named_beta_schedule("linear", 1000))[int(t)])
+    return float(np.log(alpha_bar / (1.0 - alpha_bar)))
+
+
+BOUNDARY_SCHEDULES = {
+    "t": float,  # evenly spaced in the timestep: 999, 749, 500, 250 for K = 4 (most steps at low signal)
+    "logsnr": log_snr,  # evenly spaced in log-SNR: more content per step (K = 4 on DiT's grid: 999, 708, 291, 42)
+}
+
+
+def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t"):
+    """K + 1 solver steps among the saved ones, from the noise to the sample: boundary k is the saved state whose
+    coordinate (the timestep, or its log-SNR) is nearest to the k-th of K + 1 evenly spaced values between the
+    noise's and timestep 0's. A pure function of the store's manifest, K and the schedule."""
     if num_steps < 1:
         raise UserError("the student needs at least one step")
+    if schedule not in BOUNDARY_SCHEDULES:
+        raise UserError(f"unknown boundary schedule {schedule!r}: use one of {', '.join(BOUNDARY_SCHEDULES)}")
+    coord = BOUNDARY_SCHEDULES[schedule]
     first, last = saved_steps[0], saved_steps[-1]
-    t_max = saved_timesteps[0]
-    inner = list(zip(saved_steps[1:-1], saved_timesteps[1:-1]))
+    start, end = coord(saved_timesteps[0]), coord(0)
+    inner = [(s, coord(t)) for s, t in zip(saved_steps[1:-1], saved_timesteps[1:-1])]
     boundaries = [first]
     for k in range(1, num_steps):
-        target = t_max * (1 - k / num_steps)
-        candidates = [(abs(t - target), s) for s, t in inner if s > boundaries[-1]]
+        target = start + (end - start) * k / num_steps
+        candidates = [(abs(u - target), s) for s, u in inner if s > boundaries[-1]]
         if not candidates:
             raise UserError(f"the store saved too few steps ({len(saved_steps)}) for a {num_steps}-step student")
         boundaries.append(min(candidates)[1])

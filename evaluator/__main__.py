@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 import cli
-from cli import MissingFileError, UserError, check_output_path
-from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from cli import MissingFileError, UserError, check_output_path, non_negative_int
+from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall, two_set_figures
 from fileio import write_json
 
 
@@ -61,7 +61,9 @@ def evaluate_inception(ref, sample, weights=None, device="cpu"):
     return results
 
 
-def evaluate_digits(ref, sample, net_path):
+def evaluate_digits(ref, sample, net_path, teacher_ref=None, bootstrap=0):
+    """The figures of the digits default, with the digits feature network: against the real reference and, with
+    teacher_ref, against the teacher's own samples of the same noises and labels (teacher fidelity, 'teacher_*')."""
     from evaluator.digits_net import digits_features, load_digits_net
 
     net = load_digits_net(net_path)
@@ -69,16 +71,19 @@ def evaluate_digits(ref, sample, net_path):
         raise UserError("the digits reference batch must hold its images (arr_0)")
     real_f, _ = digits_features(net, ref["arr_0"])
     fake_f, fake_logits = digits_features(net, sample["arr_0"])
-    results = {"fid": frechet_distance(*feature_statistics(fake_f), *feature_statistics(real_f)),
-               "inception_score": inception_score(fake_logits, splits=1)}
-    results["precision"], results["recall"] = precision_recall(real_f, fake_f, k=3)
+    results = two_set_figures(real_f, fake_f, bootstrap)
+    results["inception_score"] = inception_score(fake_logits, splits=1)
     if "arr_1" in sample:
         results["class_accuracy"] = float((fake_logits.argmax(1) == sample["arr_1"]).mean())
+    if teacher_ref is not None:
+        teacher_f, _ = digits_features(net, teacher_ref["arr_0"])
+        results.update({f"teacher_{k}": v for k, v in two_set_figures(teacher_f, fake_f, bootstrap).items()})
     return results
 
 
 NAMES = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
-         ("recall", "Recall"), ("class_accuracy", "Class accuracy")]
+         ("recall", "Recall"), ("class_accuracy", "Class accuracy"), ("teacher_fid", "FID against the teacher's samples"),
+         ("teacher_precision", "Precision against the teacher's samples"), ("teacher_recall", "Recall against the teacher's samples")]
 
 
 def parse_args(argv=None):
@@ -91,6 +96,10 @@ def parse_args(argv=None):
                         help="with --features digits: the feature network, made by python -m evaluator.digits_net --out PATH")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--teacher-ref", default=None,
+                        help="digits: also the figures against this batch, the teacher's samples of the same noises and labels")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=0,
+                        help="digits: 95%% intervals of FID, precision and recall over this many resamples of the samples")
     args = parser.parse_args(argv)
     if args.features == "digits" and args.digits_net is None:
         parser.error("--features digits needs --digits-net PATH (train one with python -m evaluator.digits_net --out PATH)")
@@ -104,7 +113,11 @@ def main(args):
     if "arr_0" not in sample:
         raise UserError(f"{args.sample_batch} holds no images (arr_0)")
     if args.features == "digits":
-        results = evaluate_digits(ref, sample, args.digits_net)
+        teacher_ref = load_batch(args.teacher_ref) if args.teacher_ref else None
+        if teacher_ref is not None and not np.array_equal(teacher_ref.get("arr_1"), sample.get("arr_1")):
+            raise UserError(f"--teacher-ref {args.teacher_ref} holds other labels than {args.sample_batch}: "
+                            f"sample both with the same --global-seed and --num-samples")
+        results = evaluate_digits(ref, sample, args.digits_net, teacher_ref, args.bootstrap)
     else:
         import torch
 
@@ -112,7 +125,8 @@ def main(args):
         results = evaluate_inception(ref, sample, args.inception_weights, device)
     for key, name in NAMES:
         if key in results:
-            print(f"{name}: {results[key]}")
+            interval = f" (95% interval {results[key + '_ci'][0]:.4g} to {results[key + '_ci'][1]:.4g})" if key + "_ci" in results else ""
+            print(f"{name}: {results[key]}{interval}")
     if args.json:
         write_json(args.json, dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
                                    num_samples=int(len(sample["arr_0"]))))

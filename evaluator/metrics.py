@@ -93,3 +93,24 @@ def precision_recall(real_features, fake_features, k=3, block=10_000):
     precision = _coverage(fake, real, _knn_radii(real, k, block), block)
     recall = _coverage(real, fake, _knn_radii(fake, k, block), block)
     return precision, recall
+
+
+def two_set_figures(real, fake, bootstrap=0, seed=0, k=3):
+    """FID, precision and recall of `fake` features against `real` ones. With bootstrap > 0, also each figure's
+    95% interval, the figure +- 1.96 bootstrap standard errors over that many resamples (with replacement) of the
+    fake set, the reference fixed: the spread that comes from drawing this many samples of the model. (Not the
+    percentiles of the resamples: a resample repeats samples, which moves FID, precision and recall themselves,
+    so the percentile interval need not even contain the figure.)"""
+    out = {"fid": frechet_distance(*feature_statistics(fake), *feature_statistics(real))}
+    out["precision"], out["recall"] = precision_recall(real, fake, k=k)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        real_stats = feature_statistics(real)
+        draws = []
+        for _ in range(bootstrap):
+            resample = fake[rng.integers(0, len(fake), len(fake))]
+            draws.append((frechet_distance(*feature_statistics(resample), *real_stats), *precision_recall(real, resample, k=k)))
+        errors = np.array(draws).std(axis=0, ddof=1)
+        for name, error in zip(("fid", "precision", "recall"), errors):
+            out[f"{name}_ci"] = [float(out[name] - 1.96 * error), float(out[name] + 1.96 * error)]
+    return out

@@ -1,0 +1,95 @@
+"""The history probes, the boundary schedules and the teacher-fidelity figures."""
+
+import numpy as np
+import pytest
+import torch
+
+from ard_models import ARD
+from diffusion import create_diffusion
+from diffusion.ode import solver_grid
+from evaluator.metrics import two_set_figures
+from history_probes import attention_mass, dose_response, history_swap, same_class_donors
+from seeding import EVALUATION_STREAM, per_index_noise
+from trajectory_store import BOUNDARY_SCHEDULES, default_boundaries
+
+
+def student(N, K=4, seed=0):
+    torch.manual_seed(seed)
+    model = ARD(timesteps=torch.linspace(999, 999 / K, K).round().tolist(), history_layers=N, input_size=8, patch_size=2,
+                in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def batch(n=12, K=4):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, K, 1, 8, 8, generator=gen), torch.arange(n) % 3
+
+
+@pytest.mark.parametrize("N", [0, 2])
+def test_history_swap_changes_nothing_without_history_and_at_the_first_step(N):
+    x, y = batch()
+    donors = same_class_donors(y, torch.Generator().manual_seed(0))
+    assert torch.equal(y[donors], y) and (donors != torch.arange(len(y))).all()
+    change = history_swap(student(N), x, y, donors)
+    assert change[0] == 0
+    if N == 0:
+        assert (change == 0).all()
+    else:
+        assert (change[1:] > 0).all()
+
+
+def test_attention_mass_on_earlier_steps_is_zero_at_the_first_step_and_a_share_elsewhere():
+    x, y = batch()
+    mass = attention_mass(student(2), x, y)
+    assert mass.shape == (2, 4) and (mass[:, 0] == 0).all()
+    assert ((mass[:, 1:] > 0) & (mass[:, 1:] < 1)).all()
+
+
+def test_dose_response_without_perturbation_is_the_plain_samples_error():
+    model = student(2)
+    noise, y = batch()[0][:, 0], batch()[1]
+    target = torch.randn_like(noise)
+    errors = dose_response(model, noise, y, target, [0.0, 0.1])
+    assert errors[0.0] == pytest.approx((model.sample(noise, y)[:, -1] - target).square().mean().item(), rel=1e-6)
+    assert errors[0.1] != errors[0.0]
+
+
+@pytest.mark.parametrize("schedule", sorted(BOUNDARY_SCHEDULES))
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+def test_every_boundary_schedule_starts_at_the_noise_ends_at_the_sample_and_increases(schedule, K):
+    grid = solver_grid(create_diffusion("25"))
+    bounds = default_boundaries(list(range(26)), grid, K, schedule)
+    assert bounds[0] == 0 and bounds[-1] == 25 and len(bounds) == K + 1
+    assert all(a < b for a, b in zip(bounds, bounds[1:]))
+    manifest = {"save_steps": list(range(26)), "save_timesteps": grid}  # what a store records
+    assert default_boundaries(manifest["save_steps"], manifest["save_timesteps"], K, schedule) == bounds
+
+
+def test_log_snr_boundaries_put_more_content_in_each_step_than_the_t_schedule():
+    grid = solver_grid(create_diffusion("25"))
+    t_bounds, snr_bounds = default_boundaries(list(range(26)), grid, 4, "t"), default_boundaries(list(range(26)), grid, 4, "logsnr")
+    assert [grid[s] for s in t_bounds[1:-1]] == [749, 500, 250]
+    assert all(grid[a] <= grid[b] for a, b in zip(snr_bounds[1:-1], t_bounds[1:-1]))  # later (cleaner) states
+
+
+def test_teacher_fidelity_of_the_teachers_own_samples_is_zero():
+    feats = np.random.default_rng(0).standard_normal((400, 16))
+    figures = two_set_figures(feats, feats, bootstrap=10)
+    assert abs(figures["fid"]) < 1e-8 and figures["precision"] == figures["recall"] == 1.0
+    for name in ("fid", "precision", "recall"):  # each interval holds its figure
+        assert figures[f"{name}_ci"][0] <= figures[name] <= figures[f"{name}_ci"][1]
+
+
+def test_the_teachers_floor_compares_two_disjoint_noise_sets_with_the_same_labels():
+    # The pipeline's floor: the teacher sampled with --global-seed 0, and with --global-seed 1 --label-seed 0.
+    y_a, a = per_index_noise(0, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
+    y_b, b = per_index_noise(1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10, label_seed=0)
+    assert torch.equal(y_a, y_b) and len(y_a.unique()) > 5
+    distances = torch.cdist(a.flatten(1), b.flatten(1))
+    assert distances.min() > 1.0  # no noise of one set reappears in the other
+    y_own, own = per_index_noise(1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
+    assert torch.equal(own, b) and not torch.equal(y_own, y_a)  # only the labels moved
