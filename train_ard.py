@@ -28,32 +28,32 @@ from fileio import file_sha256
 from gan import GANStage, real_images
 from image_data import save_grid
 from seeding import rank_seed, step_seed
-from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due,
+from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
                       prepare_run, requires_grad, stop_on_nonfinite)
-from trajectory_store import TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
+from trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 from vae import load_vae, vae_decode
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
-RUN_DEFINING_ARGS = ("traj", "history_layers", "target", "boundaries", "num_steps", "global_batch_size",
-                     "global_seed", "lr", "ema_decay", "grad_clip", "val_count", "gan", "init_ckpt", "gan_blocks",
-                     "gan_scale", "gan_warmup", "gan_max_t", "disc_lr", "data", "image_size")
+RUN_DEFINING_ARGS = ("traj", "history_layers", "target", "boundaries", "boundary_schedule", "num_steps", "global_batch_size",
+                     "global_seed", "lr", "lr_schedule", "warmup_steps", "ema_decay", "grad_clip", "val_count", "gan", "init_ckpt", "gan_blocks",
+                     "gan_scale", "gan_max_weight", "gan_weight", "gan_warmup", "gan_max_t", "gan_augment", "disc_lr", "data", "image_size")
 
 
 @torch.no_grad()
 def validate(model, store_dataset, indices, device, batch_size=500):
-    """Final-step MSE against the teacher's sample on held-out trajectories: teacher-forced (TF) and
-    autoregressive (AR, the way the student samples); also the TF MSE of every step."""
+    """Each step's MSE against its target on held-out trajectories, teacher-forced (TF: the inputs are the teacher's)
+    and sampled (AR: the inputs are the student's own predictions, the way it samples); the last step's is the
+    error of the sample against the teacher's sample."""
     model.eval()
-    tf_steps, ar_final, n = None, 0.0, 0
+    tf_steps, ar_steps, n = 0.0, 0.0, 0
     for b in range(0, len(indices), batch_size):
         inputs, targets, y = store_dataset.__getitems__(list(indices[b : b + batch_size]))
         inputs, targets, y = inputs.to(device), targets.to(device), y.to(device)
-        per_step = (model(inputs, y) - targets).square().mean(dim=(2, 3, 4)).sum(0)  # (K,)
-        tf_steps = per_step if tf_steps is None else tf_steps + per_step
-        ar_final += (model.sample(inputs[:, 0], y)[:, -1] - targets[:, -1]).square().mean(dim=(1, 2, 3)).sum().item()
+        tf_steps = tf_steps + (model(inputs, y) - targets).square().mean(dim=(2, 3, 4)).sum(0)  # (K,)
+        ar_steps = ar_steps + (model.sample(inputs[:, 0], y) - targets).square().mean(dim=(2, 3, 4)).sum(0)  # (K,)
         n += len(y)
-    return {"val_tf_final_mse": tf_steps[-1].item() / n, "val_ar_final_mse": ar_final / n,
-            "val_tf_step_mse": (tf_steps / n).tolist()}
+    return {"val_tf_final_mse": tf_steps[-1].item() / n, "val_ar_final_mse": ar_steps[-1].item() / n,
+            "val_tf_step_mse": (tf_steps / n).tolist(), "val_ar_step_mse": (ar_steps / n).tolist()}
 
 
 def check_inputs(args, device):
@@ -77,7 +77,7 @@ def check_inputs(args, device):
         raise UserError(f"--gan-blocks {args.gan_blocks} must be teacher blocks, 0 to {depth - 1}")
     if args.gan and args.data != "digits" and not os.path.isdir(args.data):
         raise MissingFileError(f"--data {args.data} does not exist (the GAN stage's real images: 'digits' or an ImageFolder)")
-    boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps)
+    boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps, args.boundary_schedule)
     if args.val_count >= len(store):
         raise UserError(f"--val-count {args.val_count} leaves no training trajectories in a store of {len(store)}")
     dataset = TrajectoryDataset(store, boundaries, args.target)  # checks the boundaries against the store
@@ -110,8 +110,11 @@ def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt):
     real = real_images(args.data, image_size, args.global_batch_size, args.global_seed, dist_util.rank(),
                        dist_util.world_size(), start_step, args.max_steps, args.num_workers)
     blocks = args.gan_blocks if args.gan_blocks is not None else list(range(len(teacher.blocks)))
+    pixel = teacher_cfg["space"] == "pixel"
+    augment = args.gan_augment if args.gan_augment is not None else (teacher_cfg["input_size"] // 8 if pixel else 0)
     return GANStage(teacher, teacher_cfg["num_classes"], blocks, device, real, vae, args.disc_lr, args.gan_scale,
-                    args.gan_warmup, args.gan_max_t, args.precision, state=ckpt)
+                    args.gan_max_weight, args.gan_warmup, args.gan_max_t, augment, flip=args.data != "digits",
+                    precision=args.precision, state=ckpt, weight=args.gan_weight)
 
 
 def main(args):
@@ -139,7 +142,10 @@ def main(args):
     student = build_model(config).load_teacher(teacher.state_dict())
     if init is not None:
         student.load_state_dict(init["ema"])
-    trainer = Trainer(student, device, args.lr, args.weight_decay, args.ema_decay, args.grad_clip, args.compile, state=ckpt)
+    trainer = Trainer(student, device, args.lr, args.weight_decay, args.ema_decay, args.grad_clip, args.compile, state=ckpt,
+                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps))
+    if init is not None and ckpt is None and "opt" in init:
+        trainer.load_optimizer(init["opt"], lr=args.lr, weight_decay=args.weight_decay)  # the regression stage's moments
     gan = build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt) if args.gan else None
     run.logger.info(f"Student {teacher_cfg['model']}, K={student.num_steps}, N={args.history_layers}: "
                     f"{sum(p.numel() for p in student.parameters()):,} parameters"
@@ -183,7 +189,7 @@ def train_loop(args, run, trainer, gan, loader, device, dataset, val_indices, va
             loss = per_step.mean()
         figures = [loss.item(), *per_step.tolist()]
         if gan is not None:
-            loss, gan_figures = gan.step(step, pred[:, -1], y, loss, trainer.raw.heads[-1].linear.weight)
+            loss, gan_figures = gan.step(step, trainer.raw, inputs[:, 0], y, loss, trainer.raw.heads[-1].linear.weight)
             figures += gan_figures
         trainer.step(loss, step)
         averager.add(figures)
@@ -193,13 +199,14 @@ def train_loop(args, run, trainer, gan, loader, device, dataset, val_indices, va
             avg, steps_per_sec = averager.average()
             record = {"step": done, "loss": avg[0], "step_mse": avg[1 : 1 + K], "steps_per_sec": steps_per_sec}
             if gan is not None:
-                record.update(d_loss=avg[1 + K], gan_weight=avg[2 + K])
+                record.update(zip(GANStage.FIGURES, avg[1 + K :]))
             if args.val_count and log_due(done, args.val_every, args.max_steps):
                 record.update(validate(trainer.ema, dataset, val_indices, device))
                 trainer.model.train()
             run.logger.info(f"(step={done:07d}) loss {record['loss']:.5f}, last step {record['step_mse'][-1]:.5f}, "
                             + (f"val AR final {record['val_ar_final_mse']:.5f}, " if "val_ar_final_mse" in record else "")
-                            + (f"D {record['d_loss']:.3f}, lambda {record['gan_weight']:.3g}, " if gan else "")
+                            + (f"D {record['d_loss']:.3f} (real {record['d_real']:.2f}, fake {record['d_fake']:.2f}), "
+                               f"lambda {record['gan_weight']:.3g}, " if gan else "")
                             + f"{steps_per_sec:.2f} steps/s")
             run.write_metrics(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -222,7 +229,9 @@ def parse_args(argv=None):
                         help="history and targets: ODE states x_t, or the teacher's x0 predictions")
     parser.add_argument("--num-steps", type=positive_int, default=None, help="K, the student's steps (default 4, or as --boundaries give)")
     parser.add_argument("--boundaries", type=non_negative_int, nargs="+", default=None,
-                        help="K + 1 solver steps, from 0 (noise) to S (sample), e.g. 0 10 15 20 25; default: evenly spaced in t")
+                        help="K + 1 solver steps, from 0 (noise) to S (sample), e.g. 0 10 15 20 25; default: by --boundary-schedule")
+    parser.add_argument("--boundary-schedule", type=str, choices=list(BOUNDARY_SCHEDULES), default="t",
+                        help="default boundaries evenly spaced in the timestep ('t') or in log-SNR ('logsnr')")
     add_run_arguments(parser, "ARD-MODEL-NN", "trajectories", batch_size=64, max_steps=300_000)
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay of the student")
     parser.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the student's gradient norm to this")
@@ -234,10 +243,18 @@ def parse_args(argv=None):
     gan.add_argument("--init-ckpt", type=str, default=None,
                      help="start from this train_ard.py checkpoint's EMA weights (required by --gan) instead of the teacher")
     gan.add_argument("--gan-blocks", type=non_negative_int, nargs="+", default=None, help="teacher blocks with a head (default: all)")
-    gan.add_argument("--gan-scale", type=non_negative_float, default=10.0, help="lambda = scale * |grad L_reg| / |grad L_GAN|")
-    gan.add_argument("--gan-warmup", type=non_negative_int, default=3000, help="steps with lambda = 0 (the discriminator still trains)")
-    gan.add_argument("--gan-max-t", type=diffusion_steps, default=1000, help="real and fake x0 are diffused to t ~ U[0, this)")
-    gan.add_argument("--disc-lr", type=positive_float, default=1e-3, help="AdamW learning rate of the discriminator heads")
+    gan.add_argument("--gan-scale", type=non_negative_float, default=0.5,
+                     help="lambda = scale * |grad L_reg| / |grad L_GAN| on the last head (the paper: 10)")
+    gan.add_argument("--gan-max-weight", type=non_negative_float, default=10.0, help="lambda is clamped to [0, this]")
+    gan.add_argument("--gan-weight", type=non_negative_float, default=None,
+                     help="a fixed lambda instead of the adaptive one (--gan-scale and --gan-max-weight then do not apply)")
+    gan.add_argument("--gan-warmup", type=non_negative_int, default=100,
+                     help="steps with lambda = 0, where the discriminator trains alone (the paper: 3000)")
+    gan.add_argument("--gan-max-t", type=diffusion_steps, default=300,
+                     help="real and fake x0 are diffused to t ~ U[0, this) (300: alpha-bar >= 0.4)")
+    gan.add_argument("--gan-augment", type=non_negative_int, default=None,
+                     help="random translation of real and fake by up to this many pixels (default: side / 8 in pixel space, 0 in latent space)")
+    gan.add_argument("--disc-lr", type=positive_float, default=2e-4, help="AdamW learning rate of the discriminator heads")
     gan.add_argument("--data", type=str, default="digits", help="real data: 'digits' or an ImageFolder path")
     gan.add_argument("--image-size", type=positive_int, default=None, help="image size of --data (default: the teacher's)")
     gan.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for an ImageFolder")
