@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -28,118 +26,124 @@ from checkpoints import load_model
 from cli import check_output_path
 from cost import sampling_cost
 from fileio import write_json
+from stage_runner import StageRunner
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 BUDGETS = {
     # teacher steps, trajectories, student steps, samples per model, GAN steps
-    "quick": dict(teacher_steps=40, trajectories=128, student_steps=12, samples=100, gan_steps=6, gan_warmup=3,
-                  val_count=32, teacher_batch=32, student_batch=16, net_epochs=2, cost_batch=20),
-    "default": dict(teacher_steps=2000, trajectories=6000, student_steps=1000, samples=2000, gan_steps=400,
-                    gan_warmup=100, val_count=500, teacher_batch=128, student_batch=64, net_epochs=40, cost_batch=500),
+    "quick": dict(teacher_steps=40, trajectories=128, student_steps=12, samples=100, gan_steps=6, gan_warmup=3, headroom_steps=6,
+                  val_count=32, teacher_batch=32, student_batch=16, net_epochs=2, cost_batch=20, bootstrap=10),
+    "default": dict(teacher_steps=1400, trajectories=6000, student_steps=800, samples=2000, gan_steps=120,
+                    gan_warmup=40, headroom_steps=400, val_count=500, teacher_batch=128, student_batch=64, net_epochs=40, cost_batch=500,
+                    bootstrap=100),
 }
 HISTORY_LAYERS = 3  # of the tiny teacher's 6 blocks
 CFG = 1.5
 
 
-class Pipeline:
-    """Runs stages as subprocesses, skipping those whose output exists, and records how long each took."""
-
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
-        os.makedirs(run_dir, exist_ok=True)
-        self.timings_path = os.path.join(run_dir, "timings.json")
-        self.timings = json.load(open(self.timings_path)) if os.path.isfile(self.timings_path) else {}
-
-    def path(self, *parts):
-        return os.path.join(self.run_dir, *parts)
-
-    def stage(self, name, output, args):
-        if os.path.exists(output):
-            print(f"[{name}] reusing {output}", flush=True)
-            return output
-        print(f"[{name}] {' '.join(args)}", flush=True)
-        start = time.time()
-        log_path = self.path("logs", f"{name}.log")
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        with open(log_path, "w") as log:
-            proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0 or not os.path.exists(output):
-            with open(log_path) as log:
-                tail = log.read()[-3000:]
-            raise SystemExit(f"[{name}] failed (exit {proc.returncode}); the last lines of {log_path}:\n{tail}")
-        self.timings[name] = time.time() - start
-        write_json(self.timings_path, self.timings)
-        print(f"[{name}] done in {self.timings[name]:.0f} s", flush=True)
-        return output
+# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
+# fast this machine turns out to be.
+ESTIMATES = {
+    "quick": dict(teacher=8, digits_net=6, reference=3, trajectories=7, student=8, gan=8, sample=4, sample_teacher25=6, eval=3),
+    "default": dict(teacher=270, digits_net=12, reference=3, trajectories=150, student=380, gan=170, sample=6,
+                    sample_teacher25=60, eval=4),
+}
 
 
-def prepare(p, b):
+def prepare(p, b, est):
     """The teacher, the feature network, the reference batches and the trajectories; returns (teacher, ref, net, traj)."""
-    teacher = p.stage("teacher", p.path("teacher", "checkpoints", f"{b['teacher_steps']:07d}.pt"), [
-        "train.py", "--model", "DiT-T/2", "--data", "digits", "--max-steps", str(b["teacher_steps"]), "--lr", "1e-3",
-        "--ema-decay", "0.995", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
-        "--run-dir", p.path("teacher"), "--replace"])
-    net = p.stage("digits_net", p.path("digits_net.pt"), ["-m", "evaluator.digits_net", "--out", p.path("digits_net.pt"),
-                                                           "--epochs", str(b["net_epochs"])])
-    ref = p.stage("reference", p.path("ref_test.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
-                                                         "--split", "test", "--out", p.path("ref_test.npz")])
-    p.stage("real_train", p.path("real_train.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
-                                                      "--split", "train", "--out", p.path("real_train.npz")])
+    teacher = p.add("teacher", p.path("teacher", "checkpoints", f"{b['teacher_steps']:07d}.pt"), [
+        "train.py", "--model", "DiT-T/2", "--data", "digits", "--max-steps", str(b["teacher_steps"]), "--lr", "2e-3",
+        "--ema-decay", "0.99", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
+        "--ckpt-every", str(max(1, b["teacher_steps"] // 4)),
+        "--run-dir", p.path("teacher"), "--replace"], heavy=True, estimate=est["teacher"])
+    net = p.add("digits_net", p.path("digits_net.pt"), ["-m", "evaluator.digits_net", "--out", p.path("digits_net.pt"),
+                                                         "--epochs", str(b["net_epochs"])], estimate=est["digits_net"])
+    ref = p.add("reference", p.path("ref_test.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
+                                                       "--split", "test", "--out", p.path("ref_test.npz")], estimate=est["reference"])
+    p.add("real_train", p.path("real_train.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
+                                                    "--split", "train", "--out", p.path("real_train.npz")], estimate=est["reference"])
     traj = p.path("traj")
-    p.stage("trajectories", os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)), [
+    p.add("trajectories", os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)), [
         "train_teacher_traj.py", "--ckpt", teacher, "--out", traj, "--num-trajectories", str(b["trajectories"]),
-        "--num-sampling-steps", "25", "--cfg-scale", str(CFG)])
+        "--num-sampling-steps", "25", "--cfg-scale", str(CFG)], after=["teacher"], heavy=True, estimate=est["trajectories"])
     return teacher, ref, net, traj
 
 
-def distil(p, b, args, teacher, traj):
+def distil(p, b, args, teacher, traj, est):
     """Every student of the mode; returns the rows (label, steps, kind, checkpoint, group) of the table's students."""
-    def student(name, history_layers, seed=0, target="state", num_steps=4):
-        steps = b["student_steps"]
-        return p.stage(f"student_{name}", p.path("students", name, "checkpoints", f"{steps:07d}.pt"), [
+    def student(name, history_layers, seed=0, target="state", num_steps=4, steps=None):
+        steps = steps or b["student_steps"]
+        return p.add(f"student_{name}", p.path("students", name, "checkpoints", f"{steps:07d}.pt"), [
             "train_ard.py", "--traj", traj, "--teacher-ckpt", teacher, "--history-layers", str(history_layers),
             "--target", target, "--num-steps", str(num_steps), "--global-batch-size", str(b["student_batch"]),
             "--lr", "3e-4", "--ema-decay", "0.99", "--max-steps", str(steps), "--val-count", str(b["val_count"]),
-            "--val-every", str(max(1, steps // 5)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
-            "--global-seed", str(seed), "--run-dir", p.path("students", name), "--replace"])
+            "--val-every", str(max(1, steps // 4)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
+            "--ckpt-every", str(max(1, steps // 4)),  # the default's students keep their headroom_steps checkpoint
+            "--global-seed", str(seed), "--run-dir", p.path("students", name), "--replace"],
+            after=["trajectories"], heavy=True, estimate=est["student"] * num_steps / 4 * steps / b["student_steps"])
+
+    def gan(name, history_layers, seed):
+        init = p.path("students", name, "checkpoints", f"{b['student_steps']:07d}.pt")
+        steps = b["gan_steps"]
+        return p.add(f"student_gan_{name}", p.path("students", f"gan_{name}", "checkpoints", f"{steps:07d}.pt"), [
+            "train_ard.py", "--gan", "--init-ckpt", init, "--traj", traj, "--teacher-ckpt", teacher,
+            "--history-layers", str(history_layers), "--global-batch-size", str(b["student_batch"]), "--lr", "1e-4",
+            "--ema-decay", "0.99", "--max-steps", str(steps), "--gan-warmup", str(b["gan_warmup"]), "--global-seed", str(seed),
+            "--val-count", str(b["val_count"]), "--val-every", str(steps), "--log-every", str(max(1, steps // 20)),
+            "--sample-every", str(steps), "--run-dir", p.path("students", f"gan_{name}"), "--replace"],
+            after=[f"student_{name}"], heavy=True, estimate=est["gan"])
 
     rows = []
+    seeds = [0, 1, 2] if args.full else [0]
     for target in (["state", "x0"] if args.full else ["state"]):
-        for seed in ([0, 1, 2] if args.full else [0]):
+        for seed in seeds:
             for n in (0, HISTORY_LAYERS):
                 name = f"k4_n{n}_{target}_s{seed}"
                 rows.append((name, 4, "student", student(name, n, seed, target), f"k4_n{n}_{target}"))
+    if args.full or args.headroom:
+        # The setting with headroom: the same students after headroom_steps of their steps, where step distillation
+        # still falls short of its teacher. A constant learning rate makes that checkpoint the same as a run of
+        # headroom_steps; --headroom trains seeds 1 and 2 only that far.
+        for seed in (0, 1, 2):
+            for n in (0, HISTORY_LAYERS):
+                name = f"k4_n{n}_state_s{seed}"
+                if seed not in seeds:
+                    student(name, n, seed, steps=b["headroom_steps"])
+                source = p.path("students", name, "checkpoints", f"{b['headroom_steps']:07d}.pt")
+                rows.append((f"short_{name}", 4, "student", source, f"k4_n{n}_short"))
+    for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
+        for n in (0, HISTORY_LAYERS):
+            name = f"k4_n{n}_state_s{seed}"
+            rows.append((f"gan_{name}", 4, "student", gan(name, n, seed), f"k4_n{n}_state_gan"))
     if args.full:
         for k in (2, 3, 5):
             for n in (0, HISTORY_LAYERS):
                 name = f"k{k}_n{n}_state_s0"
                 rows.append((name, k, "student", student(name, n, 0, "state", k), f"k{k}_n{n}_state"))
-        init = p.path("students", f"k4_n{HISTORY_LAYERS}_state_s0", "checkpoints", f"{b['student_steps']:07d}.pt")
-        gan = p.stage("student_gan", p.path("students", "gan", "checkpoints", f"{b['gan_steps']:07d}.pt"), [
-            "train_ard.py", "--gan", "--init-ckpt", init, "--traj", traj, "--teacher-ckpt", teacher,
-            "--history-layers", str(HISTORY_LAYERS), "--global-batch-size", str(b["student_batch"]), "--lr", "1e-4",
-            "--ema-decay", "0.99", "--max-steps", str(b["gan_steps"]), "--gan-warmup", str(b["gan_warmup"]),
-            "--val-count", str(b["val_count"]), "--val-every", str(b["gan_steps"]), "--log-every", str(max(1, b["gan_steps"] // 20)),
-            "--sample-every", "0", "--run-dir", p.path("students", "gan"), "--replace"])
-        rows.append(("gan", 4, "student", gan, f"k4_n{HISTORY_LAYERS}_state_gan"))
     return rows
 
 
-def evaluate(p, b, rows, ref, net):
-    """Samples of every row and their figures against the held-out digits; returns {name: figures}."""
-    results = {}
+def evaluate(p, b, rows, ref, net, est):
+    """Samples of every row and their figures against the held-out digits; returns {name: path of its figures}."""
+    figures = {}
     for name, steps, kind, source, group in rows:
         samples = p.path("samples", f"{name}.npz")
         cmd = ["sample_ddp.py", "--ckpt", source, "--out", samples, "--num-samples", str(b["samples"]),
                "--per-proc-batch-size", "500"]
         if kind == "teacher":
-            cmd += ["--num-sampling-steps", str(steps), "--cfg-scale", str(CFG)]
-        p.stage(f"sample_{name}", samples, cmd)
-        metrics = p.stage(f"eval_{name}", p.path("eval", f"{name}.json"), [
-            "-m", "evaluator", ref, samples, "--features", "digits", "--digits-net", net, "--json", p.path("eval", f"{name}.json")])
-        results[name] = dict(json.load(open(metrics)), steps=steps, kind=kind, source=source, group=group)
-    return results
+            cmd += ["--num-sampling-steps", str(steps), "--cfg-scale", str(CFG), "--global-seed", "1" if name.endswith("_s1") else "0", "--label-seed", "0"]
+        source_stage = ("teacher" if kind == "teacher" else f"student_gan_{name[4:]}" if name.startswith("gan_")
+                        else f"student_{name[6:]}" if name.startswith("short_") else f"student_{name}")
+        long = kind == "teacher" and steps > 8
+        p.add(f"sample_{name}", samples, cmd, after=[source_stage], heavy=long,
+              estimate=est["sample_teacher25"] * steps / 25 if long else est["sample"])
+        figures[name] = p.add(f"eval_{name}", p.path("eval", f"{name}.json"), [
+            "-m", "evaluator", ref, samples, "--features", "digits", "--digits-net", net, "--json", p.path("eval", f"{name}.json"),
+            "--teacher-ref", p.path("samples", "teacher_ddim25.npz"), "--bootstrap", str(b["bootstrap"])],
+            after=[f"sample_{name}", "sample_teacher_ddim25", "digits_net", "reference"], estimate=est["eval"])
+    return figures
 
 
 def measure_costs(p, b, rows):
@@ -149,11 +153,13 @@ def measure_costs(p, b, rows):
         print(f"[costs] reusing {path}", flush=True)
         with open(path) as f:
             return {group: tuple(value) for group, value in json.load(f).items()}
-    costs = {}
+    costs, measured = {}, {}
     for name, steps, kind, source, group in rows:
-        if group not in costs:
+        same = f"teacher{steps}" if kind == "teacher" else "_".join(group.split("_")[:2])  # the GAN stage and seeds change no cost
+        if same not in measured:
             model, config = load_model(source)
-            costs[group] = sampling_cost(model, config, steps, CFG, b["cost_batch"])
+            measured[same] = sampling_cost(model, config, steps, CFG, b["cost_batch"])
+        costs[group] = measured[same]
     write_json(path, costs)
     return costs
 
@@ -163,18 +169,31 @@ def main(args):
     if args.run_dir:
         check_output_path(args.run_dir, "--run-dir", folder=True)
     mode = "quick" if args.quick else "default"
-    b = BUDGETS[mode]
-    p = Pipeline(args.run_dir or os.path.join("runs", "digits" if mode == "default" else "digits-quick"))
+    b, est = BUDGETS[mode], ESTIMATES[mode]
+    p = StageRunner(args.run_dir or os.path.join("runs", "digits" if mode == "default" else "digits-quick"), ROOT)
     start_all = time.time()
-    teacher, ref, net, traj = prepare(p, b)
-    rows = distil(p, b, args, teacher, traj)
+
+    # Declare every stage, then run them (in dependency order, light ones side by side):
+    teacher, ref, net, traj = prepare(p, b, est)
+    rows = distil(p, b, args, teacher, traj, est)
     rows += [(f"teacher_ddim{s}", s, "teacher", teacher, f"teacher_ddim{s}") for s in ([2, 3, 4, 5, 8, 16, 25] if args.full else [4, 25])]
-    results = evaluate(p, b, rows, ref, net)
-    real = p.stage("eval_real_train", p.path("eval", "real_train.json"), [
+    rows.append(("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1"))  # other noises: the teacher-fidelity floor
+    figures_of = evaluate(p, b, rows, ref, net, est)
+    real = p.add("eval_real_train", p.path("eval", "real_train.json"), [
         "-m", "evaluator", ref, p.path("real_train.npz"), "--features", "digits", "--digits-net", net,
-        "--json", p.path("eval", "real_train.json")])
+        "--json", p.path("eval", "real_train.json")], after=["real_train", "digits_net", "reference"], estimate=est["eval"])
+    p.add("history_probe", p.path("history_probe.json"), [
+        "-m", "benchmarks.history_probe", "--traj", traj, "--val-count", str(b["val_count"]), "--json", p.path("history_probe.json"),
+        "--figure", os.path.join(args.assets_dir, "digits_history_probe.png"), "--students",
+        *[source for name, _, _, source, _ in rows if name in ("k4_n0_state_s0", f"k4_n{HISTORY_LAYERS}_state_s0")]],
+        after=["student_k4_n0_state_s0", f"student_k4_n{HISTORY_LAYERS}_state_s0"], estimate=est["eval"])
+    p.run()
+
+    # The table, the figures and the costs:
+    results = {name: dict(json.load(open(figures_of[name])), steps=steps, kind=kind, source=source, group=group)
+               for name, steps, kind, source, group in rows}
     costs = measure_costs(p, b, rows)
-    table = summarise(results, costs, json.load(open(real)), rows, args, b)
+    table = summarise(results, costs, json.load(open(real)), rows, args, b, step_mse(p, rows, b))
     with open(p.path("results.md"), "w") as f:
         f.write(table["markdown"])
     write_json(p.path("results.json"), table["json"])
@@ -188,61 +207,135 @@ def mean_spread(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def row_label(group):
+def cell(results, names, key, digits):
+    """One figure of a table: over several seeds their mean ± standard deviation; for one, the value and its 95%
+    bootstrap interval over samples."""
+    values = [results[n][key] for n in names if key in results[n]]
+    if not values:
+        return "-"
+    if len(values) > 1:
+        m, s = mean_spread(values)
+        return f"{m:.{digits}f} ± {s:.{digits}f}"
+    ci = results[names[0]].get(f"{key}_ci")
+    return f"{values[0]:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def row_label(group, b):
     """'teacher_ddim25' -> 'Teacher DDIM, CFG 1.5'; 'k4_n3_x0' -> 'ARD (N=3), x0 target'; ..."""
     if group.startswith("teacher"):
-        return f"Teacher DDIM, CFG {CFG}"
+        return f"Teacher DDIM, CFG {CFG}" + (", other noises (the floor)" if group.endswith("_s1") else "")
     parts = group.split("_")
     n, target = int(parts[1][1:]), parts[2]
     label = "Step distillation (N=0)" if n == 0 else f"ARD (N={n})"
     if target == "x0":
         label += ", x0 target"
+    if target == "short":
+        label += f", after {b['headroom_steps']} steps (headroom)"
     if group.endswith("_gan"):
         label += " + GAN fine-tuning"
     return label
 
 
-def summarise(results, costs, real, rows, args, b):
+def degradation(results, groups, teacher, key, setting):
+    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed, the teacher's figure being `teacher`; and whether
+    some student reaches the teacher's figure (then there is no degradation and the ratio means nothing)."""
+    sd = [results[n][key] for n in groups.get(f"k4_n0_{setting}", [])]
+    ard = [results[n][key] for n in groups.get(f"k4_n{HISTORY_LAYERS}_{setting}", [])]
+    return [(s - teacher) / (a - teacher) for s, a in zip(sd, ard)], min(sd + ard, default=float("inf")) <= teacher
+
+
+# Two-sided 95% Student-t quantiles by degrees of freedom, for intervals over a few seeds.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def interval(values):
+    """'mean ± std, 95% t-interval [lo, hi]' over seeds (the interval only with 2 to 6 values)."""
+    m, s = mean_spread(values)
+    text = f"{m:.2f} ± {s:.2f}"
+    if len(values) - 1 in T95:
+        half = T95[len(values) - 1] * s / len(values) ** 0.5
+        text += f", 95% t-interval [{m - half:.2f}, {m + half:.2f}]"
+    return text
+
+
+def step_mse(p, rows, b):
+    """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and teacher-forced (TF),
+    at the step of its checkpoint, from its run's metrics: {group: (AR per step, TF per step, seeds)}."""
+    out = {}
+    for name, steps, kind, source, group in rows:
+        if kind != "student":
+            continue
+        run = os.path.dirname(os.path.dirname(source))
+        at = int(os.path.basename(source).split(".")[0])
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            record = next((r for r in map(json.loads, f) if r.get("step") == at and "val_ar_step_mse" in r), None)
+        if record is not None:
+            out.setdefault(group, []).append((record["val_ar_step_mse"], record["val_tf_step_mse"]))
+    return {group: ([statistics.mean(v) for v in zip(*[r[0] for r in recs])],
+                    [statistics.mean(v) for v in zip(*[r[1] for r in recs])], len(recs)) for group, recs in out.items()}
+
+
+def summarise(results, costs, real, rows, args, b, mse):
     groups = {}
     for name, steps, kind, source, group in rows:
         groups.setdefault(group, []).append(name)
-    fmt = lambda m, s, d: f"{m:.{d}f}" if s == 0 else f"{m:.{d}f} ± {s:.{d}f}"  # noqa: E731
-    lines = ["| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall | class accuracy | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    out = {"rows": [], "budgets": b, "mode": "full" if args.full else ("quick" if args.quick else "default")}
+
     def sort_key(group):  # the teacher by steps, then the 4-step students, then the other step counts
         steps = results[groups[group][0]]["steps"]
         return (not group.startswith("teacher"), group.startswith("k") and steps != 4, steps, group)
 
-    order = sorted(groups, key=sort_key)
-    for group in order:
-        names = groups[group]
+    lines = ["Against the 360 held-out real digits (digits features; one seed: 95% bootstrap interval over samples; "
+             "several: mean ± std over seeds):", "",
+             "| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall | class accuracy | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fidelity = ["", "Against the 25-step teacher's own samples of the same noises and labels (teacher fidelity):", "",
+                "| model | steps | FID vs teacher | precision vs teacher | recall vs teacher | seeds |", "|---|---|---|---|---|---|"]
+    out = {"rows": [], "budgets": b, "mode": next(m for m in ("full", "headroom", "quick", "default") if m == "default" or getattr(args, m))}
+    for group in sorted(groups, key=sort_key):
+        names, label = groups[group], row_label(group, b)
         steps = results[names[0]]["steps"]
-        label = row_label(group)
         flops, seconds = costs[group]
-        stats = {k: mean_spread([results[n][k] for n in names]) for k in ("fid", "precision", "recall", "class_accuracy")}
-        lines.append(f"| {label} | {steps} | {flops / 1e6:.1f} | {1000 * seconds:.2f} | {fmt(*stats['fid'], 2)} | "
-                     f"{fmt(*stats['precision'], 3)} | {fmt(*stats['recall'], 3)} | {fmt(*stats['class_accuracy'], 3)} | {len(names)} |")
-        out["rows"].append(dict(group=group, label=label, steps=steps, flops_per_image=flops, cpu_seconds_per_image=seconds,
-                                seeds=len(names), **{k: {"mean": m, "std": s, "values": [results[n][k] for n in names]}
-                                                     for k, (m, s) in stats.items()}))
+        lines.append(f"| {label} | {steps} | {flops / 1e6:.1f} | {1000 * seconds:.2f} | {cell(results, names, 'fid', 2)} | "
+                     f"{cell(results, names, 'precision', 3)} | {cell(results, names, 'recall', 3)} | "
+                     f"{cell(results, names, 'class_accuracy', 3)} | {len(names)} |")
+        if "teacher_fid" in results[names[0]]:
+            fidelity.append(f"| {label} | {steps} | {cell(results, names, 'teacher_fid', 2)} | {cell(results, names, 'teacher_precision', 3)} | "
+                            f"{cell(results, names, 'teacher_recall', 3)} | {len(names)} |")
+        keys = [k for k, v in results[names[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "steps"]
+        out["rows"].append(dict(group=group, label=label, steps=steps, flops_per_image=flops, cpu_seconds_per_image=seconds, seeds=len(names),
+                                **{k: {"mean": mean_spread([results[n][k] for n in names])[0], "std": mean_spread([results[n][k] for n in names])[1],
+                                       "values": [results[n][k] for n in names], "ci": [results[n].get(f"{k}_ci") for n in names]} for k in keys}))
     lines.append(f"| Real digits, training split (reference floor) | - | - | - | {real['fid']:.2f} | {real['precision']:.3f} | "
                  f"{real['recall']:.3f} | {real.get('class_accuracy', float('nan')):.3f} | - |")
+    lines += fidelity
     out["real_train"] = real
-    teacher_fid = results["teacher_ddim25"]["fid"]
-    for target in (["state", "x0"] if args.full else ["state"]):
-        sd = [results[n]["fid"] for n in groups[f"k4_n0_{target}"]]
-        ard = [results[n]["fid"] for n in groups[f"k4_n{HISTORY_LAYERS}_{target}"]]
-        ratios = [(s - teacher_fid) / (a - teacher_fid) for s, a in zip(sd, ard)]
-        m, s = mean_spread(ratios)
-        lines.append("")
-        lines.append(f"FID degradation ratio (FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher), {target} target: "
-                     f"{fmt(m, s, 2)} over {len(ratios)} seed(s) (the paper: 5.1)")
-        if min(sd + ard) <= teacher_fid:
-            lines.append(f"(some {target}-target students reach or beat the 25-step teacher's FID {teacher_fid:.2f}: "
-                         f"there is no degradation to compare, and the ratio says nothing)")
-        out[f"degradation_ratio_{target}"] = {"mean": m, "std": s, "values": ratios}
-    out["teacher_fid"] = teacher_fid
+    out["teacher_fid"] = results["teacher_ddim25"]["fid"]
+    floor = results.get("teacher_ddim25_s1", {}).get("teacher_fid")
+    for key, teacher, what in (("fid", out["teacher_fid"], "FID against real digits"), ("teacher_fid", floor, "FID against the teacher (its floor as the teacher's figure)")):
+        for setting, text in (("state", "state target"), ("x0", "x0 target"), ("short", f"after {b['headroom_steps']} steps (headroom)")):
+            if teacher is None:
+                continue
+            ratios, no_gap = degradation(results, groups, teacher, key, setting)
+            if not ratios:
+                continue
+            m, s = mean_spread(ratios)
+            lines += ["", f"Degradation ratio (N=0 - teacher) / (ARD - teacher), {what}, {text}: {interval(ratios)} over "
+                          f"{len(ratios)} seed(s), values {[round(r, 2) for r in ratios]} (the paper: 5.1)"]
+            if no_gap:
+                lines.append(f"(some students reach or beat the teacher's {teacher:.2f} here: there is no degradation to compare)")
+            out[f"degradation_{key}_{setting}"] = {"mean": m, "std": s, "values": ratios}
+    if mse:
+        lines += ["", "Held-out per-step MSE against the teacher's states (mean over seeds), sampled (the student's own inputs) "
+                      "/ teacher-forced:", "", "| model | " + " | ".join(f"step {k + 1}" for k in range(4)) + " | seeds |",
+                  "|---|" + "---|" * 5]
+        for group in sorted(mse, key=sort_key):
+            ar, tf, seeds = mse[group]
+            if len(ar) == 4:
+                lines.append(f"| {row_label(group, b)} | " + " | ".join(f"{a:.5f} / {t:.5f}" for a, t in zip(ar, tf)) + f" | {seeds} |")
+        out["step_mse"] = {group: {"sampled": ar, "teacher_forced": tf, "seeds": seeds} for group, (ar, tf, seeds) in mse.items()}
     return {"markdown": "\n".join(lines) + "\n", "json": out}
 
 
@@ -253,7 +346,7 @@ def figures(p, rows, results, args):
 
     matplotlib.use("Agg")
     os.makedirs(args.assets_dir, exist_ok=True)
-    samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), args.full)
+    samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), with_gan=True)
     val_mse_figure(p, os.path.join(args.assets_dir, "digits_val_mse.png"))
     if args.full:
         fid_steps_figure(rows, results, os.path.join(args.assets_dir, "digits_fid_vs_steps.png"))
@@ -273,7 +366,7 @@ def samples_figure(p, path, with_gan):
     shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
              ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}), 4 steps")]
     if with_gan:
-        shown.append(("gan", "ARD + GAN, 4 steps"))
+        shown.append((f"gan_k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}) + GAN, 4 steps"))
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.1 * len(shown)))
     for ax, (name, title) in zip(axes, shown):
         with np.load(p.path("samples", f"{name}.npz"), allow_pickle=False) as data:
@@ -329,7 +422,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny budgets: checks that every stage runs and hands on valid files")
-    mode.add_argument("--full", action="store_true", help="3 seeds, both targets, GAN, 2-5 step students, FID-vs-steps plot")
+    mode.add_argument("--headroom", action="store_true",
+                      help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds")
+    mode.add_argument("--full", action="store_true",
+                      help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, FID-vs-steps plot")
     parser.add_argument("--run-dir", default=None, help="default: runs/digits (runs/digits-quick with --quick)")
     parser.add_argument("--assets-dir", default="assets", help="where the figures go")
     return parser.parse_args(argv)

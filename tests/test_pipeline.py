@@ -17,14 +17,23 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     groups = [row["group"] for row in results["rows"]]
-    assert groups == ["teacher_ddim4", "teacher_ddim25", "k4_n0_state", "k4_n3_state"]
+    assert groups == ["teacher_ddim4", "teacher_ddim25", "teacher_ddim25_s1", "k4_n0_state", "k4_n0_state_gan", "k4_n3_state",
+                      "k4_n3_state_gan"]
     for row in results["rows"]:
         assert row["flops_per_image"] > 0 and row["cpu_seconds_per_image"] > 0
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
+        lo, hi = row["fid"]["ci"][0]
+        assert lo <= row["fid"]["mean"] <= hi  # every figure has its interval, holding the figure
+        assert row["teacher_fid"]["mean"] > -1e-6  # and its teacher-fidelity twin (0 up to rounding for the teacher)
+    rows = {row["group"]: row for row in results["rows"]}
+    assert abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6  # the teacher against its own samples
+    assert rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0  # the floor: two independent sets of noises
     # Students cost more per image than nothing and far less than the 25-step teacher.
     flops = {row["group"]: row["flops_per_image"] for row in results["rows"]}
     assert flops["k4_n0_state"] < flops["k4_n3_state"] < flops["teacher_ddim25"] / 5
-    assert "| model | steps |" in out and "FID degradation ratio" in out
+    assert "| model | steps |" in out and "Degradation ratio" in out and "teacher fidelity" in out
+    probe = json.loads((run_dir / "history_probe.json").read_text())
+    assert [r["history_layers"] for r in probe] == [0, 3] and os.path.isfile(tmp_path / "assets" / "digits_history_probe.png")
     with open(run_dir / "timings.json") as f:
         assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(json.load(f))
     # A second run reuses every finished stage.

@@ -1,0 +1,108 @@
+"""Where the CPU time of the digits main job goes: each stage's unit of work taken apart, on this machine.
+
+    python -m benchmarks.digits_profile              # the default budgets' configs (DiT-T/2 on 8x8 digits)
+
+For the teacher's and the students' training steps: data, forward, backward, optimiser and EMA, with 1 and with
+all threads (do two processes side by side beat one after another?), and bf16 autocast against fp32; for the
+trajectory writer and the samplers: images per second with 1 and all threads; the cost of starting a script
+(importing torch). Prints a table; every figure is the median of several timed repeats after a warm-up.
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ard_models import ARD_models
+from diffusion import create_diffusion
+from diffusion.sampling import TeacherSampler
+from models import DiT_models
+from training import teacher_loss, update_ema
+
+
+def timed(fn, repeats=15, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_parts(model, ema, loss_fn, bf16=False):
+    """Seconds of forward, backward, AdamW step and EMA update of one training step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return loss_fn()
+
+    def forward_backward():
+        opt.zero_grad(set_to_none=True)
+        forward().backward()
+
+    forward_backward()
+    parts = {"forward": timed(forward), "forward+backward": timed(forward_backward)}
+    parts["backward"] = parts["forward+backward"] - parts["forward"]
+    parts["AdamW"] = timed(opt.step)
+    parts["EMA"] = timed(lambda: update_ema(ema, model, 0.99))
+    return parts
+
+
+def profile_training(threads, bf16=False):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    teacher, teacher_ema = (DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10) for _ in range(2))
+    diffusion, x, y = create_diffusion(""), torch.randn(128, 1, 8, 8), torch.randint(10, (128,))
+    student, student_ema = (ARD_models["DiT-T/2"](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1,
+                                                  num_classes=10) for _ in range(2))
+    traj = torch.randn(64, 4, 1, 8, 8)
+    return {"teacher step (batch 128)": training_parts(teacher, teacher_ema, lambda: teacher_loss(teacher, diffusion, x, y), bf16),
+            "student step (batch 64, K=4, N=3)": training_parts(student, student_ema, lambda: (student(traj, y[:64]).float() - traj).square().mean(), bf16)}
+
+
+@torch.no_grad()
+def profile_sampling(threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    teacher = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10).eval()
+    student = ARD_models["DiT-T/2"](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1, num_classes=10).eval()
+    noise, y = torch.randn(500, 1, 8, 8), torch.arange(500) % 10
+    sampler = TeacherSampler(teacher, "pixel", "ddim", 25, 1.5)
+    return {"teacher DDIM 25 + CFG, 500 trajectories": timed(lambda: sampler.trajectory(noise, y), repeats=3, warmup=1),
+            "student 4 steps, 500 samples": timed(lambda: student.sample(noise, y), repeats=5, warmup=1)}
+
+
+def startup():
+    """Seconds to start a script that imports torch and this repository's training modules."""
+    cmd = [sys.executable, "-c", "import torch, training, trajectory_store, ard_models"]
+    return timed(lambda: subprocess.run(cmd, check=True), repeats=3, warmup=1)
+
+
+def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    cores = torch.get_num_threads()
+    print(f"== CPU: {cores} threads available; milliseconds, median of repeats")
+    rows = {}
+    for threads in sorted({1, cores}):
+        for name, parts in profile_training(threads).items():
+            rows[f"{name}, {threads} thread(s)"] = parts
+    for name, parts in profile_training(cores, bf16=True).items():
+        rows[f"{name}, {cores} thread(s), bf16 autocast"] = parts
+    print("| step | forward | backward | AdamW | EMA |\n|---|---|---|---|---|")
+    for name, p in rows.items():
+        print(f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['AdamW']:.1f} | {1000 * p['EMA']:.1f} |")
+    print("\n| sampling | " + " | ".join(f"{t} thread(s)" for t in sorted({1, cores})) + " |\n|---|" + "---|" * len({1, cores}))
+    sampling = {t: profile_sampling(t) for t in sorted({1, cores})}
+    for name in sampling[1]:
+        print(f"| {name} | " + " | ".join(f"{1000 * sampling[t][name]:.0f}" for t in sorted(sampling)) + " |")
+    print(f"\nstarting a script (python, torch and this repository's modules): {startup():.2f} s")
+
+
+if __name__ == "__main__":
+    main()
