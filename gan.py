@@ -134,7 +134,8 @@ class GANStage:
     FIGURES = ("d_loss", "gan_weight", "grad_reg", "grad_gan", "d_real", "d_fake", "fake_min", "fake_max")
 
     def __init__(self, teacher, num_classes, blocks, device, real_batches, vae=None, disc_lr=2e-4, scale=0.5,
-                 max_weight=10.0, warmup=100, max_t=300, augment=0, flip=False, precision="fp32", state=None, weight=None):
+                 max_weight=10.0, warmup=100, max_t=300, augment=0, flip=False, dequantize=0.0, precision="fp32", state=None,
+                 weight=None):
         self.diffusion = create_diffusion("")
         self.raw_disc = FeatureDiscriminator(teacher, self.diffusion, blocks, num_classes).to(device)
         self.disc_opt = torch.optim.AdamW(self.raw_disc.parameters(), lr=disc_lr, weight_decay=0)
@@ -144,13 +145,15 @@ class GANStage:
         self.disc = dist_util.wrap_ddp(self.raw_disc, device)
         self.real_batches, self.vae, self.device, self.precision = real_batches, vae, device, precision
         self.scale, self.max_weight, self.warmup, self.max_t = scale, max_weight, warmup, max_t
-        self.augment, self.flip, self.fixed_weight = augment, flip, weight
+        self.augment, self.flip, self.dequantize, self.fixed_weight = augment, flip, dequantize, weight
 
     def real(self):
         x, y = next(self.real_batches)
         x, y = x.to(self.device), y.to(self.device)
         if self.flip:  # image folders: random horizontal flips, drawn from the step's seeded generator
             x = torch.where((torch.rand(len(x), device=x.device) < 0.5)[:, None, None, None], x.flip(-1), x)
+        if self.dequantize:  # real images take a few grey levels, the student's any value: hide the levels from the heads
+            x = x + self.dequantize * (torch.rand_like(x) - 0.5)
         return (vae_encode(self.vae, x) if self.vae is not None else x), y
 
     def logits(self, disc, x0, y):

@@ -36,7 +36,7 @@ from vae import load_vae, vae_decode
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
 RUN_DEFINING_ARGS = ("traj", "history_layers", "target", "boundaries", "boundary_schedule", "num_steps", "global_batch_size",
                      "global_seed", "lr", "lr_schedule", "warmup_steps", "ema_decay", "grad_clip", "val_count", "gan", "init_ckpt", "gan_blocks",
-                     "gan_scale", "gan_max_weight", "gan_weight", "gan_warmup", "gan_max_t", "gan_augment", "disc_lr", "data", "image_size")
+                     "gan_scale", "gan_max_weight", "gan_weight", "gan_warmup", "gan_max_t", "gan_augment", "gan_dequantize", "disc_lr", "data", "image_size")
 
 
 @torch.no_grad()
@@ -114,6 +114,7 @@ def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt):
     augment = args.gan_augment if args.gan_augment is not None else (teacher_cfg["input_size"] // 8 if pixel else 0)
     return GANStage(teacher, teacher_cfg["num_classes"], blocks, device, real, vae, args.disc_lr, args.gan_scale,
                     args.gan_max_weight, args.gan_warmup, args.gan_max_t, augment, flip=args.data != "digits",
+                    dequantize=args.gan_dequantize if args.gan_dequantize is not None else (2 / 16 if args.data == "digits" else 2 / 255),
                     precision=args.precision, state=ckpt, weight=args.gan_weight)
 
 
@@ -254,6 +255,9 @@ def parse_args(argv=None):
                      help="real and fake x0 are diffused to t ~ U[0, this) (300: alpha-bar >= 0.4)")
     gan.add_argument("--gan-augment", type=non_negative_int, default=None,
                      help="random translation of real and fake by up to this many pixels (default: side / 8 in pixel space, 0 in latent space)")
+    gan.add_argument("--gan-dequantize", type=non_negative_float, default=None,
+                     help="uniform noise of this width on the real images in [-1, 1] (default: one grey level, 2/16 for the "
+                          "digits' 17 levels, 2/255 for 8-bit images), so that the heads cannot tell real from fake by the levels")
     gan.add_argument("--disc-lr", type=positive_float, default=2e-4, help="AdamW learning rate of the discriminator heads")
     gan.add_argument("--data", type=str, default="digits", help="real data: 'digits' or an ImageFolder path")
     gan.add_argument("--image-size", type=positive_int, default=None, help="image size of --data (default: the teacher's)")

@@ -13,8 +13,9 @@ A store is a folder:
 
 Solver steps are counted from the noise: step 0 is the noise (model timestep 999 on DiT's 25-step grid),
 step s the state after s solver steps, step S the final sample (timestep -1: the model never sees it).
-The public re-implementation counts the other way ("teacher-grid index 25, 15, 10, 5, 0" = solver
-steps 0, 10, 15, 20, 25). A shard is written under a temporary name and renamed when complete.
+The public re-implementation counts the other way: its states at "teacher-grid index 25, 15, 10, 5, 0" are
+solver steps 0, 10, 15, 20, 25, but its x0 predictions at indices 25, 15, 10, 5 are made from the states of
+solver steps 0, 9, 14, 19 (t = 999, 624, 416, 208): its x0 data are --boundaries 0 9 14 19 25. A shard is written under a temporary name and renamed when complete.
 """
 
 import bisect
