@@ -46,9 +46,12 @@ def _seconds(text):
 
 
 class StageRunner:
-    def __init__(self, run_dir, root, cores=None):
-        self.run_dir, self.root = run_dir, root
-        self.cores = cores or len(os.sched_getaffinity(0))
+    def __init__(self, run_dir, root, cores=None, heavy_alone=True):
+        """heavy_alone=False runs heavy stages like light ones, two at a time (tiny budgets, where each stage's time
+        is mostly its start)."""
+        self.run_dir, self.root, self.heavy_alone = run_dir, root, heavy_alone
+        # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
+        self.cores = cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
         self.stages, self.done, self.timings = {}, set(), {}
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         self.timings_path = os.path.join(run_dir, "timings.json")
@@ -64,7 +67,7 @@ class StageRunner:
     def add(self, name, output, args, after=(), heavy=False, estimate=5.0):
         """Declares a stage; returns its output path."""
         assert name not in self.stages, f"stage {name} declared twice"
-        self.stages[name] = Stage(name, output, list(args), tuple(after), heavy, estimate)
+        self.stages[name] = Stage(name, output, list(args), tuple(after), heavy and self.heavy_alone, estimate)
         return output
 
     # Running ------------------------------------------------------------------------------------------------
@@ -89,16 +92,17 @@ class StageRunner:
 
     def _ready(self, running):
         """Stages whose dependencies are done, as many as may start now: a heavy stage only alone, light ones two
-        at a time."""
+        at a time. A ready heavy stage goes first (it is on the long path; a light one alone would leave a core
+        idle), and light ones gather meanwhile to run in pairs."""
         if any(s.heavy for s in running):
             return []
         waiting = [s for s in self.stages.values() if s.name not in self.done and s.proc is None
                    and all(d in self.done for d in s.after)]
         heavy = [s for s in waiting if s.heavy]
         light = [s for s in waiting if not s.heavy]
-        if light:
-            return light[: max(0, 2 - len(running))]
-        return heavy[:1] if not running else []
+        if heavy:
+            return heavy[:1] if not running else []
+        return light[: max(0, 2 - len(running))]
 
     def _start(self, stage, threads):
         self._line(f"[{stage.name}] {' '.join(stage.args)}")

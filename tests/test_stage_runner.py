@@ -1,0 +1,67 @@
+"""The main job's stage runner: dependency order, heavy stages alone, reuse, progress read from tqdm, failures."""
+
+import json
+import os
+
+import pytest
+
+from stage_runner import TQDM, StageRunner
+
+
+def writer(path, text="x", tqdm_line=""):
+    """A stage: a tiny Python process that prints a tqdm-like line, records when it ran and writes its output."""
+    code = (f"import time, os; print({tqdm_line!r}, flush=True); "
+            f"open({path!r} + '.t', 'w').write(repr((time.time(), os.environ['OMP_NUM_THREADS']))); time.sleep(0.3); "
+            f"open({path!r}, 'w').write({text!r})")
+    return ["-c", code]
+
+
+def ran(path):
+    with open(path + ".t") as f:
+        return eval(f.read())  # (start time, threads)
+
+
+def test_stages_run_after_their_dependencies_heavy_ones_alone_and_finished_ones_are_reused(tmp_path):
+    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    out = {n: str(tmp_path / n) for n in ("a", "b", "c", "d")}
+    p.add("a", out["a"], writer(out["a"]), heavy=True)
+    p.add("b", out["b"], writer(out["b"]), after=["a"])
+    p.add("c", out["c"], writer(out["c"]), after=["a"])
+    p.add("d", out["d"], writer(out["d"]), after=["b", "c"], heavy=True)
+    p.run()
+    (ta, threads_a), (tb, threads_b), (tc, _), (td, _) = (ran(out[n]) for n in "abcd")
+    assert ta < tb and ta < tc and max(tb, tc) < td
+    assert abs(tb - tc) < 0.3  # the two light stages ran side by side ...
+    assert (threads_a, threads_b) == ("2", "1")  # ... with one thread each; the heavy one had both cores
+    with open(tmp_path / "run" / "timings.json") as f:
+        assert set(json.load(f)) == {"a", "b", "c", "d"}
+    assert os.path.isfile(tmp_path / "run" / "logs" / "a.log")
+    os.remove(out["d"])  # a second run redoes only what is missing
+    os.remove(out["a"] + ".t")
+    q = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    for name, after in (("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"])):
+        q.add(name, out[name], writer(out[name]), after=after)
+    q.run()
+    assert not os.path.exists(out["a"] + ".t") and ran(out["d"])[0] > td
+
+
+def test_a_failed_stage_stops_the_run_and_shows_its_log(tmp_path):
+    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    p.add("bad", str(tmp_path / "never"), ["-c", "import sys; print('the reason'); sys.exit(3)"])
+    p.add("after_bad", str(tmp_path / "x"), writer(str(tmp_path / "x")), after=["bad"])
+    with pytest.raises(SystemExit, match="(?s)bad.*exit 3.*the reason"):
+        p.run()
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_progress_is_read_from_a_tqdm_line():
+    line = "distil:  40%|####      | 320/800 [01:52<02:48,  2.85it/s, loss=0.0008]"
+    n, total, elapsed, left, rate, unit = TQDM.findall(line)[-1]
+    assert (n, total, elapsed, left, rate, unit) == ("320", "800", "01:52", "02:48", "2.85", "it")
+
+
+def test_omp_num_threads_limits_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert StageRunner(str(tmp_path / "a"), str(tmp_path)).cores == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert StageRunner(str(tmp_path / "b"), str(tmp_path)).cores == len(os.sched_getaffinity(0))
