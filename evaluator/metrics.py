@@ -95,6 +95,23 @@ def precision_recall(real_features, fake_features, k=3, block=10_000):
     return precision, recall
 
 
+def _resampled_precision_recall(real, fake, k):
+    """A function of indices idx giving precision_recall(real, fake[idx], k), from distances computed once: which fakes
+    lie in the real manifold does not depend on the resample, and the resample's own k-NN radii come from the fake-fake
+    distances. For bootstrap intervals over many resamples."""
+    real, fake = np.asarray(real), np.asarray(fake)
+    real_radii = _knn_radii(real, k, 10_000)
+    fake_real = _pairwise_sq_distances(fake, real)  # (n_fake, n_real)
+    in_real = (fake_real <= real_radii[None, :]).any(axis=1)
+    fake_fake = _pairwise_sq_distances(fake, fake)
+
+    def figures(idx):
+        radii = np.partition(fake_fake[np.ix_(idx, idx)], k, axis=1)[:, k]  # the resample's own k-NN radii
+        recall = float((fake_real[idx] <= radii[:, None]).any(axis=0).mean())
+        return float(in_real[idx].mean()), recall
+    return figures
+
+
 def two_set_figures(real, fake, bootstrap=0, seed=0, k=3):
     """FID, precision and recall of `fake` features against `real` ones. With bootstrap > 0, also each figure's
     95% interval, the figure +- 1.96 bootstrap standard errors over that many resamples (with replacement) of the
@@ -106,10 +123,11 @@ def two_set_figures(real, fake, bootstrap=0, seed=0, k=3):
     if bootstrap:
         rng = np.random.default_rng(seed)
         real_stats = feature_statistics(real)
+        resampled_pr = _resampled_precision_recall(real, fake, k)
         draws = []
         for _ in range(bootstrap):
-            resample = fake[rng.integers(0, len(fake), len(fake))]
-            draws.append((frechet_distance(*feature_statistics(resample), *real_stats), *precision_recall(real, resample, k=k)))
+            idx = rng.integers(0, len(fake), len(fake))
+            draws.append((frechet_distance(*feature_statistics(fake[idx]), *real_stats), *resampled_pr(idx)))
         errors = np.array(draws).std(axis=0, ddof=1)
         for name, error in zip(("fid", "precision", "recall"), errors):
             out[f"{name}_ci"] = [float(out[name] - 1.96 * error), float(out[name] + 1.96 * error)]

@@ -93,3 +93,14 @@ def test_the_teachers_floor_compares_two_disjoint_noise_sets_with_the_same_label
     assert distances.min() > 1.0  # no noise of one set reappears in the other
     y_own, own = per_index_noise(1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
     assert torch.equal(own, b) and not torch.equal(y_own, y_a)  # only the labels moved
+
+
+def test_bootstrap_precision_recall_from_distances_computed_once_equals_recomputing_them():
+    from evaluator.metrics import _resampled_precision_recall, precision_recall
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.standard_normal((120, 8)), rng.standard_normal((150, 8)) * 1.3
+    fast = _resampled_precision_recall(real, fake, 3)
+    for _ in range(5):
+        idx = rng.integers(0, len(fake), len(fake))
+        assert fast(idx) == pytest.approx(precision_recall(real, fake[idx], k=3), abs=1e-12)
