@@ -1,7 +1,7 @@
 """Distils a K-step ARD student from a trajectory store (regression stage), or fine-tunes one with the GAN
 stage (--gan).
 
-    python train_ard.py --traj runs/digits/traj --teacher-ckpt runs/digits/teacher/checkpoints/0002000.pt \
+    python train_ard.py --traj runs/digits/traj --teacher-ckpt runs/digits/teacher/checkpoints/0001400.pt \
         --history-layers 3 --max-steps 1200                      # ARD on the digits (N = 3 of 6 blocks)
     python train_ard.py ... --history-layers 0                    # step distillation, the baseline
     torchrun --nproc_per_node=8 train_ard.py --traj /data/ard/traj --teacher-ckpt DiT-XL-2-256x256.pt \

@@ -50,12 +50,15 @@ def figure(results, path):
     ard = [r for r in results if r["history_layers"]]
     for r in ard:
         for i, row in enumerate(r["attention_mass"]):
-            axes[0].plot(range(len(row)), row, "-o", label=f"N={r['history_layers']}, block {i}")
+            axes[0].plot(range(1, len(row) + 1), row, "-o", label=f"N={r['history_layers']}, block {i}")
     axes[0].set(xlabel="step k", ylabel="attention on steps < k", title="(a) attention mass on the history")
     axes[0].legend(fontsize=6)
     for r in results:
-        axes[1].plot(range(len(r["swap_change"])), r["swap_change"], "-o", label=f"N={r['history_layers']}")
-    axes[1].set(xlabel="step k", ylabel="MSE change of step k's prediction", title="(b) history swapped (same class)", yscale="symlog")
+        axes[1].plot(range(1, len(r["swap_change"]) + 1), r["swap_change"], "-o", label=f"N={r['history_layers']}")
+    axes[1].set(xlabel="step k", ylabel="MSE change of step k's prediction", title="(b) history swapped (same class)")
+    axes[1].set_yscale("symlog", linthresh=1e-6)  # exact zeros (N = 0, step 1) stay on the axis
+    for ax in axes[:2]:
+        ax.set_xticks(range(1, len(results[0]["swap_change"]) + 1))
     axes[1].legend(fontsize=7)
     for r in results:
         sig = [float(s) for s in r["dose_response"]]

@@ -86,3 +86,12 @@ def test_translation_shifts_each_image_and_fills_the_border_with_background():
         shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                   if torch.equal(out[i], torch.nn.functional.pad(x[i], [1] * 4, value=-1.0)[:, 1 - dy : 5 - dy, 1 - dx : 5 - dx])]
         assert len(shifts) == 1
+
+
+def test_real_images_are_dequantised_within_one_grey_level():
+    teacher, _ = tiny()
+    levels = torch.randint(0, 17, (4, 1, 8, 8)).float() / 8 - 1  # the digits' 17 grey levels
+    real = iter([(levels, torch.tensor([0, 1, 2, 3]))])
+    gan = GANStage(teacher, 4, [0], torch.device("cpu"), real, dequantize=2 / 16)
+    x, _ = gan.real()
+    assert (x - levels).abs().max() <= 1 / 16 and (x - levels).abs().min() > 0  # off the levels, never past half a level

@@ -40,3 +40,21 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
     again = run_script(["digits_pipeline.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")
+
+
+def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_step(tmp_path):
+    import digits_pipeline as pipeline
+    from stage_runner import StageRunner
+
+    args = pipeline.parse_args(["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")])
+    b, est = pipeline.BUDGETS["default"], pipeline.ESTIMATES["default"]
+    p = StageRunner(str(tmp_path / "run"), pipeline.ROOT)
+    rows, _, _ = pipeline.declare(p, b, est, args)
+    short = [r for r in rows if r[4] in ("k4_n0_short", f"k4_n{pipeline.HISTORY_LAYERS}_short")]
+    assert len(short) == 6 and all(r[3].endswith(f"{b['headroom_steps']:07d}.pt") for r in short)
+    for seed, steps in ((0, b["student_steps"]), (1, b["headroom_steps"]), (2, b["headroom_steps"])):
+        stage = p.stages[f"student_k4_n0_state_s{seed}"]  # seed 0 is the default row; 1 and 2 train only to the headroom step
+        assert stage.args[stage.args.index("--max-steps") + 1] == str(steps)
+        every = int(stage.args[stage.args.index("--ckpt-every") + 1])
+        assert b["headroom_steps"] % every == 0  # so the headroom checkpoint is written
+    assert "history_probe_short" in p.stages
