@@ -190,7 +190,7 @@ def main(args):
     results = {name: dict(json.load(open(figures_of[name])), steps=steps, kind=kind, source=source, group=group)
                for name, steps, kind, source, group in rows}
     costs = measure_costs(p, b, rows)
-    table = summarise(results, costs, json.load(open(real)), rows, args, b, step_mse(p, rows, b))
+    table = summarise(results, costs, json.load(open(real)), rows, args, b, step_mse(rows))
     with open(p.path("results.md"), "w") as f:
         f.write(table["markdown"])
     write_json(p.path("results.json"), table["json"])
@@ -277,7 +277,7 @@ def interval(values):
     return text
 
 
-def step_mse(p, rows, b):
+def step_mse(rows):
     """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and teacher-forced (TF),
     at the step of its checkpoint, from its run's metrics: {group: (AR per step, TF per step, seeds)}."""
     out = {}
