@@ -159,3 +159,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(teacher, s
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000001.pt", "0000002.pt"]
 
 
+
+
+def test_a_checkpoint_after_k_steps_does_not_depend_on_max_steps(teacher, store, tmp_path):
+    # The headroom rows of the main job read the 400-step checkpoint of 800-step runs as a 400-step run's.
+    run_script(ard_args(teacher[0], store, tmp_path / "short", 4, "--ckpt-every", "4", "--val-count", "16", "--val-every", "4"))
+    run_script(ard_args(teacher[0], store, tmp_path / "long", 8, "--ckpt-every", "4", "--val-count", "16", "--val-every", "2"))
+    assert_same_weights(load_checkpoint(str(tmp_path / "short" / "checkpoints" / "0000004.pt")),
+                        load_checkpoint(str(tmp_path / "long" / "checkpoints" / "0000004.pt")))
