@@ -263,16 +263,14 @@ def degradation(results, groups, teacher, key, setting):
     return [(s - teacher) / (a - teacher) for s, a in zip(sd, ard)], min(sd + ard + lows, default=float("inf")) <= teacher
 
 
-# Two-sided 95% Student-t quantiles by degrees of freedom, for intervals over a few seeds.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
-
-
 def interval(values):
-    """'mean ± std, 95% t-interval [lo, hi]' over seeds (the interval only with 2 to 6 values)."""
+    """'mean ± std, 95% t-interval [lo, hi]' over seeds (the interval with 2 or more values)."""
+    from scipy.stats import t
+
     m, s = mean_spread(values)
     text = f"{m:.2f} ± {s:.2f}"
-    if len(values) - 1 in T95:
-        half = T95[len(values) - 1] * s / len(values) ** 0.5
+    if len(values) > 1:
+        half = t.ppf(0.975, len(values) - 1) * s / len(values) ** 0.5
         text += f", 95% t-interval [{m - half:.2f}, {m + half:.2f}]"
     return text
 

@@ -148,10 +148,10 @@ def open_shard(folder, start, stop, state_shape, dtype):
 
 
 def log_snr(t):
-    """log(alpha-bar / (1 - alpha-bar)) of a timestep of DiT's 1000-step linear schedule."""
-    from diffusion.gaussian_diffusion import get_named_beta_schedule
+    """log(alpha-bar / (1 - alpha-bar)) of a timestep of DiT's 1000-step diffusion."""
+    from diffusion import create_diffusion
 
-    alpha_bar = float(np.cumprod(1.0 - get_named_beta_schedule("linear", 1000))[int(t)])
+    alpha_bar = float(create_diffusion("").alphas_cumprod[int(t)])
     return float(np.log(alpha_bar / (1.0 - alpha_bar)))
 
 

@@ -98,7 +98,8 @@ def precision_recall(real_features, fake_features, k=3, block=10_000):
 def _resampled_precision_recall(real, fake, k):
     """A function of indices idx giving precision_recall(real, fake[idx], k), from distances computed once: which fakes
     lie in the real manifold does not depend on the resample, and the resample's own k-NN radii come from the fake-fake
-    distances. For bootstrap intervals over many resamples."""
+    distances. For bootstrap intervals over many resamples of a few thousand samples (it holds the n x n distances,
+    where precision_recall works in blocks and suits 50,000)."""
     real, fake = np.asarray(real), np.asarray(fake)
     real_radii = _knn_radii(real, k, 10_000)
     fake_real = _pairwise_sq_distances(fake, real)  # (n_fake, n_real)
