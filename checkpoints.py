@@ -15,10 +15,26 @@ from cli import MissingFileError, UserError
 from fileio import atomic_write
 from models import DiT_models, MODEL_CONFIGS
 
-# Official DiT checkpoints (facebookresearch/DiT): looked up locally first, then downloaded.
-PRETRAINED_DIT = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
-PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+# Official checkpoints, bare state dicts in DiT's module names, looked up under pretrained_models/ first, then
+# downloaded. SiT and REPA train SiT-XL/2, which is DiT-XL/2's architecture, as flow-matching models.
+PRETRAINED = {
+    "DiT-XL-2-256x256.pt": dict(family="dit", image_size=256, url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
+    "DiT-XL-2-512x512.pt": dict(family="dit", image_size=512, url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
+    "SiT-XL-2-256x256.pt": dict(family="sit", image_size=256, url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
+                                "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),  # SiT's download.py
+    "REPA-SiT-XL-2-256x256.pt": dict(family="repa", image_size=256, url="https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/"
+                                     "last.pt?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0"),  # REPA's 'last.pt', 4M iterations
+}
 PRETRAINED_DIR = "pretrained_models"
+# What each family's network predicts and how its time input reads (diffusion/flow.py): DiT predicts noise (and a
+# variance) at integer timesteps 0..999; SiT (ICPlan) a velocity with t = 0 the noise; REPA a velocity with t = 1 the
+# noise. SiT and REPA feed t in [0, 1] to the timestep embedder as it is.
+FAMILIES = {
+    "dit": dict(prediction="eps", noise_at=None, time_scale=None),
+    "sit": dict(prediction="velocity", noise_at=0.0, time_scale=1.0),
+    "repa": dict(prediction="velocity", noise_at=1.0, time_scale=1.0),
+}
+REPA_PROJECTORS = "projectors."  # REPA's alignment MLPs on an intermediate block: training only, not part of the sampler
 KINDS = {"dit": "a DiT teacher", "ard": "an ARD student"}
 
 
@@ -62,49 +78,64 @@ def check_finite(state_dict, path):
 
 
 def find_checkpoint(name_or_path):
-    """A local path as given; else a bare official DiT name (no folder) under pretrained_models/, downloaded if
-    absent and checked to be an official DiT-XL/2 before it is kept."""
+    """A local path as given; else a bare official name (no folder) under pretrained_models/, downloaded if
+    absent and checked to be the official model it names before it is kept."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    if name_or_path not in PRETRAINED_DIT:
-        hint = f"; official names, without a folder: {', '.join(PRETRAINED_DIT)}" if os.path.basename(name_or_path) in PRETRAINED_DIT else ""
+    if name_or_path not in PRETRAINED:
+        hint = f"; official names, without a folder: {', '.join(PRETRAINED)}" if os.path.basename(name_or_path) in PRETRAINED else ""
         raise MissingFileError(f"checkpoint {name_or_path} does not exist{hint}")
-    local = os.path.join(PRETRAINED_DIR, name_or_path)
+    local, url = os.path.join(PRETRAINED_DIR, name_or_path), PRETRAINED[name_or_path]["url"]
     if not os.path.isfile(local):
         os.makedirs(PRETRAINED_DIR, exist_ok=True)
         tmp = f"{local}.download"
         try:
-            torch.hub.download_url_to_file(PRETRAINED_URL.format(name_or_path), tmp)
+            torch.hub.download_url_to_file(url, tmp)
         except Exception as e:
             raise MissingFileError(
                 f"{name_or_path} is not in {PRETRAINED_DIR}/ and could not be downloaded ({e}); "
-                f"download {PRETRAINED_URL.format(name_or_path)} into {PRETRAINED_DIR}/ by hand"
+                f"download {url} into {PRETRAINED_DIR}/{name_or_path} by hand"
             ) from e
-        verify_official_dit(tmp, PRETRAINED_DIT[name_or_path])
+        verify_official(tmp, name_or_path)
         os.replace(tmp, local)
     return local
 
 
-def verify_official_dit(path, image_size):
-    """DiT publishes no checksums: a download is accepted if it loads with weights_only=True, has official
-    DiT-XL/2's config at that image size, and holds only finite weights."""
+def verify_official(path, name):
+    """The official checkpoints come without checksums: a download is accepted if it loads with weights_only=True,
+    has the official XL/2 config of its family at its image size, and holds only finite weights."""
+    official = PRETRAINED[name]
     state_dict = load_checkpoint(path)
-    config = infer_dit_config(state_dict)
-    expected = dict(model="DiT-XL/2", input_size=image_size // 8, in_channels=4, num_classes=1000, learn_sigma=True)
-    if config != expected:
-        raise UserError(f"the download {path} is not the official DiT checkpoint (it has {config}); remove it and try again")
+    config = infer_dit_config({k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)})
+    expected = dict(model="DiT-XL/2", input_size=official["image_size"] // 8, in_channels=4, num_classes=1000,
+                    learn_sigma=official["family"] != "repa")
+    if config != expected or (official["family"] == "repa") != any(k.startswith(REPA_PROJECTORS) for k in state_dict):
+        raise UserError(f"the download {path} is not the official {name} (it has {config}); remove it and try again")
     check_finite(state_dict, path)
+
+
+def bare_family(state_dict, path):
+    """Which official family a bare state dict belongs to: REPA's hold its projector weights; SiT's and DiT's have
+    the same names and shapes, so a SiT checkpoint is known by its official file name (or imported, see below)."""
+    if any(k.startswith(REPA_PROJECTORS) for k in state_dict):
+        return "repa"
+    name = os.path.basename(path)
+    return PRETRAINED[name]["family"] if name in PRETRAINED else "dit"
 
 
 #################################################################################
 #                                The config schema                              #
 #################################################################################
 
-def teacher_config(model, input_size, in_channels, num_classes, learn_sigma, space, vae, image_size, data):
+def teacher_config(model, input_size, in_channels, num_classes, learn_sigma, space, vae, image_size, data,
+                   prediction="eps", noise_at=None, time_scale=None):
     """What a teacher checkpoint says about its model: the DiT_models key and its constructor arguments,
-    the space it works in ('pixel' or 'latent', with the VAE), the image size and the data it learnt."""
+    the space it works in ('pixel' or 'latent', with the VAE), the image size and the data it learnt, and what
+    it predicts: 'eps' (DiT) or 'velocity' (a flow, with its time convention: the end of t in [0, 1] that is
+    noise, and the factor its time embedding is fed t with; see diffusion/flow.py)."""
     return dict(kind="dit", model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                learn_sigma=learn_sigma, space=space, vae=vae, image_size=image_size, data=data)
+                learn_sigma=learn_sigma, space=space, vae=vae, image_size=image_size, data=data,
+                prediction=prediction, noise_at=noise_at, time_scale=time_scale)
 
 
 def student_config(teacher, timesteps, history_layers, boundaries, target, teacher_sha256, gan):
@@ -113,7 +144,8 @@ def student_config(teacher, timesteps, history_layers, boundaries, target, teach
     return dict(kind="ard", model=teacher["model"], input_size=teacher["input_size"], in_channels=teacher["in_channels"],
                 num_classes=teacher["num_classes"], timesteps=list(timesteps), history_layers=history_layers,
                 boundaries=list(boundaries), target=target, space=teacher["space"], vae=teacher.get("vae"),
-                image_size=teacher.get("image_size"), data=teacher.get("data"), teacher_sha256=teacher_sha256, gan=gan)
+                image_size=teacher.get("image_size"), data=teacher.get("data"), teacher_sha256=teacher_sha256, gan=gan,
+                teacher_prediction=teacher.get("prediction", "eps"))
 
 
 def infer_dit_config(state_dict):
@@ -136,18 +168,30 @@ def infer_dit_config(state_dict):
     )
 
 
-def weights_and_config(ckpt):
-    """(state_dict, config) of a loaded checkpoint: ours (EMA weights) or an official bare DiT state dict."""
+def bare_weights_and_config(state_dict, family):
+    """(state_dict, config) of an official bare state dict of a family in FAMILIES: models of SD-VAE latents
+    (4 channels, 8x downsampling). REPA's projector weights are dropped, and said so."""
+    projectors = [k for k in state_dict if k.startswith(REPA_PROJECTORS)]
+    if projectors:
+        print(f"dropping REPA's {len(projectors)} projector tensors ({REPA_PROJECTORS}*): they align features in training "
+              f"and take no part in sampling")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)}
+    inferred = infer_dit_config(state_dict)
+    if inferred["in_channels"] != 4:
+        raise UserError(f"a bare state dict with {inferred['in_channels']} input channels is not an official DiT, SiT or REPA "
+                        f"checkpoint, whose space is unknown: save it in train.py's format, with its config")
+    return state_dict, teacher_config(**inferred, space="latent", vae="ema", image_size=inferred["input_size"] * 8, data=None,
+                                      **FAMILIES[family])
+
+
+def weights_and_config(ckpt, path=""):
+    """(state_dict, config) of a loaded checkpoint: ours (EMA weights) or an official bare DiT, SiT or REPA state
+    dict (see bare_family; `path` is the file it came from)."""
     if isinstance(ckpt, dict) and "config" in ckpt and "ema" in ckpt:
         return ckpt["ema"], ckpt["config"]
     if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:
-        # A bare state dict is official DiT's format: models of SD-VAE latents (4 channels, 8x downsampling).
-        inferred = infer_dit_config(ckpt)
-        if inferred["in_channels"] != 4:
-            raise UserError(f"a bare DiT state dict with {inferred['in_channels']} input channels is not an official DiT "
-                            f"checkpoint, whose space is unknown: save it in train.py's format, with its config")
-        return ckpt, teacher_config(**inferred, space="latent", vae="ema", image_size=inferred["input_size"] * 8, data=None)
-    raise UserError("not a checkpoint of this repository nor an official DiT state dict")
+        return bare_weights_and_config(ckpt, bare_family(ckpt, path))
+    raise UserError("not a checkpoint of this repository nor an official DiT, SiT or REPA state dict")
 
 
 #################################################################################
@@ -172,7 +216,7 @@ def load_model(name_or_path, device="cpu", kind=None):
     """The model of a checkpoint (its EMA weights for ours), loaded strictly, in eval mode, and its config.
     kind='dit' or 'ard' refuses a checkpoint of the other kind."""
     path = find_checkpoint(name_or_path)
-    state_dict, config = weights_and_config(load_checkpoint(path))
+    state_dict, config = weights_and_config(load_checkpoint(path), path)
     if kind is not None and config["kind"] != kind:
         raise UserError(f"{name_or_path} holds {KINDS.get(config['kind'], config['kind'])}, not {KINDS[kind]}")
     check_finite(state_dict, path)
@@ -182,3 +226,38 @@ def load_model(name_or_path, device="cpu", kind=None):
     except RuntimeError as e:
         raise UserError(f"{path}: the weights do not match the model its config describes ({str(e).splitlines()[0]})") from e
     return model.to(device).eval(), config
+
+
+def import_official(src, family, dst):
+    """Writes a bare official state dict of `family` (under any file name) as a checkpoint of this repository,
+    with its config, so every script reads its prediction type and time convention from the file."""
+    state_dict, config = bare_weights_and_config(load_checkpoint(src), family)
+    check_finite(state_dict, src)
+    model = build_model(config)
+    model.load_state_dict(state_dict, strict=True)  # refuse before writing anything
+    save_checkpoint(dst, {"ema": state_dict, "config": config, "source": os.path.basename(src)})
+    return config
+
+
+def parse_args(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Import an official DiT, SiT or REPA state dict saved under another name:\n"
+                                     "    python -m checkpoints --family sit my-sit.pt pretrained_models/sit-imported.pt",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", type=str, choices=list(FAMILIES), required=True,
+                        help="whose checkpoint it is (SiT's and DiT's cannot be told apart by their weights)")
+    parser.add_argument("src", type=str, help="the bare state dict")
+    parser.add_argument("dst", type=str, help="the checkpoint to write")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    import cli
+
+    def main(args):
+        if os.path.exists(args.dst):
+            raise UserError(f"{args.dst} exists: pick another destination")
+        print(f"wrote {args.dst}: {import_official(args.src, args.family, args.dst)}")
+
+    cli.run(main, parse_args)

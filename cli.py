@@ -49,7 +49,8 @@ non_negative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _typed(float, lambda v: v > 0, "a positive number")
 non_negative_float = _typed(float, lambda v: v >= 0, "a non-negative number")
 probability = _typed(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-decay = _typed(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+unit_float = _typed(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+decay = unit_float
 diffusion_steps = _typed(int, lambda v: 1 <= v <= 1000, "between 1 and 1000 (DiT's diffusion has 1000 steps)")
 
 

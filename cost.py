@@ -49,18 +49,19 @@ def _noise_and_labels(config, batch):
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.arange(batch) % config["num_classes"]
 
 
-def sampling_cost(model, config, steps=25, cfg_scale=1.5, batch=500):
-    """(FLOPs per image, CPU seconds per image) of sampling: a teacher's DDIM over `steps` with guidance
-    (two model calls per step unless cfg_scale is 1), or a student's K steps."""
+def sampling_cost(model, config, steps=25, cfg_scale=1.5, batch=500, sampler="ddim"):
+    """(FLOPs per image, CPU seconds per image) of sampling: a teacher's `sampler` over `steps` with guidance
+    (two model calls per evaluation unless cfg_scale is 1), or a student's K steps."""
     with torch.device("meta"):
         meta = build_model(config)
         x, y = torch.randn(2, config["in_channels"], config["input_size"], config["input_size"]), torch.zeros(2, dtype=torch.long)
         if config["kind"] == "ard":
             flops = count_flops(lambda: meta.sample(x[:1], y[:1]))
         else:
-            flops = count_flops(lambda: meta(x, y, y)) / 2 * steps * (2 if cfg_scale != 1.0 else 1)
+            evaluations = 2 * steps - 1 if sampler == "heun" else steps  # Heun: two per step, one on the last
+            flops = count_flops(lambda: meta(x, y, y)) / 2 * evaluations * (2 if cfg_scale != 1.0 else 1)
     noise, labels = _noise_and_labels(config, batch)
     if config["kind"] == "ard":
         return flops, best_time(lambda: model.sample(noise, labels)) / batch
-    sampler = TeacherSampler(model, config["space"], "ddim", steps, cfg_scale)
-    return flops, best_time(lambda: sampler(noise, labels)) / batch
+    solve = TeacherSampler(model, config, sampler, steps, cfg_scale)
+    return flops, best_time(lambda: solve(noise, labels)) / batch

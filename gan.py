@@ -34,6 +34,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 import dist_util
 from cli import UserError
 from diffusion import create_diffusion
+from diffusion.flow import FlowMatching
 from image_data import image_folder, load_digits
 from training import StepBatchSampler, requires_grad
 from vae import vae_encode
@@ -78,8 +79,13 @@ class FeatureDiscriminator(nn.Module):
         return self._teacher[0]
 
     def forward(self, x0, y, t, noise):
-        """Discriminator logits (N,) for clean x0, diffused to timesteps t with the given noise."""
-        xt = self.diffusion.q_sample(x0, t, noise)
+        """Discriminator logits (N,) for clean x0, diffused to timesteps t of DiT's 1000-step diffusion with the given
+        noise; a flow teacher reads t as the noise level t / 1000 in its own time convention."""
+        if isinstance(self.diffusion, FlowMatching):
+            s = t.float() / 1000
+            xt, t = self.diffusion.q_sample(x0, s, noise), self.diffusion.model_time(s)
+        else:
+            xt = self.diffusion.q_sample(x0, t, noise)
         features = self.teacher.block_features(xt, t, y, self.blocks)
         return torch.stack([head(f, y) for head, f in zip(self.heads, features)], dim=0).mean(dim=0)
 
@@ -135,8 +141,8 @@ class GANStage:
 
     def __init__(self, teacher, num_classes, blocks, device, real_batches, vae=None, disc_lr=2e-4, scale=0.5,
                  max_weight=10.0, warmup=100, max_t=300, augment=0, flip=False, dequantize=0.0, precision="fp32", state=None,
-                 weight=None):
-        self.diffusion = create_diffusion("")
+                 weight=None, process=None):
+        self.diffusion = process if process is not None else create_diffusion("")  # the teacher's (teacher_process)
         self.raw_disc = FeatureDiscriminator(teacher, self.diffusion, blocks, num_classes).to(device)
         self.disc_opt = torch.optim.AdamW(self.raw_disc.parameters(), lr=disc_lr, weight_decay=0)
         if state is not None:

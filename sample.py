@@ -41,7 +41,8 @@ def main(args):
     # Load model:
     model, config = load_model(args.ckpt, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
-    generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg)
+    generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
+                         args.guidance_interval)
 
     # Sample:
     labels = grid_labels(args, config["num_classes"])

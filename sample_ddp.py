@@ -42,6 +42,8 @@ def run_settings(args, ckpt_sha256, student):
     if not student:
         settings.update(sampler=args.sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
                         legacy_cfg=args.legacy_cfg)
+        if args.guidance_interval is not None:
+            settings["guidance_interval"] = list(args.guidance_interval)
     return settings
 
 
@@ -76,7 +78,8 @@ def main(args):
     # Load the model and check any earlier partial run:
     model, config = load_model(ckpt_path, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
-    generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg)
+    generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
+                         args.guidance_interval)
     settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), config["kind"] == "ard")
     chunk_dir = f"{args.out}.chunks"
     start_or_resume(os.path.join(chunk_dir, "settings.json"), settings, f"the chunk folder {chunk_dir}")

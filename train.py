@@ -7,6 +7,7 @@ space or in the latent space of the Stable Diffusion VAE.
     torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-XL/2 --data /path/to/imagenet/train \
         --image-size 256 --vae ema --global-batch-size 256 --ema-decay 0.9999 --max-steps 400000
     python train.py --resume results/000-DiT-T-2/checkpoints/0003000.pt --max-steps 6000
+    python train.py --objective flow                   # a flow-matching (velocity) teacher, as SiT and REPA train
 
 All the randomness of a step (noise, timesteps, class dropout, flips, VAE posterior samples) is seeded
 by (global seed, step, rank) and the data order is a function of the step, so --resume continues
@@ -22,7 +23,8 @@ import cli
 import dist_util
 from checkpoints import build_model, teacher_config
 from cli import UserError, non_negative_int, positive_int, probability
-from diffusion import create_diffusion
+from diffusion.flow import NOISE_AT, TIME_SCALE
+from diffusion.sampling import teacher_process
 from image_data import image_folder, load_digits
 from models import DiT_models
 from seeding import step_seed
@@ -31,7 +33,7 @@ from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Tr
 from vae import VAE_DOWNSAMPLE, load_vae
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
-RUN_DEFINING_ARGS = ("model", "data", "image_size", "vae", "global_batch_size", "global_seed",
+RUN_DEFINING_ARGS = ("model", "objective", "data", "image_size", "vae", "global_batch_size", "global_seed",
                      "class_dropout_prob", "learn_sigma", "ema_decay", "lr", "lr_schedule", "warmup_steps")
 
 
@@ -73,8 +75,9 @@ def main(args):
                                          pin_memory=device.type == "cuda")
 
     # Create model (the same initial weights on every rank):
+    prediction = dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE) if args.objective == "flow" else {}
     config = teacher_config(args.model, input_size, in_channels, num_classes, args.learn_sigma,
-                            "pixel" if vae is None else "latent", args.vae, args.image_size, args.data)
+                            "pixel" if vae is None else "latent", args.vae, args.image_size, args.data, **prediction)
     torch.manual_seed(args.global_seed)
     trainer = Trainer(build_model(config, class_dropout_prob=args.class_dropout_prob), device, args.lr,
                       ema_decay=args.ema_decay, compile=args.compile, state=ckpt,
@@ -88,16 +91,15 @@ def main(args):
                         "rng": {"scheme": "seeded per (global_seed, step, rank)", "global_seed": args.global_seed}})
 
     try:
-        train_loop(args, run, trainer, loader, vae, device, save)
+        train_loop(args, run, trainer, loader, vae, device, save, teacher_process(config))
     except NonFiniteError as e:
         raise stop_on_nonfinite(run, e) from None
     run.logger.info("Done!")
     dist_util.cleanup()
 
 
-def train_loop(args, run, trainer, loader, vae, device, save):
-    """DiT's training loop: the loss of each step, logging and checkpoints."""
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=args.learn_sigma)  # 1000 steps, linear schedule
+def train_loop(args, run, trainer, loader, vae, device, save, diffusion):
+    """DiT's training loop: the loss of each step (of DiT's 1000-step diffusion or the flow), logging and checkpoints."""
     trainer.model.train()
     run.logger.info(f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}")
     averager = MetricsAverager(device)
@@ -129,14 +131,22 @@ def parse_args(argv=None):
     parser.add_argument("--vae", type=str, default=None,
                         help="train in the latent space of this VAE: 'ema', 'mse' (the SD VAEs), a hub id or a local folder")
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-T/2", help="DiT config")
-    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
-                        help="learn the variance (DiT's hybrid loss); its output channels are ignored by DDIM")
+    parser.add_argument("--objective", type=str, choices=["ddpm", "flow"], default="ddpm",
+                        help="ddpm: DiT's noise prediction on its 1000-step diffusion; flow: velocity prediction on the "
+                             "linear interpolant x_t = (1 - t) x + t noise (flow matching, as SiT and REPA)")
+    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                        help="learn the variance (DiT's hybrid loss; default for ddpm); its output channels are ignored by DDIM")
     parser.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for classifier-free guidance")
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips (default: on for image folders, off for the digits)")
     add_run_arguments(parser, "MODEL", "images", batch_size=128, max_steps=3000)
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for image folders")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.learn_sigma is None:
+        args.learn_sigma = args.objective == "ddpm"
+    elif args.learn_sigma and args.objective == "flow":
+        parser.error("a flow teacher predicts a velocity and has no variance to learn: drop --learn-sigma")
+    return args
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ import dist_util
 from checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
 from cli import MissingFileError, UserError, diffusion_steps, non_negative_float, non_negative_int, positive_float, positive_int
 from fileio import file_sha256
+from diffusion.sampling import teacher_process
 from gan import GANStage, real_images
 from image_data import save_grid
 from seeding import rank_seed, step_seed
 from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
                       prepare_run, requires_grad, stop_on_nonfinite)
-from trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
+from trajectory_store import (BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries,
+                              store_flow)
 from vae import load_vae, vae_decode
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
@@ -77,7 +79,8 @@ def check_inputs(args, device):
         raise UserError(f"--gan-blocks {args.gan_blocks} must be teacher blocks, 0 to {depth - 1}")
     if args.gan and args.data != "digits" and not os.path.isdir(args.data):
         raise MissingFileError(f"--data {args.data} does not exist (the GAN stage's real images: 'digits' or an ImageFolder)")
-    boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps, args.boundary_schedule)
+    boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps, args.boundary_schedule,
+                                                     store_flow(store.manifest))
     if args.val_count >= len(store):
         raise UserError(f"--val-count {args.val_count} leaves no training trajectories in a store of {len(store)}")
     dataset = TrajectoryDataset(store, boundaries, args.target)  # checks the boundaries against the store
@@ -115,7 +118,7 @@ def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt):
     return GANStage(teacher, teacher_cfg["num_classes"], blocks, device, real, vae, args.disc_lr, args.gan_scale,
                     args.gan_max_weight, args.gan_warmup, args.gan_max_t, augment, flip=args.data != "digits",
                     dequantize=args.gan_dequantize if args.gan_dequantize is not None else (2 / 16 if args.data == "digits" else 2 / 255),
-                    precision=args.precision, state=ckpt, weight=args.gan_weight)
+                    precision=args.precision, state=ckpt, weight=args.gan_weight, process=teacher_process(teacher_cfg))
 
 
 def main(args):
@@ -231,7 +234,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-steps", type=positive_int, default=None, help="K, the student's steps (default 4, or as --boundaries give)")
     parser.add_argument("--boundaries", type=non_negative_int, nargs="+", default=None,
                         help="K + 1 solver steps, from 0 (noise) to S (sample), e.g. 0 10 15 20 25; default: by --boundary-schedule")
-    parser.add_argument("--boundary-schedule", type=str, choices=list(BOUNDARY_SCHEDULES), default="t",
+    parser.add_argument("--boundary-schedule", type=str, choices=BOUNDARY_SCHEDULES, default="t",
                         help="default boundaries evenly spaced in the timestep ('t') or in log-SNR ('logsnr')")
     add_run_arguments(parser, "ARD-MODEL-NN", "trajectories", batch_size=64, max_steps=300_000)
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay of the student")

@@ -60,7 +60,17 @@ def store_manifest(args, ckpt_path, config, sampler, save_steps):
         clip_denoised=sampler.clip, save_steps=save_steps, save_timesteps=[grid[s] for s in save_steps],
         dtype=args.dtype, seed=args.global_seed, labels="index mod num_classes", count=args.num_trajectories,
         shard_size=args.shard_size, shards=[shard_name(i) for i in range(len(shard_ranges(args.num_trajectories, args.shard_size)))],
+        **flow_fields(config, args),
     )
+
+
+def flow_fields(config, args):
+    """A flow teacher's store also records what the model predicts and its time convention (its save_timesteps are
+    the model's own times, which the student embeds), and the guidance interval; a DiT teacher's store has neither."""
+    if config.get("prediction", "eps") != "velocity":
+        return {}
+    return dict(prediction="velocity", noise_at=config["noise_at"], time_scale=config["time_scale"],
+                guidance_interval=args.guidance_interval)
 
 
 def main(args):
@@ -73,7 +83,8 @@ def main(args):
 
     # Load the teacher and describe the run:
     model, config = load_model(ckpt_path, device, kind="dit")
-    sampler = TeacherSampler(model, config["space"], args.solver, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg)
+    sampler = TeacherSampler(model, config, args.solver, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
+                             args.guidance_interval)
     tokens = (config["input_size"] // model.patch_size) ** 2
     save_steps = parse_save_steps(args.save_steps, args.num_sampling_steps, tokens <= SMALL_MODEL_TOKENS)
     manifest = store_manifest(args, ckpt_path, config, sampler, save_steps)

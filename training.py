@@ -22,6 +22,7 @@ import torch
 import dist_util
 from checkpoints import check_finite, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
+from diffusion.flow import FlowMatching
 from fileio import remove_stale_temporaries, write_json
 from seeding import epoch_permutation
 from vae import vae_encode
@@ -74,13 +75,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def teacher_loss(model, diffusion, x, y, vae=None, random_flip=False):
-    """DiT's loss on one local batch of images x and labels y: random flips, VAE encoding, a uniform
-    timestep per image, the hybrid MSE + VB loss. Draws from the global RNG, which the loop seeds."""
+    """A teacher's loss on one local batch of images x and labels y: random flips, VAE encoding, then DiT's
+    (a uniform timestep per image, the hybrid MSE + VB loss) or, when `diffusion` is a FlowMatching process,
+    the flow-matching velocity loss. Draws from the global RNG, which the loop seeds."""
     if random_flip:
         flip = torch.rand(x.shape[0], device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if vae is not None:
         x = vae_encode(vae, x)
+    if isinstance(diffusion, FlowMatching):
+        return diffusion.training_loss(model, x, y).mean()
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
     return diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
 

@@ -155,23 +155,46 @@ def log_snr(t):
     return float(np.log(alpha_bar / (1.0 - alpha_bar)))
 
 
-BOUNDARY_SCHEDULES = {
-    "t": float,  # evenly spaced in the timestep: 999, 749, 500, 250 for K = 4 (most steps at low signal)
-    "logsnr": log_snr,  # evenly spaced in log-SNR: more content per step (K = 4 on DiT's grid: 999, 708, 291, 42)
-}
+BOUNDARY_SCHEDULES = ("t", "logsnr")  # evenly spaced in the noise level, or in log-SNR (more content per step)
 
 
-def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t"):
-    """K + 1 solver steps among the saved ones, from the noise to the sample: boundary k is the saved state whose
-    coordinate (the timestep, or its log-SNR) is nearest to the k-th of K + 1 evenly spaced values between the
-    noise's and timestep 0's. A pure function of the store's manifest, K and the schedule."""
-    if num_steps < 1:
-        raise UserError("the student needs at least one step")
+def schedule_coordinate(schedule, flow=None):
+    """The coordinate a boundary schedule spaces evenly, as a function of a saved timestep. For DiT's diffusion
+    (flow=None): the timestep itself ('t': 999, 749, 500, 250 for K = 4, most steps at low signal) or its log-SNR
+    ('logsnr': 999, 708, 291, 42 on DiT's 25-step grid). For a flow (diffusion/flow.py): the noise level s, or
+    2 log((1 - s) / s) (K = 4 on a 25-step grid: s = 1, 0.84, 0.48, 0.16)."""
     if schedule not in BOUNDARY_SCHEDULES:
         raise UserError(f"unknown boundary schedule {schedule!r}: use one of {', '.join(BOUNDARY_SCHEDULES)}")
-    coord = BOUNDARY_SCHEDULES[schedule]
+    if flow is None:
+        return float if schedule == "t" else log_snr
+    from diffusion.flow import log_snr as flow_log_snr
+
+    if schedule == "t":
+        return flow.noise_level
+    # The noise (s = 1) has log-SNR -inf: levels are clamped to the grid's inner range [1/S, 1 - 1/S].
+    lo = 1.0 / flow.num_timesteps
+    return lambda t: flow_log_snr(min(max(flow.noise_level(t), lo), 1.0 - lo))
+
+
+def store_flow(manifest):
+    """The teacher's flow (diffusion/flow.py) on the store's solver grid, or None for a DiT (noise-predicting) teacher."""
+    if manifest.get("prediction", "eps") != "velocity":
+        return None
+    from diffusion.flow import FlowMatching
+
+    return FlowMatching(manifest["num_sampling_steps"], manifest["noise_at"], manifest["time_scale"])
+
+
+def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t", flow=None):
+    """K + 1 solver steps among the saved ones, from the noise to the sample: boundary k is the saved state whose
+    coordinate (see schedule_coordinate) is nearest to the k-th of K + 1 evenly spaced values between the noise's
+    and that of the last time the teacher's solver evaluates (timestep 0 on DiT's grids, noise level 1 / S for a
+    flow). A pure function of the store's manifest, K and the schedule."""
+    if num_steps < 1:
+        raise UserError("the student needs at least one step")
+    coord = schedule_coordinate(schedule, flow)
     first, last = saved_steps[0], saved_steps[-1]
-    start, end = coord(saved_timesteps[0]), coord(0)
+    start, end = coord(saved_timesteps[0]), coord(0 if flow is None else flow.model_times()[-1])
     inner = [(s, coord(t)) for s, t in zip(saved_steps[1:-1], saved_timesteps[1:-1])]
     boundaries = [first]
     for k in range(1, num_steps):

@@ -73,7 +73,7 @@ def profile_sampling(threads):
     teacher = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10).eval()
     student = ARD_models["DiT-T/2"](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1, num_classes=10).eval()
     noise, y = torch.randn(500, 1, 8, 8), torch.arange(500) % 10
-    sampler = TeacherSampler(teacher, "pixel", "ddim", 25, 1.5)
+    sampler = TeacherSampler(teacher, dict(space="pixel"), "ddim", 25, 1.5)
     return {"teacher DDIM 25 + CFG, 500 trajectories": timed(lambda: sampler.trajectory(noise, y), repeats=3, warmup=1),
             "student 4 steps, 500 samples": timed(lambda: student.sample(noise, y), repeats=5, warmup=1)}
 

@@ -22,7 +22,10 @@ FINAL_TIMESTEP = -1  # the timestep recorded for the final (clean) sample, which
 
 
 def model_timesteps(diffusion):
-    """The original model timestep of each solver state but the last, noisiest first: [999, 957, ..., 0] for '25'."""
+    """The original model timestep of each solver state but the last, noisiest first: [999, 957, ..., 0] for '25'.
+    A flow (diffusion/flow.py) gives its model times instead."""
+    if hasattr(diffusion, "model_times"):
+        return diffusion.model_times()
     timestep_map = getattr(diffusion, "timestep_map", list(range(diffusion.num_timesteps)))
     return [int(t) for t in timestep_map[::-1]]
 

@@ -1,26 +1,46 @@
-"""How a model samples, in one place: classifier-free guidance, the sampler registry (one signature for
-all, see ode.py), the clip rule, and the function that turns noise and labels into images for a teacher
-(any sampler, S steps, guidance) or for an ARD student (its own K steps, no guidance)."""
+"""How a model samples, in one place: the noise process of a teacher config (DiT's diffusion or a flow),
+classifier-free guidance, the sampler registry (one signature for all, see ode.py and flow.py), the clip
+rule, and the function that turns noise and labels into images for a teacher (any sampler, S steps,
+guidance) or for an ARD student (its own K steps, no guidance)."""
 
 import argparse
 
 import torch
 
-from cli import UserError, diffusion_steps, non_negative_float
+from cli import UserError, diffusion_steps, non_negative_float, unit_float
 
 from . import create_diffusion
+from .flow import FlowMatching, sample_flow_euler, sample_flow_heun
 from .ode import sample_ddim, sample_heun, trajectory
 
 SPACES = ("pixel", "latent")
 
 
-def guided_model_fn(model, cfg_scale, legacy_cfg=False):
+PREDICTIONS = ("eps", "velocity")  # DiT's noise prediction (learned sigma or not); a flow's velocity
+
+
+def teacher_process(config, num_steps=None):
+    """The noise process of a teacher config over S solver steps (None: every training timestep): DiT's
+    diffusion respaced to S steps for a noise-predicting model, or the linear flow in its time convention."""
+    prediction = config.get("prediction", "eps")  # checkpoints written before flow teachers predict noise
+    if prediction not in PREDICTIONS:
+        raise UserError(f"unknown prediction type {prediction!r} in the checkpoint config: use one of {PREDICTIONS}")
+    if prediction == "velocity":
+        return FlowMatching(num_steps, config["noise_at"], config["time_scale"])
+    return create_diffusion("" if num_steps is None else str(num_steps), learn_sigma=config.get("learn_sigma", True))
+
+
+def guided_model_fn(model, cfg_scale, legacy_cfg=False, active=None):
     """A model function (x, t, y) -> output on a plain batch, with classifier-free guidance at cfg_scale
-    (models.DiT.forward_with_cfg). Scale 1 is the conditional model alone, as in DiT's sample.py."""
+    (models.DiT.forward_with_cfg). Scale 1 is the conditional model alone, as in DiT's sample.py. active(t),
+    for a float model time, limits guidance to an interval of times (REPA's guidance interval); outside it
+    the conditional model runs alone. A solver feeds every sample of a batch the same time."""
     if cfg_scale == 1.0:
         return model
 
     def fn(x, t, y):
+        if active is not None and not active(float(t[0])):
+            return model(x, t, y)
         y_null = torch.full_like(y, model.num_classes)
         out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale, legacy_cfg)
         return out[: len(x)]
@@ -38,8 +58,11 @@ def sample_ddpm(diffusion, model, noise, model_kwargs=None, clip_denoised=False,
                                    model_kwargs=model_kwargs, device=noise.device)
 
 
-SOLVERS = {"ddim": sample_ddim, "heun": sample_heun}  # deterministic: these can write trajectories
+# Deterministic solvers can write trajectories. DDIM (eta 0) is Euler's method on the ODE of either process
+# (ode.py, flow.py), so "ddim" and "euler" name the same first-order step; Heun is its second-order correction.
+SOLVERS = {"ddim": sample_ddim, "euler": sample_ddim, "heun": sample_heun}
 SAMPLERS = {**SOLVERS, "ddpm": sample_ddpm}
+FLOW_SOLVERS = {"ddim": sample_flow_euler, "euler": sample_flow_euler, "heun": sample_flow_heun}
 
 
 def clip_denoised(space):
@@ -50,17 +73,28 @@ def clip_denoised(space):
 
 
 class TeacherSampler:
-    """A DiT teacher's sampler: `sampler` over S steps of DiT's respacing, guidance at cfg_scale, the clip
-    rule of its space. Calling it maps noise (N, C, H, W) and labels (N,) to samples; `trajectory`
-    returns the states and x0 predictions at chosen solver steps."""
+    """A teacher's sampler: `sampler` over S steps of its process (DiT's respacing, or a flow's uniform grid),
+    guidance at cfg_scale (for a flow, optionally only at noise levels inside guidance_interval = (low, high)),
+    the clip rule of its space. `config` is the teacher's checkpoint config (its space and prediction type).
+    Calling it maps noise (N, C, H, W) and labels (N,) to samples; `trajectory` returns the states and x0
+    predictions at chosen solver steps."""
 
-    def __init__(self, model, space, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-        self.solver = SAMPLERS[sampler]
-        self.diffusion = create_diffusion(str(num_steps))
-        self.model_fn = guided_model_fn(model, cfg_scale, legacy_cfg)
-        self.clip = clip_denoised(space)
+    def __init__(self, model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False, guidance_interval=None):
+        self.diffusion = teacher_process(config, num_steps)
+        flow = isinstance(self.diffusion, FlowMatching)
+        solvers = FLOW_SOLVERS if flow else SAMPLERS
+        if sampler not in solvers:
+            kind = "a flow teacher" if flow else "a DiT teacher"
+            raise UserError(f"{sampler!r} does not sample {kind}: use one of {', '.join(solvers)}")
+        self.solver = solvers[sampler]
+        active = None
+        if guidance_interval is not None:
+            if not flow:
+                raise UserError("--guidance-interval is defined on a flow teacher's noise levels: drop it for a DiT teacher")
+            low, high = guidance_interval
+            active = lambda t: low <= self.diffusion.noise_level(t) <= high
+        self.model_fn = guided_model_fn(model, cfg_scale, legacy_cfg, active)
+        self.clip = clip_denoised(config["space"])
 
     @torch.no_grad()
     def __call__(self, noise, y):
@@ -71,20 +105,25 @@ class TeacherSampler:
         return trajectory(self.solver, self.diffusion, self.model_fn, noise, dict(y=y), clip_denoised=self.clip, steps=steps)
 
 
-def sample_fn(model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False):
+def sample_fn(model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False, guidance_interval=None):
     """noise, y -> samples for a model loaded with checkpoints.load_model: a teacher samples with the given
     sampler and guidance, a student in its own K steps (the other arguments do not apply to it)."""
     if config["kind"] == "ard":
         return lambda noise, y: model.sample(noise, y)[:, -1]
-    return TeacherSampler(model, config["space"], sampler, num_steps, cfg_scale, legacy_cfg)
+    return TeacherSampler(model, config, sampler, num_steps, cfg_scale, legacy_cfg, guidance_interval)
 
 
 def add_sampler_arguments(parser, flag="--sampler", choices=SAMPLERS, note=""):
     """The teacher-sampling flags every sampling script takes: the sampler (--solver where only ODE solvers
     will do), S, the guidance scale and official DiT's legacy guidance. `note` prefixes their help."""
     parser.add_argument(flag, type=str, choices=list(choices), default="ddim",
-                        help=f"{note}deterministic DDIM (eta 0), Heun on the same ODE" + (", or ancestral DDPM" if "ddpm" in choices else ""))
-    parser.add_argument("--num-sampling-steps", type=diffusion_steps, default=25, help=f"{note}S, the steps of DiT's respaced grid")
+                        help=f"{note}deterministic DDIM (eta 0; for a flow teacher the same as euler), Heun on the same ODE"
+                             + (", or ancestral DDPM (DiT teachers)" if "ddpm" in choices else ""))
+    parser.add_argument("--num-sampling-steps", type=diffusion_steps, default=25,
+                        help=f"{note}S, the steps of DiT's respaced grid (a flow teacher's: uniform in t)")
     parser.add_argument("--cfg-scale", type=non_negative_float, default=1.5, help=f"{note}classifier-free guidance scale (1: none)")
     parser.add_argument("--legacy-cfg", action=argparse.BooleanOptionalAction, default=False,
-                        help=f"{note}guide only the first 3 noise channels, as official DiT does")
+                        help=f"{note}guide only the first 3 noise channels, as official DiT (and SiT) does")
+    parser.add_argument("--guidance-interval", type=unit_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help=f"{note}flow teachers: guide only at noise levels in [LOW, HIGH] (0 data, 1 noise); "
+                             "REPA's --guidance-high 0.7 is 0 0.7")

@@ -31,13 +31,16 @@ def run_script_expect_failure(args, timeout=300):
     return proc.stdout + proc.stderr
 
 
-def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, num_classes=10, seed=0, scale=0.05):
-    """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests."""
+def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, num_classes=10, seed=0, scale=0.05, flow=False):
+    """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests: a DiT (noise
+    prediction, learned sigma) or, with flow=True, a velocity model in train.py --objective flow's convention."""
     import torch
 
     from checkpoints import build_model, save_checkpoint, teacher_config
+    from diffusion.flow import NOISE_AT, TIME_SCALE
 
-    config = teacher_config(key, input_size, in_channels, num_classes, True, "pixel", None, input_size, "digits")
+    prediction = dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE) if flow else {}
+    config = teacher_config(key, input_size, in_channels, num_classes, not flow, "pixel", None, input_size, "digits", **prediction)
     torch.manual_seed(seed)
     model = build_model(config)
     with torch.no_grad():

@@ -228,5 +228,5 @@ def test_official_checkpoint_name_in_a_folder_does_not_resolve_to_another_file(t
 
 def test_bare_state_dict_that_is_not_a_latent_dit_is_refused(teacher, tmp_path):
     torch.save(teacher[1].state_dict(), tmp_path / "bare.pt")  # 1 input channel: not an SD-VAE latent model
-    with pytest.raises(UserError, match="not an official DiT checkpoint"):
+    with pytest.raises(UserError, match="not an official DiT, SiT or REPA checkpoint"):
         load_model(str(tmp_path / "bare.pt"))

@@ -57,7 +57,7 @@ def test_stored_final_sample_is_the_teachers_own_ddim_sample(teacher, store):
     y = trajectory_labels([0, 5, 11, 95], 10)
     assert np.array_equal(data["y"], y.numpy())
     assert np.array_equal(data["xt"][:, 0], noise.numpy())
-    expected = TeacherSampler(model, "pixel", "ddim", S, cfg_scale=1.5)(noise, y)
+    expected = TeacherSampler(model, dict(space="pixel"), "ddim", S, cfg_scale=1.5)(noise, y)
     np.testing.assert_allclose(data["xt"][:, 1], expected.numpy(), rtol=1e-4, atol=1e-5)
     assert np.array_equal(data["x0"][:, 1], data["xt"][:, 1])  # x0 at the last step is the final sample
 
