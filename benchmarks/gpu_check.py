@@ -15,7 +15,8 @@ and OUT/gpu_check.md (the table for the README). Sections, in order:
                trajectories per second, peak memory, achieved TFLOPs (FLOPs counted on `meta`) and share of the peak
   trajectories the teacher's trajectory writing rate (DDIM 25, CFG 1.5, bf16)
   scripts      train_teacher_traj.py -> train_ard.py under torchrun (NCCL on a GPU) -> train_ard.py --gan ->
-               sample_ddp.py -> the evaluator's checks and features, at these shapes with tiny counts
+               sample_ddp.py, and a flow teacher (SiT's convention) through train_teacher_traj.py (Heun) ->
+               train_ard.py and sample_ddp.py -> the evaluator's checks and features, at these shapes with tiny counts
   compile      (--compile) graph breaks of the student's forward (torch._dynamo.explain) and compiled timings
 """
 
@@ -171,7 +172,7 @@ def sampling(m, teacher, students, device, clock):
     for prec in ("bf16", "tf32"):
         for batch in (1, m["batch"]):
             noise, y = inputs(m, batch, device)
-            sampler = TeacherSampler(teacher, "latent", "ddim", 25, 1.5)
+            sampler = TeacherSampler(teacher, dict(space="latent"), "ddim", 25, 1.5)
             runs = [(f"student N=0, {m['K']} steps", lambda: students[0].sample(noise, y)),
                     (f"student N={m['N']}, {m['K']} steps", lambda: students[m["N"]].sample(noise, y)),
                     ("teacher DDIM 25, CFG 1.5", lambda: sampler(noise, y))]
@@ -248,7 +249,7 @@ def training(m, tcfg, students, device, clock):
 def trajectories(m, teacher, device, clock):
     """The teacher's trajectory writing rate: DDIM 25 at CFG 1.5 in bf16, every fifth state and x0 kept."""
     noise, y = inputs(m, m["batch"], device)
-    sampler = TeacherSampler(teacher, "latent", "ddim", 25, 1.5)
+    sampler = TeacherSampler(teacher, dict(space="latent"), "ddim", 25, 1.5)
     with precision("bf16"):
         seconds = clock(lambda: sampler.trajectory(noise, y, list(range(0, 26, 5))), repeats=2, warmup=1)
     return {"batch": m["batch"], "trajectories_per_s": m["batch"] / seconds}
@@ -275,6 +276,10 @@ def make_inputs(m, root):
     teacher = randomise(build_model(config))
     save_checkpoint(os.path.join(root, "teacher.pt"), {"model": teacher.state_dict(), "ema": teacher.state_dict(), "step": 0,
                                                        "args": {}, "config": config})
+    # The same weights read as a flow teacher in SiT's convention (t = 0 noise, t fed as it is, learned sigma).
+    flow = dict(config, prediction="velocity", noise_at=0.0, time_scale=1.0)
+    save_checkpoint(os.path.join(root, "flow_teacher.pt"), {"model": teacher.state_dict(), "ema": teacher.state_dict(), "step": 0,
+                                                            "args": {}, "config": flow})
     rng = np.random.default_rng(0)
     for c in range(2):
         os.makedirs(os.path.join(root, "images", f"class{c}"))
@@ -304,6 +309,14 @@ def run_scripts(m, device, root, log):
                        "--num-workers", "0", "--sample-every", "0", "--run-dir", p("gan")]),
         ("sample_ddp", [sys.executable, "sample_ddp.py", "--ckpt", p("gan", "checkpoints", "0000002.pt"), "--out", p("samples.npz"),
                         "--num-samples", "8", "--per-proc-batch-size", "4", "--chunk-size", "4", "--precision", "bf16"]),
+        ("flow trajectories (Heun)", [sys.executable, "train_teacher_traj.py", "--ckpt", p("flow_teacher.pt"), "--out", p("flow_traj"),
+                                      "--solver", "heun", "--num-sampling-steps", "13", "--num-trajectories", "16", "--batch-size", "8",
+                                      "--shard-size", "8", "--save-steps", "all", "--precision", "bf16"]),
+        ("flow distil", [sys.executable, "train_ard.py", "--teacher-ckpt", p("flow_teacher.pt"), "--traj", p("flow_traj"), *common[4:],
+                         "--max-steps", "2", "--sample-every", "2", "--run-dir", p("flow_student")]),
+        ("flow teacher sample_ddp", [sys.executable, "sample_ddp.py", "--ckpt", p("flow_teacher.pt"), "--out", p("flow_samples.npz"),
+                                     "--sampler", "heun", "--num-sampling-steps", "4", "--guidance-interval", "0", "0.7",
+                                     "--num-samples", "8", "--per-proc-batch-size", "4", "--chunk-size", "4", "--precision", "bf16"]),
     ]
     results = {}
     for name, cmd in steps:
