@@ -245,3 +245,29 @@ def test_sampling_scripts_run_on_a_flow_teacher(flow_teacher, tmp_path):
     refused = run_script_expect_failure(["sample_ddp.py", "--ckpt", flow_teacher[0], "--out", str(tmp_path / "t.npz"),
                                          "--num-samples", "8", "--sampler", "ddpm"])
     assert "'ddpm' does not sample a flow teacher" in refused
+
+
+def test_train_py_flow_objective_on_image_folder_latents_and_its_samples(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=4, sample_size=16).save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "images" / f"class{c}")
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    assert "no variance to learn" in run_script_expect_failure(["train.py", "--objective", "flow", "--learn-sigma", "--max-steps", "1",
+                                                                "--run-dir", str(tmp_path / "refused")])
+    run_script(["train.py", "--objective", "flow", "--model", "DiT-T/2", "--data", str(tmp_path / "images"), "--image-size", "16",
+                "--vae", str(tmp_path / "vae"), "--global-batch-size", "4", "--num-workers", "0", "--max-steps", "2",
+                "--run-dir", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    model, config = load_model(ckpt)
+    assert config["prediction"] == "velocity" and config["space"] == "latent" and not config["learn_sigma"]
+    assert model.out_channels == 4
+    run_script(["sample.py", "--ckpt", ckpt, "--sampler", "heun", "--num-sampling-steps", "3", "--out", str(tmp_path / "grid.png")])
+    assert os.path.isfile(tmp_path / "grid.png")
