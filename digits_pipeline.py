@@ -44,6 +44,10 @@ BUDGETS = {
 }
 HISTORY_LAYERS = 3  # of the tiny teacher's 6 blocks
 CFG = 1.5
+# The flow-matching teacher (train.py --objective flow) writes its trajectories with Heun over FLOW_STEPS uniform steps
+# in t: 2 * FLOW_STEPS - 1 model evaluations, about the 25 of the DDIM teacher.
+FLOW_SOLVER, FLOW_STEPS = "heun", 13
+FLOW_TEACHER = f"flow_teacher_{FLOW_SOLVER}{FLOW_STEPS}"
 
 
 # Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
@@ -55,13 +59,18 @@ ESTIMATES = {
 }
 
 
+def train_teacher(p, b, est, name="teacher", objective="ddpm"):
+    """The tiny teacher (DiT-T/2 on the digits): DiT's objective, or flow matching with the same budget."""
+    return p.add(name, p.path(name, "checkpoints", f"{b['teacher_steps']:07d}.pt"), [
+        "train.py", "--model", "DiT-T/2", "--data", "digits", "--objective", objective, "--max-steps", str(b["teacher_steps"]),
+        "--lr", "2e-3", "--ema-decay", "0.99", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
+        "--ckpt-every", str(max(1, b["teacher_steps"] // 4)),
+        "--run-dir", p.path(name), "--replace"], heavy=True, estimate=est["teacher"])
+
+
 def prepare(p, b, est):
     """The teacher, the feature network, the reference batches and the trajectories; returns (teacher, ref, net, traj)."""
-    teacher = p.add("teacher", p.path("teacher", "checkpoints", f"{b['teacher_steps']:07d}.pt"), [
-        "train.py", "--model", "DiT-T/2", "--data", "digits", "--max-steps", str(b["teacher_steps"]), "--lr", "2e-3",
-        "--ema-decay", "0.99", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
-        "--ckpt-every", str(max(1, b["teacher_steps"] // 4)),
-        "--run-dir", p.path("teacher"), "--replace"], heavy=True, estimate=est["teacher"])
+    teacher = train_teacher(p, b, est)
     net = p.add("digits_net", p.path("digits_net.pt"), ["-m", "evaluator.digits_net", "--out", p.path("digits_net.pt"),
                                                          "--epochs", str(b["net_epochs"])], estimate=est["digits_net"])
     ref = p.add("reference", p.path("ref_test.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
@@ -75,18 +84,43 @@ def prepare(p, b, est):
     return teacher, ref, net, traj
 
 
+def flow_rows(p, b, est, seeds):
+    """The flow-matching teacher, its trajectories (Heun), its 4-step students N = 0 and ARD over the seeds, and its
+    own samples at a few step counts; returns the rows."""
+    teacher = train_teacher(p, b, est, "flow_teacher", "flow")
+    traj = p.path("traj_flow")
+    p.add("flow_trajectories", os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)), [
+        "train_teacher_traj.py", "--ckpt", teacher, "--out", traj, "--num-trajectories", str(b["trajectories"]),
+        "--solver", FLOW_SOLVER, "--num-sampling-steps", str(FLOW_STEPS), "--cfg-scale", str(CFG)],
+        after=["flow_teacher"], heavy=True, estimate=est["trajectories"])
+    rows = [(f"flow_teacher_{sampler}{s}", s, "teacher", teacher, f"flow_teacher_{sampler}{s}")
+            for sampler, s in (("heun", 2), ("heun", 4), (FLOW_SOLVER, FLOW_STEPS), ("euler", 25))]
+    rows.append((f"{FLOW_TEACHER}_s1", FLOW_STEPS, "teacher", teacher, f"{FLOW_TEACHER}_s1"))
+    for seed in seeds:
+        for n in (0, HISTORY_LAYERS):
+            name = f"flow_k4_n{n}_state_s{seed}"
+            rows.append((name, 4, "student", student_stage(p, b, est, name, traj, teacher, n, seed, after="flow_trajectories"),
+                         f"flow_k4_n{n}_state"))
+    return rows
+
+
+def student_stage(p, b, est, name, traj, teacher, history_layers, seed=0, target="state", num_steps=4, steps=None, after="trajectories"):
+    """A student distilled from a store by train_ard.py; returns its last checkpoint."""
+    steps = steps or b["student_steps"]
+    return p.add(f"student_{name}", p.path("students", name, "checkpoints", f"{steps:07d}.pt"), [
+        "train_ard.py", "--traj", traj, "--teacher-ckpt", teacher, "--history-layers", str(history_layers),
+        "--target", target, "--num-steps", str(num_steps), "--global-batch-size", str(b["student_batch"]),
+        "--lr", "3e-4", "--ema-decay", "0.99", "--max-steps", str(steps), "--val-count", str(b["val_count"]),
+        "--val-every", str(max(1, steps // 4)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
+        "--ckpt-every", str(max(1, steps // 4)),  # the default's students keep their headroom_steps checkpoint
+        "--global-seed", str(seed), "--run-dir", p.path("students", name), "--replace"],
+        after=[after], heavy=True, estimate=est["student"] * num_steps / 4 * steps / b["student_steps"])
+
+
 def distil(p, b, args, teacher, traj, est):
     """Every student of the mode; returns the rows (label, steps, kind, checkpoint, group) of the table's students."""
     def student(name, history_layers, seed=0, target="state", num_steps=4, steps=None):
-        steps = steps or b["student_steps"]
-        return p.add(f"student_{name}", p.path("students", name, "checkpoints", f"{steps:07d}.pt"), [
-            "train_ard.py", "--traj", traj, "--teacher-ckpt", teacher, "--history-layers", str(history_layers),
-            "--target", target, "--num-steps", str(num_steps), "--global-batch-size", str(b["student_batch"]),
-            "--lr", "3e-4", "--ema-decay", "0.99", "--max-steps", str(steps), "--val-count", str(b["val_count"]),
-            "--val-every", str(max(1, steps // 4)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
-            "--ckpt-every", str(max(1, steps // 4)),  # the default's students keep their headroom_steps checkpoint
-            "--global-seed", str(seed), "--run-dir", p.path("students", name), "--replace"],
-            after=["trajectories"], heavy=True, estimate=est["student"] * num_steps / 4 * steps / b["student_steps"])
+        return student_stage(p, b, est, name, traj, teacher, history_layers, seed, target, num_steps, steps)
 
     def gan(name, history_layers, seed):
         init = p.path("students", name, "checkpoints", f"{b['student_steps']:07d}.pt")
@@ -129,24 +163,34 @@ def distil(p, b, args, teacher, traj, est):
     return rows
 
 
+def teacher_sampler(name):
+    """The sampler a teacher row's name says: 'teacher_ddim25', 'flow_teacher_heun13', 'flow_teacher_euler25_s1'."""
+    return next(s for s in ("heun", "euler", "ddim") if f"_{s}" in name)
+
+
 def evaluate(p, b, rows, ref, net, est):
-    """Samples of every row and their figures against the held-out digits; returns {name: path of its figures}."""
+    """Samples of every row and their figures against the held-out digits and against the samples of the row's own
+    teacher (the DDIM teacher's 25 steps, or the flow teacher's FLOW_TEACHER); returns {name: path of its figures}."""
     figures = {}
     for name, steps, kind, source, group in rows:
         samples = p.path("samples", f"{name}.npz")
         cmd = ["sample_ddp.py", "--ckpt", source, "--out", samples, "--num-samples", str(b["samples"]),
                "--per-proc-batch-size", "500"]
         if kind == "teacher":
-            cmd += ["--num-sampling-steps", str(steps), "--cfg-scale", str(CFG), "--global-seed", "1" if name.endswith("_s1") else "0", "--label-seed", "0"]
-        source_stage = ("teacher" if kind == "teacher" else f"student_gan_{name[4:]}" if name.startswith("gan_")
+            cmd += ["--sampler", teacher_sampler(name), "--num-sampling-steps", str(steps), "--cfg-scale", str(CFG),
+                    "--global-seed", "1" if name.endswith("_s1") else "0", "--label-seed", "0"]
+        flow = name.startswith("flow_")
+        source_stage = (("flow_teacher" if flow else "teacher") if kind == "teacher" else f"student_gan_{name[4:]}" if name.startswith("gan_")
                         else f"student_{name[6:]}" if name.startswith("short_") else f"student_{name}")
-        long = kind == "teacher" and steps > 8
+        evaluations = (2 * steps - 1) if kind == "teacher" and teacher_sampler(name) == "heun" else steps
+        long = kind == "teacher" and evaluations > 8
         p.add(f"sample_{name}", samples, cmd, after=[source_stage], heavy=long,
-              estimate=est["sample_teacher25"] * steps / 25 if long else est["sample"])
+              estimate=est["sample_teacher25"] * evaluations / 25 if long else est["sample"])
+        own = FLOW_TEACHER if flow else "teacher_ddim25"
         figures[name] = p.add(f"eval_{name}", p.path("eval", f"{name}.json"), [
             "-m", "evaluator", ref, samples, "--features", "digits", "--digits-net", net, "--json", p.path("eval", f"{name}.json"),
-            "--teacher-ref", p.path("samples", "teacher_ddim25.npz"), "--bootstrap", str(b["bootstrap"])],
-            after=[f"sample_{name}", "sample_teacher_ddim25", "digits_net", "reference"], estimate=est["eval"])
+            "--teacher-ref", p.path("samples", f"{own}.npz"), "--bootstrap", str(b["bootstrap"])],
+            after=[f"sample_{name}", f"sample_{own}", "digits_net", "reference"], estimate=est["eval"])
     return figures
 
 
@@ -163,10 +207,14 @@ def measure_costs(p, b, rows):
     for name, steps, kind, source, group in rows:
         if group in costs:
             continue
-        same = f"teacher{steps}" if kind == "teacher" else "_".join(group.split("_")[:2])  # the GAN stage and seeds change no cost
+        # The GAN stage, the target and the seed change no cost; a teacher's is that of its sampler and steps.
+        sampler = teacher_sampler(name) if kind == "teacher" else None
+        flow = "flow_" if name.startswith("flow_") else ""
+        same = (f"{flow}teacher_{sampler}{steps}" if kind == "teacher"
+                else "_".join(part for part in group.split("_") if part not in ("state", "x0", "short", "gan")))
         if same not in measured:
             model, config = load_model(source)
-            measured[same] = sampling_cost(model, config, steps, CFG, b["cost_batch"])
+            measured[same] = sampling_cost(model, config, steps, CFG, b["cost_batch"], sampler or "ddim")
         costs[group] = measured[same]
     if measured:
         write_json(path, costs)
@@ -205,8 +253,11 @@ def declare(p, b, est, args):
     real training digits' figures' path)."""
     teacher, ref, net, traj = prepare(p, b, est)
     rows = distil(p, b, args, teacher, traj, est)
-    rows += [(f"teacher_ddim{s}", s, "teacher", teacher, f"teacher_ddim{s}") for s in ([2, 3, 4, 5, 8, 16, 25] if args.full else [4, 25])]
+    ddim_steps = [2, 3, 4, 5, 8, 16, 25] if args.full else [2, 3, 4, 25] if args.flow else [4, 25]  # --flow: the steps each teacher needs
+    rows += [(f"teacher_ddim{s}", s, "teacher", teacher, f"teacher_ddim{s}") for s in ddim_steps]
     rows.append(("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1"))  # other noises: the teacher-fidelity floor
+    if args.full or args.flow or args.quick:
+        rows += flow_rows(p, b, est, seeds=(0,) if args.quick else (0, 1, 2))
     figures_of = evaluate(p, b, rows, ref, net, est)
     real = p.add("eval_real_train", p.path("eval", "real_train.json"), [
         "-m", "evaluator", ref, p.path("real_train.npz"), "--features", "digits", "--digits-net", net,
@@ -238,9 +289,14 @@ def cell(results, names, key, digits):
 
 
 def row_label(group, b):
-    """'teacher_ddim25' -> 'Teacher DDIM, CFG 1.5'; 'k4_n3_x0' -> 'ARD (N=3), x0 target'; ..."""
+    """'teacher_ddim25' -> 'Teacher DDIM, CFG 1.5'; 'k4_n3_x0' -> 'ARD (N=3), x0 target'; 'flow_teacher_heun13' ->
+    'Flow teacher Heun, CFG 1.5'; 'flow_k4_n0_state' -> 'Flow teacher's step distillation (N=0)'; ..."""
+    if group.startswith("flow_"):
+        label = row_label(group[len("flow_"):], b)
+        return "Flow t" + label[1:] if label.startswith("Teacher") else f"Flow teacher's {label[0].lower()}{label[1:]}"
     if group.startswith("teacher"):
-        return f"Teacher DDIM, CFG {CFG}" + (", other noises (the floor)" if group.endswith("_s1") else "")
+        sampler = {"ddim": "DDIM", "heun": "Heun", "euler": "Euler"}[teacher_sampler(group)]
+        return f"Teacher {sampler}, CFG {CFG}" + (", other noises (the floor)" if group.endswith("_s1") else "")
     parts = group.split("_")
     n, target = int(parts[1][1:]), parts[2]
     label = "Step distillation (N=0)" if n == 0 else f"ARD (N={n})"
@@ -253,11 +309,12 @@ def row_label(group, b):
     return label
 
 
-def degradation(results, groups, teacher, key, setting):
+def degradation(results, groups, teacher, key, setting, prefix=""):
     """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed, the teacher's figure being `teacher`; and whether
     some student is not clearly worse than the teacher: its figure, or the lower end of its interval, at or below the
-    teacher's (then there is no degradation to compare, and the ratio means nothing)."""
-    names = {n: groups.get(f"k4_n{n}_{setting}", []) for n in (0, HISTORY_LAYERS)}
+    teacher's (then there is no degradation to compare, and the ratio means nothing). prefix 'flow_': the flow
+    teacher's students."""
+    names = {n: groups.get(f"{prefix}k4_n{n}_{setting}", []) for n in (0, HISTORY_LAYERS)}
     sd, ard = ([results[name][key] for name in names[n]] for n in (0, HISTORY_LAYERS))
     lows = [results[name].get(f"{key}_ci", [results[name][key]])[0] for n in names for name in names[n]]
     return [(s - teacher) / (a - teacher) for s, a in zip(sd, ard)], min(sd + ard + lows, default=float("inf")) <= teacher
@@ -300,9 +357,10 @@ def summarise(results, costs, real, rows, args, b, mse):
     for name, steps, kind, source, group in rows:
         groups.setdefault(group, []).append(name)
 
-    def sort_key(group):  # the teacher by steps, then the 4-step students, then the other step counts
+    def sort_key(group):  # the teacher by steps, then the 4-step students, then the other step counts; the flow teacher's last
         steps = results[groups[group][0]]["steps"]
-        return (not group.startswith("teacher"), group.startswith("k") and steps != 4, steps, group)
+        plain = group[len("flow_"):] if group.startswith("flow_") else group
+        return (group.startswith("flow_"), not plain.startswith("teacher"), plain.startswith("k") and steps != 4, steps, group)
 
     lines = ["Against the 360 held-out real digits (digits features; one seed: 95% bootstrap interval over samples; "
              "several: mean ± std over seeds):", "",
@@ -310,7 +368,7 @@ def summarise(results, costs, real, rows, args, b, mse):
              "|---|---|---|---|---|---|---|---|---|"]
     fidelity = ["", "Against the 25-step teacher's own samples of the same noises and labels (teacher fidelity):", "",
                 "| model | steps | FID vs teacher | precision vs teacher | recall vs teacher | seeds |", "|---|---|---|---|---|---|"]
-    out = {"rows": [], "budgets": b, "mode": next(m for m in ("full", "headroom", "quick", "default") if m == "default" or getattr(args, m))}
+    out = {"rows": [], "budgets": b, "mode": next(m for m in ("full", "headroom", "flow", "quick", "default") if m == "default" or getattr(args, m))}
     for group in sorted(groups, key=sort_key):
         names, label = groups[group], row_label(group, b)
         steps = results[names[0]]["steps"]
@@ -330,12 +388,18 @@ def summarise(results, costs, real, rows, args, b, mse):
     lines += fidelity
     out["real_train"] = real
     out["teacher_fid"] = results["teacher_ddim25"]["fid"]
-    floor = results.get("teacher_ddim25_s1", {}).get("teacher_fid")
-    for key, teacher, what in (("fid", out["teacher_fid"], "FID against real digits"), ("teacher_fid", floor, "FID against the teacher (its floor as the teacher's figure)")):
-        for setting, text in (("state", "state target"), ("x0", "x0 target"), ("short", f"after {b['headroom_steps']} steps (headroom)")):
+    settings = [("", "teacher_ddim25", "state", "state target"), ("", "teacher_ddim25", "x0", "x0 target"),
+                ("", "teacher_ddim25", "short", f"after {b['headroom_steps']} steps (headroom)"),
+                ("flow_", FLOW_TEACHER, "state", f"flow teacher ({FLOW_SOLVER} {FLOW_STEPS}), state target")]
+    for prefix, own, setting, text in settings:
+        if own not in results:
+            continue
+        floor = results.get(f"{own}_s1", {}).get("teacher_fid")
+        for key, teacher, what in (("fid", results[own]["fid"], "FID against real digits"),
+                                   ("teacher_fid", floor, "FID against the teacher (its floor as the teacher's figure)")):
             if teacher is None:
                 continue
-            ratios, no_gap = degradation(results, groups, teacher, key, setting)
+            ratios, no_gap = degradation(results, groups, teacher, key, setting, prefix)
             if not ratios:
                 continue
             m, s = mean_spread(ratios)
@@ -344,7 +408,16 @@ def summarise(results, costs, real, rows, args, b, mse):
             if no_gap:
                 lines.append(f"(some students reach the teacher's {teacher:.2f}, or their interval does: there is no clear "
                              f"degradation to compare, and the ratio says nothing)")
-            out[f"degradation_{key}_{setting}"] = {"mean": m, "std": s, "values": ratios}
+            out[f"degradation_{key}_{prefix}{setting}"] = {"mean": m, "std": s, "values": ratios}
+    if FLOW_TEACHER in results:
+        teacher_fid = results[FLOW_TEACHER]["fid"]
+        for n in (0, HISTORY_LAYERS):
+            fids = [results[name]["fid"] for name in groups.get(f"flow_k4_n{n}_state", [])]
+            if fids:
+                ratio = [f / teacher_fid for f in fids]
+                lines += ["", f"Flow teacher's 4-step {'step distillation' if n == 0 else f'ARD (N={n})'}: FID / the teacher's "
+                              f"({FLOW_SOLVER} {FLOW_STEPS}) {interval(ratio)} over {len(ratio)} seed(s)"]
+                out[f"flow_fid_ratio_n{n}"] = {"mean": mean_spread(ratio)[0], "std": mean_spread(ratio)[1], "values": ratio}
     if mse:
         lines += ["", "Held-out per-step MSE against the teacher's states (mean over seeds), sampled (the student's own inputs) "
                       "/ teacher-forced:", "", "| model | " + " | ".join(f"step {k + 1}" for k in range(4)) + " | seeds |",
@@ -468,7 +541,9 @@ def parse_args(argv=None):
     mode.add_argument("--headroom", action="store_true",
                       help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds")
     mode.add_argument("--full", action="store_true",
-                      help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, FID-vs-steps plot")
+                      help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow teacher, FID-vs-steps plot")
+    mode.add_argument("--flow", action="store_true",
+                      help="the default rows plus a flow-matching teacher (train.py --objective flow) and its N = 0 and ARD students, 3 seeds")
     parser.add_argument("--run-dir", default=None, help="default: runs/digits (runs/digits-quick with --quick)")
     parser.add_argument("--assets-dir", default="assets", help="where the figures go")
     return parser.parse_args(argv)

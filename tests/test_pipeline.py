@@ -18,7 +18,8 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
         results = json.load(f)
     groups = [row["group"] for row in results["rows"]]
     assert groups == ["teacher_ddim4", "teacher_ddim25", "teacher_ddim25_s1", "k4_n0_state", "k4_n0_state_gan", "k4_n3_state",
-                      "k4_n3_state_gan"]
+                      "k4_n3_state_gan", "flow_teacher_heun2", "flow_teacher_heun4", "flow_teacher_heun13", "flow_teacher_heun13_s1",
+                      "flow_teacher_euler25", "flow_k4_n0_state", "flow_k4_n3_state"]
     for row in results["rows"]:
         assert row["flops_per_image"] > 0 and row["cpu_seconds_per_image"] > 0
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
@@ -27,10 +28,13 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
         assert row["teacher_fid"]["mean"] > -1e-6  # and its teacher-fidelity twin (0 up to rounding for the teacher)
     rows = {row["group"]: row for row in results["rows"]}
     assert abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6  # the teacher against its own samples
+    assert abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6  # the flow teacher's students are judged against it
     assert rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0  # the floor: two independent sets of noises
     # Students cost more per image than nothing and far less than the 25-step teacher.
     flops = {row["group"]: row["flops_per_image"] for row in results["rows"]}
     assert flops["k4_n0_state"] < flops["k4_n3_state"] < flops["teacher_ddim25"] / 5
+    assert flops["flow_k4_n3_state"] == flops["k4_n3_state"]
+    assert 0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1  # 25 evaluations each; no variance channels
     assert "| model | steps |" in out and "Degradation ratio" in out and "teacher fidelity" in out
     probe = json.loads((run_dir / "history_probe.json").read_text())
     assert [r["history_layers"] for r in probe] == [0, 3] and os.path.isfile(tmp_path / "assets" / "digits_history_probe.png")
