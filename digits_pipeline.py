@@ -8,7 +8,8 @@
     python digits_pipeline.py              # the default (about 32 minutes on 2 CPU cores)
     python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 65 s)
     python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 12 min more)
-    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students (about 2 hours)
+    python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds
+    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (over 2 hours)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
 writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to
@@ -293,7 +294,9 @@ def row_label(group, b):
     'Flow teacher Heun, CFG 1.5'; 'flow_k4_n0_state' -> 'Flow teacher's step distillation (N=0)'; ..."""
     if group.startswith("flow_"):
         label = row_label(group[len("flow_"):], b)
-        return "Flow t" + label[1:] if label.startswith("Teacher") else f"Flow teacher's {label[0].lower()}{label[1:]}"
+        if label.startswith("Teacher"):
+            return "Flow t" + label[1:]
+        return "Flow teacher's " + (label if label.startswith("ARD") else label[0].lower() + label[1:])
     if group.startswith("teacher"):
         sampler = {"ddim": "DDIM", "heun": "Heun", "euler": "Euler"}[teacher_sampler(group)]
         return f"Teacher {sampler}, CFG {CFG}" + (", other noises (the floor)" if group.endswith("_s1") else "")
@@ -437,7 +440,16 @@ def figures(p, rows, results, args):
 
     matplotlib.use("Agg")
     os.makedirs(args.assets_dir, exist_ok=True)
-    samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), with_gan=True)
+    shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
+             ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}), 4 steps"),
+             (f"gan_k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}) + GAN, 4 steps")]
+    samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), shown)
+    if any(name.startswith("flow_") for name, *_ in rows):
+        samples_figure(p, os.path.join(args.assets_dir, "digits_flow_samples.png"), [
+            (FLOW_TEACHER, f"Flow teacher, Heun {FLOW_STEPS} steps ({2 * FLOW_STEPS - 1} evaluations)"),
+            ("flow_teacher_heun2", "Flow teacher, Heun 2 steps (3 evaluations)"),
+            ("flow_k4_n0_state_s0", "Its step distillation, 4 steps"),
+            (f"flow_k4_n{HISTORY_LAYERS}_state_s0", f"Its ARD (N={HISTORY_LAYERS}), 4 steps")])
     val_mse_figure(p, os.path.join(args.assets_dir, "digits_val_mse.png"))
     gan_figure(p, os.path.join(args.assets_dir, "digits_gan.png"))
     if args.full:
@@ -452,13 +464,10 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def samples_figure(p, path, with_gan):
+def samples_figure(p, path, shown):
+    """One row per (samples name, title): the first sample of each class, the same noise in every row."""
     import matplotlib.pyplot as plt
 
-    shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
-             ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}), 4 steps")]
-    if with_gan:
-        shown.append((f"gan_k4_n{HISTORY_LAYERS}_state_s0", f"ARD (N={HISTORY_LAYERS}) + GAN, 4 steps"))
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.1 * len(shown)))
     for ax, (name, title) in zip(axes, shown):
         with np.load(p.path("samples", f"{name}.npz"), allow_pickle=False) as data:
