@@ -6,7 +6,8 @@
     feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
 
     python digits_pipeline.py              # the default (about 32 minutes on 2 CPU cores)
-    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 65 s)
+    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 75 s)
+    python digits_pipeline.py --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
     python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 12 min more)
     python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds
     python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (over 2 hours)
@@ -87,15 +88,15 @@ def prepare(p, b, est):
 
 def flow_rows(p, b, est, seeds):
     """The flow-matching teacher, its trajectories (Heun), its 4-step students N = 0 and ARD over the seeds, and its
-    own samples at a few step counts; returns the rows."""
+    own samples at a few step counts (only the trajectories' solver for a single seed: --quick); returns the rows."""
     teacher = train_teacher(p, b, est, "flow_teacher", "flow")
     traj = p.path("traj_flow")
     p.add("flow_trajectories", os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)), [
         "train_teacher_traj.py", "--ckpt", teacher, "--out", traj, "--num-trajectories", str(b["trajectories"]),
         "--solver", FLOW_SOLVER, "--num-sampling-steps", str(FLOW_STEPS), "--cfg-scale", str(CFG)],
         after=["flow_teacher"], heavy=True, estimate=est["trajectories"])
-    rows = [(f"flow_teacher_{sampler}{s}", s, "teacher", teacher, f"flow_teacher_{sampler}{s}")
-            for sampler, s in (("heun", 2), ("heun", 4), (FLOW_SOLVER, FLOW_STEPS), ("euler", 25))]
+    samplers = [(FLOW_SOLVER, FLOW_STEPS)] if len(seeds) == 1 else [("heun", 2), ("heun", 4), (FLOW_SOLVER, FLOW_STEPS), ("euler", 25)]
+    rows = [(f"flow_teacher_{sampler}{s}", s, "teacher", teacher, f"flow_teacher_{sampler}{s}") for sampler, s in samplers]
     rows.append((f"{FLOW_TEACHER}_s1", FLOW_STEPS, "teacher", teacher, f"{FLOW_TEACHER}_s1"))
     for seed in seeds:
         for n in (0, HISTORY_LAYERS):
@@ -257,7 +258,7 @@ def declare(p, b, est, args):
     ddim_steps = [2, 3, 4, 5, 8, 16, 25] if args.full else [2, 3, 4, 25] if args.flow else [4, 25]  # --flow: the steps each teacher needs
     rows += [(f"teacher_ddim{s}", s, "teacher", teacher, f"teacher_ddim{s}") for s in ddim_steps]
     rows.append(("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1"))  # other noises: the teacher-fidelity floor
-    if args.full or args.flow or args.quick:
+    if args.full or args.flow:
         rows += flow_rows(p, b, est, seeds=(0,) if args.quick else (0, 1, 2))
     figures_of = evaluate(p, b, rows, ref, net, est)
     real = p.add("eval_real_train", p.path("eval", "real_train.json"), [
@@ -371,7 +372,8 @@ def summarise(results, costs, real, rows, args, b, mse):
              "|---|---|---|---|---|---|---|---|---|"]
     fidelity = ["", "Against the 25-step teacher's own samples of the same noises and labels (teacher fidelity):", "",
                 "| model | steps | FID vs teacher | precision vs teacher | recall vs teacher | seeds |", "|---|---|---|---|---|---|"]
-    out = {"rows": [], "budgets": b, "mode": next(m for m in ("full", "headroom", "flow", "quick", "default") if m == "default" or getattr(args, m))}
+    out = {"rows": [], "budgets": b, "quick": args.quick,
+           "mode": next(m for m in ("full", "headroom", "flow", "default") if m == "default" or getattr(args, m))}
     for group in sorted(groups, key=sort_key):
         names, label = groups[group], row_label(group, b)
         steps = results[names[0]]["steps"]
@@ -545,8 +547,9 @@ def fid_steps_figure(rows, results, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny budgets (with any of the modes below): checks that every stage runs and hands on valid files")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="tiny budgets: checks that every stage runs and hands on valid files")
     mode.add_argument("--headroom", action="store_true",
                       help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds")
     mode.add_argument("--full", action="store_true",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded digits default, on CPU: teacher, trajectories, step-distillation and ARD
 # students, samples, evaluation and the results table (digits_pipeline.py). Sets up .venv first.
-# Extra arguments go to digits_pipeline.py: --quick (smoke test) or --full (seeds, targets, GAN, 2-5 steps).
+# Extra arguments go to digits_pipeline.py: --quick (smoke test, tiny budgets), --headroom, --flow (a flow-matching
+# teacher) or --full (seeds, targets, GAN, 2-5 steps, flow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

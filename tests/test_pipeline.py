@@ -10,16 +10,15 @@ from helpers import run_script
 pytestmark = pytest.mark.xdist_group("test_pipeline")  # one worker runs the module, its fixtures once
 
 
-def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
+def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end(tmp_path):
     run_dir = tmp_path / "quick"
-    out = run_script(["digits_pipeline.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
+    out = run_script(["digits_pipeline.py", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
                      timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     groups = [row["group"] for row in results["rows"]]
-    assert groups == ["teacher_ddim4", "teacher_ddim25", "teacher_ddim25_s1", "k4_n0_state", "k4_n0_state_gan", "k4_n3_state",
-                      "k4_n3_state_gan", "flow_teacher_heun2", "flow_teacher_heun4", "flow_teacher_heun13", "flow_teacher_heun13_s1",
-                      "flow_teacher_euler25", "flow_k4_n0_state", "flow_k4_n3_state"]
+    assert groups == ["teacher_ddim2", "teacher_ddim3", "teacher_ddim4", "teacher_ddim25", "teacher_ddim25_s1", "k4_n0_state", "k4_n0_state_gan", "k4_n3_state",
+                      "k4_n3_state_gan", "flow_teacher_heun13", "flow_teacher_heun13_s1", "flow_k4_n0_state", "flow_k4_n3_state"]
     for row in results["rows"]:
         assert row["flops_per_image"] > 0 and row["cpu_seconds_per_image"] > 0
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
@@ -41,7 +40,7 @@ def test_quick_pipeline_runs_every_stage_end_to_end(tmp_path):
     with open(run_dir / "timings.json") as f:
         assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(json.load(f))
     # A second run reuses every finished stage.
-    again = run_script(["digits_pipeline.py", "--quick", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
+    again = run_script(["digits_pipeline.py", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")
 
