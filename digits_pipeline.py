@@ -6,7 +6,7 @@
     feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
 
     python digits_pipeline.py              # the default (about 32 minutes on 2 CPU cores)
-    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 75 s)
+    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (75-85 s)
     python digits_pipeline.py --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
     python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 12 min more)
     python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds

@@ -92,6 +92,8 @@ class TeacherSampler:
             if not flow:
                 raise UserError("--guidance-interval is defined on a flow teacher's noise levels: drop it for a DiT teacher")
             low, high = guidance_interval
+            if low > high:
+                raise UserError(f"--guidance-interval {low} {high} is empty: give the lower noise level first")
             active = lambda t: low <= self.diffusion.noise_level(t) <= high
         self.model_fn = guided_model_fn(model, cfg_scale, legacy_cfg, active)
         self.clip = clip_denoised(config["space"])

@@ -245,6 +245,9 @@ def test_sampling_scripts_run_on_a_flow_teacher(flow_teacher, tmp_path):
     refused = run_script_expect_failure(["sample_ddp.py", "--ckpt", flow_teacher[0], "--out", str(tmp_path / "t.npz"),
                                          "--num-samples", "8", "--sampler", "ddpm"])
     assert "'ddpm' does not sample a flow teacher" in refused
+    empty = run_script_expect_failure(["sample_ddp.py", "--ckpt", flow_teacher[0], "--out", str(tmp_path / "u.npz"),
+                                       "--num-samples", "8", "--guidance-interval", "0.7", "0.2"])
+    assert "is empty" in empty and not os.path.exists(tmp_path / "u.npz")
 
 
 def test_train_py_flow_objective_on_image_folder_latents_and_its_samples(tmp_path):
