@@ -1,10 +1,12 @@
-"""Samples a grid of images from a checkpoint, on CPU or GPU: a DiT teacher (train.py's or an official one)
-or an ARD student (train_ard.py's; it samples in its own K steps, without guidance).
+"""Samples a grid of images from a checkpoint, on CPU or GPU: a teacher (train.py's, an official DiT, or a flow
+teacher: SiT, REPA, train.py --objective flow) or an ARD student (train_ard.py's; it samples in its own K steps,
+without guidance).
 
     python sample.py --ckpt results/000-DiT-T-2/checkpoints/0003000.pt            # digits teacher, DDIM-25, CFG 1.5
     python sample.py --ckpt results/001-ARD-DiT-T-2-N3/checkpoints/0001200.pt    # a student
     python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 4.0 --legacy-cfg --class-labels 207 360 387 974 88 979 417 279
     python sample.py --ckpt CKPT --sampler ddpm --num-sampling-steps 250
+    python sample.py --ckpt SiT-XL-2-256x256.pt --sampler heun --num-sampling-steps 13 --cfg-scale 4.0 --legacy-cfg
 
 With few classes each column of the grid is one class; every image gets its noise
 from --seed, so the same command draws the same grid.

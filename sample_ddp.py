@@ -4,6 +4,8 @@ arr_1 int64 labels.
 
     python sample_ddp.py --ckpt runs/digits/ard/checkpoints/0001200.pt --num-samples 2000 --out samples.npz
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5 --out dit_xl2_ddim25.npz
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt REPA-SiT-XL-2-256x256.pt --sampler heun --num-sampling-steps 13 \
+        --cfg-scale 1.8 --guidance-interval 0 0.7 --out repa_heun13.npz
 
 Image i draws its label and noise from a generator seeded by (seed, i), so the file does not depend on the
 number of processes. Images are made in chunks of consecutive indices, written to OUT.chunks/ under a

@@ -4,6 +4,11 @@
     python train_teacher_traj.py --ckpt runs/digits/teacher/checkpoints/0003000.pt --out runs/digits/traj
     torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt DiT-XL-2-256x256.pt --out /data/ard/traj \
         --num-trajectories 1200000 --save-steps 0,6,10,12,15,18,20,25 --dtype float16 --batch-size 256
+    torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt SiT-XL-2-256x256.pt --out /data/ard/traj_sit --solver heun \
+        --num-sampling-steps 13 --save-steps 0,3,6,9,13 --num-trajectories 1200000 --dtype float16 --batch-size 256
+
+A flow teacher (SiT, REPA, train.py --objective flow) runs Euler or Heun on its uniform grid; its store records
+its prediction type and time convention, and its saved timesteps are the model's own times.
 
 Sample i gets its noise from a generator seeded by (seed, i) and the label i mod num_classes, so the
 store's content does not depend on the number of processes. Shards go to ranks round-robin; each is
