@@ -369,6 +369,18 @@ MODEL_CONFIGS = {
 PATCH_SIZES = {"XL": (2, 4, 8), "L": (2, 4, 8), "B": (2, 4, 8), "S": (2, 4, 8), "T": (1, 2, 4)}
 
 
+def randomise_weights(model, std=0.02, seed=0):
+    """Every weight drawn from N(0, std^2) with a seeded generator, the fixed position embedding kept: DiT's
+    zero-initialised adaLN and output layers give zeros, and timing or comparing zeros proves nothing. For tests
+    and benchmarks; the model's train/eval mode is left as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 def model_config(key):
     """'DiT-XL/2' -> dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)."""
     size, patch = key.split("-", 1)[1].split("/")

@@ -36,6 +36,7 @@ from checkpoints import build_model, save_checkpoint, student_config, teacher_co
 from cost import count_flops
 from diffusion.sampling import TeacherSampler
 from fileio import write_json
+from models import randomise_weights
 from training import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,21 +52,10 @@ DENSE_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
 #                           Models and timing                                   #
 #################################################################################
 
-def randomise(model, std=0.02, seed=0):
-    """Every weight drawn at random (DiT's zero-initialised adaLN and output layers would give zeros, and timing
-    or comparing zeros proves nothing); the fixed position embedding is kept."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
 def build(m, device):
     """(teacher, {N: student}) with random weights; the students start from the teacher, as train_ard.py does."""
     tcfg = teacher_config(m["model"], m["latent"], 4, m["classes"], True, "latent", None, m["image"], None)
-    teacher = randomise(build_model(tcfg)).to(device).eval()
+    teacher = randomise_weights(build_model(tcfg)).to(device).eval()
     timesteps = torch.linspace(999, 999 / m["K"], m["K"]).round().tolist()
     students = {}
     for n in (0, m["N"]):
@@ -273,7 +263,7 @@ def make_inputs(m, root):
     side = m["image"] // 2 ** (len(blocks) - 1)
     assert side == m["latent"], f"the VAE maps {m['image']} to {side}, the model expects {m['latent']}"
     config = teacher_config(m["model"], m["latent"], 4, m["classes"], True, "latent", os.path.join(root, "vae"), m["image"], None)
-    teacher = randomise(build_model(config))
+    teacher = randomise_weights(build_model(config))
     save_checkpoint(os.path.join(root, "teacher.pt"), {"model": teacher.state_dict(), "ema": teacher.state_dict(), "step": 0,
                                                        "args": {}, "config": config})
     # The same weights read as a flow teacher in SiT's convention (t = 0 noise, t fed as it is, learned sigma).

@@ -55,3 +55,10 @@ def write_store(ckpt, out, n=96, nproc=1, shard_size=32, extra=()):
     """A trajectory store of n trajectories of S steps, written by train_teacher_traj.py."""
     return run_script(["train_teacher_traj.py", "--ckpt", str(ckpt), "--out", str(out), "--num-trajectories", str(n),
                        "--num-sampling-steps", str(S), "--shard-size", str(shard_size), "--batch-size", "16", *extra], nproc=nproc)
+
+
+def randomised(model, seed=0):
+    """models.randomise_weights at the tests' scale (std 0.1), so that tiny models give non-trivial outputs."""
+    from models import randomise_weights
+
+    return randomise_weights(model, std=0.1, seed=seed)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from checkpoints import build_model, load_model, teacher_config
 from diffusion.flow import FlowMatching, sample_flow_euler, sample_flow_heun
 from diffusion.sampling import TeacherSampler, guided_model_fn, teacher_process
-from helpers import S, make_teacher_checkpoint, run_script, run_script_expect_failure, write_store
+from helpers import S, make_teacher_checkpoint, randomised, run_script, run_script_expect_failure, write_store
 from models import MODEL_CONFIGS
 from trajectory_store import TrajectoryStore, default_boundaries, store_flow, trajectory_labels, trajectory_noise
 from training import teacher_loss
@@ -89,7 +89,8 @@ def test_flow_training_loss_is_the_velocity_mse_on_the_linear_interpolant():
 
 def test_guidance_interval_guides_only_inside_it():
     torch.manual_seed(0)
-    model = randomised(build_model(teacher_config("DiT-T/4", 8, 1, 10, False, "pixel", None, 8, "digits", "velocity", 1.0, 1000.0)))
+    config = teacher_config("DiT-T/4", 8, 1, 10, False, "pixel", None, 8, "digits", "velocity", 1.0, 1000.0)
+    model = randomised(build_model(config)).eval()
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     guided = guided_model_fn(model, 2.0, active=lambda t: t / 1000 <= 0.7)
     torch.testing.assert_close(guided(x, torch.full((3,), 900.0), y), model(x, torch.full((3,), 900.0), y))
@@ -101,15 +102,6 @@ def test_guidance_interval_guides_only_inside_it():
 #################################################################################
 #                 Official SiT and REPA layouts, against a reference             #
 #################################################################################
-
-def randomised(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
-
 
 def reference_forward(sd, x, t, y, num_heads):
     """SiT's and REPA's forward (their models/sit.py), written from the state dict with functional ops only:

@@ -5,16 +5,8 @@ import torch
 
 from ard_models import ARD
 from gan import GANStage, adaptive_weight, translate
+from helpers import randomised
 from models import DiT
-
-
-def randomised(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def tiny(seed=0, K=3, N=2):

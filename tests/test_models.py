@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffusion.sampling import guided_model_fn
+from helpers import randomised
 from models import DiT, DiT_models, get_2d_sincos_pos_embed
 
 OFFICIAL_KEYS = {
@@ -69,18 +70,8 @@ def test_zero_initialised_model_outputs_zeros():
     assert torch.count_nonzero(out) == 0
 
 
-def randomised(model, seed=0):
-    """The model with every parameter (but the fixed position embedding) drawn at random, so outputs are non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
 def test_forward_with_cfg_at_scale_one_equals_forward():
-    model = randomised(tiny_dit())
+    model = randomised(tiny_dit()).eval()
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 10, 700, 700])
     y = torch.tensor([1, 2, 5, 5])  # second half: the null class
     x = torch.cat([x[:2], x[:2]])
@@ -91,7 +82,7 @@ def test_forward_with_cfg_at_scale_one_equals_forward():
 
 
 def test_guidance_applies_to_all_noise_channels_and_legacy_to_three():
-    model = randomised(tiny_dit(in_channels=4))
+    model = randomised(tiny_dit(in_channels=4)).eval()
     x = torch.randn(2, 4, 8, 8).repeat(2, 1, 1, 1)
     t = torch.tensor([300, 300, 300, 300])
     y = torch.tensor([1, 2, 5, 5])
@@ -106,7 +97,7 @@ def test_guidance_applies_to_all_noise_channels_and_legacy_to_three():
 
 
 def test_guided_model_fn_matches_forward_with_cfg():
-    model = randomised(tiny_dit())
+    model = randomised(tiny_dit()).eval()
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([100, 900]), torch.tensor([0, 3])
     fn = guided_model_fn(model, 2.5)
     expected = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 2.5)
@@ -160,6 +151,7 @@ def test_timestep_embedding_is_cos_then_sin():
 
 
 def test_model_runs_on_nonsquare_config_without_hardcoded_sizes():
-    model = randomised(tiny_dit(input_size=12, patch_size=4, in_channels=1, hidden_size=24, depth=3, num_heads=3, num_classes=7))
+    model = randomised(tiny_dit(input_size=12, patch_size=4, in_channels=1, hidden_size=24, depth=3, num_heads=3,
+                                num_classes=7)).eval()
     out = model(torch.randn(2, 1, 12, 12), torch.tensor([1, 2]), torch.tensor([0, 6]))
     assert out.shape == (2, 2, 12, 12)
