@@ -93,6 +93,11 @@ def teacher_loss(model, diffusion, x, y, vae=None, random_flip=False):
 #                              The run folder                                   #
 #################################################################################
 
+# Run-defining flags added after runs were already trained, with the value that keeps what those runs did: a
+# checkpoint whose saved arguments lack one was trained that way, and resumes.
+ADDED_LATER = {"objective": "ddpm", "lr_schedule": "constant", "warmup_steps": 0, "boundary_schedule": "t"}
+
+
 def prepare_run(args, run_defining_args):
     """Checks, before any work, where the run will write, and returns the --resume checkpoint (None for a new
     run). A resume must agree with its checkpoint on the run-defining arguments and not be finished; a new run
@@ -108,7 +113,7 @@ def prepare_run(args, run_defining_args):
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= set(ckpt):
         raise UserError(f"--resume {args.resume} is not a training checkpoint of this script (it has no optimiser state)")
     check_finite({k: ckpt[k] for k in ("model", "ema")}, args.resume)
-    saved = ckpt["args"]
+    saved = {**ADDED_LATER, **ckpt["args"]}
     diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
              for k in run_defining_args if saved.get(k) != getattr(args, k)]
     if diffs:

@@ -96,6 +96,18 @@ def test_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(runs):
     assert [m["loss"] for m in read_metrics(full)][3:] == [m["loss"] for m in read_metrics(part)][3:]
 
 
+def test_a_checkpoint_from_before_a_flag_existed_resumes_with_the_flags_old_behaviour(runs, tmp_path):
+    ckpt = load_checkpoint(os.path.join(runs[1], "checkpoints", "0000003.pt"))
+    for added in ("objective", "lr_schedule", "warmup_steps"):
+        del ckpt["args"][added]
+    old = tmp_path / "run" / "checkpoints" / "0000003.pt"
+    os.makedirs(old.parent)
+    save_checkpoint(str(old), ckpt)
+    run_script(["train.py", *TINY, "--max-steps", "4", "--resume", str(old)])
+    assert "--objective 'ddpm' (now 'flow')" in run_script_expect_failure(
+        ["train.py", *TINY, "--objective", "flow", "--max-steps", "4", "--resume", str(old)])
+
+
 def test_resume_with_other_settings_is_refused(runs):
     out = run_script_expect_failure(["train.py", *TINY[:2], "--global-batch-size", "32", "--max-steps", "8",
                                      "--resume", os.path.join(runs[1], "checkpoints", "0000003.pt")])
