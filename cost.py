@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoints import build_model
-from diffusion.sampling import TeacherSampler
+from diffusion.sampling import TeacherSampler, model_evaluations
 
 
 def count_flops(fn):
@@ -58,8 +58,7 @@ def sampling_cost(model, config, steps=25, cfg_scale=1.5, batch=500, sampler="dd
         if config["kind"] == "ard":
             flops = count_flops(lambda: meta.sample(x[:1], y[:1]))
         else:
-            evaluations = 2 * steps - 1 if sampler == "heun" else steps  # Heun: two per step, one on the last
-            flops = count_flops(lambda: meta(x, y, y)) / 2 * evaluations * (2 if cfg_scale != 1.0 else 1)
+            flops = count_flops(lambda: meta(x, y, y)) / 2 * model_evaluations(sampler, steps) * (2 if cfg_scale != 1.0 else 1)
     noise, labels = _noise_and_labels(config, batch)
     if config["kind"] == "ard":
         return flops, best_time(lambda: model.sample(noise, labels)) / batch

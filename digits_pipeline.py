@@ -31,6 +31,7 @@ import cli
 from checkpoints import load_model
 from cli import check_output_path
 from cost import sampling_cost
+from diffusion.sampling import model_evaluations
 from fileio import write_json
 from stage_runner import StageRunner
 
@@ -184,7 +185,7 @@ def evaluate(p, b, rows, ref, net, est):
         flow = name.startswith("flow_")
         source_stage = (("flow_teacher" if flow else "teacher") if kind == "teacher" else f"student_gan_{name[4:]}" if name.startswith("gan_")
                         else f"student_{name[6:]}" if name.startswith("short_") else f"student_{name}")
-        evaluations = (2 * steps - 1) if kind == "teacher" and teacher_sampler(name) == "heun" else steps
+        evaluations = model_evaluations(teacher_sampler(name), steps) if kind == "teacher" else steps
         long = kind == "teacher" and evaluations > 8
         p.add(f"sample_{name}", samples, cmd, after=[source_stage], heavy=long,
               estimate=est["sample_teacher25"] * evaluations / 25 if long else est["sample"])

@@ -25,14 +25,13 @@ import dist_util
 from checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
 from cli import MissingFileError, UserError, diffusion_steps, non_negative_float, non_negative_int, positive_float, positive_int
 from fileio import file_sha256
-from diffusion.sampling import teacher_process
+from diffusion.sampling import teacher_flow, teacher_process
 from gan import GANStage, real_images
 from image_data import save_grid
 from seeding import rank_seed, step_seed
 from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
                       prepare_run, requires_grad, stop_on_nonfinite)
-from trajectory_store import (BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries,
-                              store_flow)
+from trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 from vae import load_vae, vae_decode
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
@@ -80,7 +79,7 @@ def check_inputs(args, device):
     if args.gan and args.data != "digits" and not os.path.isdir(args.data):
         raise MissingFileError(f"--data {args.data} does not exist (the GAN stage's real images: 'digits' or an ImageFolder)")
     boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps, args.boundary_schedule,
-                                                     store_flow(store.manifest))
+                                                     teacher_flow(store.manifest, store.manifest["num_sampling_steps"]))
     if args.val_count >= len(store):
         raise UserError(f"--val-count {args.val_count} leaves no training trajectories in a store of {len(store)}")
     dataset = TrajectoryDataset(store, boundaries, args.target)  # checks the boundaries against the store

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import dist_util
 from checkpoints import find_checkpoint, load_model
 from diffusion.ode import solver_grid
-from diffusion.sampling import SOLVERS, TeacherSampler, add_sampler_arguments
+from diffusion.sampling import SOLVERS, TeacherSampler, add_sampler_arguments, teacher_flow
 import cli
 from cli import UserError, check_output_path, non_negative_int, positive_int
 from fileio import WriterLock, file_sha256, remove_stale_temporaries, start_or_resume
@@ -72,7 +72,7 @@ def store_manifest(args, ckpt_path, config, sampler, save_steps):
 def flow_fields(config, args):
     """A flow teacher's store also records what the model predicts and its time convention (its save_timesteps are
     the model's own times, which the student embeds), and the guidance interval; a DiT teacher's store has neither."""
-    if config.get("prediction", "eps") != "velocity":
+    if teacher_flow(config) is None:
         return {}
     return dict(prediction="velocity", noise_at=config["noise_at"], time_scale=config["time_scale"],
                 guidance_interval=args.guidance_interval)

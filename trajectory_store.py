@@ -176,15 +176,6 @@ def schedule_coordinate(schedule, flow=None):
     return lambda t: flow_log_snr(min(max(flow.noise_level(t), lo), 1.0 - lo))
 
 
-def store_flow(manifest):
-    """The teacher's flow (diffusion/flow.py) on the store's solver grid, or None for a DiT (noise-predicting) teacher."""
-    if manifest.get("prediction", "eps") != "velocity":
-        return None
-    from diffusion.flow import FlowMatching
-
-    return FlowMatching(manifest["num_sampling_steps"], manifest["noise_at"], manifest["time_scale"])
-
-
 def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t", flow=None):
     """K + 1 solver steps among the saved ones, from the noise to the sample: boundary k is the saved state whose
     coordinate (see schedule_coordinate) is nearest to the k-th of K + 1 evenly spaced values between the noise's

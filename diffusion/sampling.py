@@ -19,15 +19,28 @@ SPACES = ("pixel", "latent")
 PREDICTIONS = ("eps", "velocity")  # DiT's noise prediction (learned sigma or not); a flow's velocity
 
 
-def teacher_process(config, num_steps=None):
-    """The noise process of a teacher config over S solver steps (None: every training timestep): DiT's
-    diffusion respaced to S steps for a noise-predicting model, or the linear flow in its time convention."""
+def teacher_flow(config, num_steps=None):
+    """The linear flow, in its time convention and over S uniform solver steps, of a velocity teacher's config (a
+    checkpoint's, or a store's manifest); None for a noise-predicting (DiT) teacher."""
     prediction = config.get("prediction", "eps")  # checkpoints written before flow teachers predict noise
     if prediction not in PREDICTIONS:
         raise UserError(f"unknown prediction type {prediction!r} in the checkpoint config: use one of {PREDICTIONS}")
-    if prediction == "velocity":
-        return FlowMatching(num_steps, config["noise_at"], config["time_scale"])
+    return FlowMatching(num_steps, config["noise_at"], config["time_scale"]) if prediction == "velocity" else None
+
+
+def teacher_process(config, num_steps=None):
+    """The noise process of a teacher config over S solver steps (None: every training timestep): DiT's
+    diffusion respaced to S steps for a noise-predicting model, or the linear flow in its time convention."""
+    flow = teacher_flow(config, num_steps)
+    if flow is not None:
+        return flow
     return create_diffusion("" if num_steps is None else str(num_steps), learn_sigma=config.get("learn_sigma", True))
+
+
+def model_evaluations(sampler, num_steps):
+    """Model evaluations of a teacher's sampler over S steps (each doubled by guidance): Heun takes two per step
+    and one on the last, the others one per step."""
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
 def guided_model_fn(model, cfg_scale, legacy_cfg=False, active=None):

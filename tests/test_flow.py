@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from checkpoints import build_model, load_model, teacher_config
 from diffusion.flow import FlowMatching, sample_flow_euler, sample_flow_heun
-from diffusion.sampling import TeacherSampler, guided_model_fn, teacher_process
+from diffusion.sampling import TeacherSampler, guided_model_fn, teacher_flow, teacher_process
 from helpers import S, make_teacher_checkpoint, randomised, run_script, run_script_expect_failure, write_store
 from models import MODEL_CONFIGS
-from trajectory_store import TrajectoryStore, default_boundaries, store_flow, trajectory_labels, trajectory_noise
+from trajectory_store import TrajectoryStore, default_boundaries, trajectory_labels, trajectory_noise
 from training import teacher_loss
 
 pytestmark = pytest.mark.xdist_group("test_flow")  # one worker runs the module, its fixtures once
@@ -204,7 +204,7 @@ def test_flow_store_records_the_convention_and_its_final_sample_is_the_teachers(
     expected = TeacherSampler(model, load_model(ckpt)[1], "heun", S, cfg_scale=1.5)(noise, y)
     np.testing.assert_allclose(data["xt"][:, 1], expected.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(data["xt"][:, 1]).max() <= 1.0 + 1e-6  # pixel space: x0 clipped, so the sample is in range
-    assert store_flow(m).model_times() == pytest.approx([1000, 800, 600, 400, 200])
+    assert teacher_flow(m, m["num_sampling_steps"]).model_times() == pytest.approx([1000, 800, 600, 400, 200])
 
 
 def test_student_of_a_flow_teacher_samples_as_its_teacher_forced_pass_and_is_causal(flow_teacher, flow_store, tmp_path):
