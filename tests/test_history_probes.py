@@ -95,12 +95,13 @@ def test_the_teachers_floor_compares_two_disjoint_noise_sets_with_the_same_label
     assert torch.equal(own, b) and not torch.equal(y_own, y_a)  # only the labels moved
 
 
-def test_bootstrap_precision_recall_from_distances_computed_once_equals_recomputing_them():
+@pytest.mark.parametrize("near", [64, 4])  # 4: most radii need the fallback over the whole row
+def test_bootstrap_precision_recall_from_distances_computed_once_equals_recomputing_them(near):
     from evaluator.metrics import _resampled_precision_recall, precision_recall
 
     rng = np.random.default_rng(1)
     real, fake = rng.standard_normal((120, 8)), rng.standard_normal((150, 8)) * 1.3
-    fast = _resampled_precision_recall(real, fake, 3)
+    fast = _resampled_precision_recall(real, fake, 3, near=near)
     for _ in range(5):
         idx = rng.integers(0, len(fake), len(fake))
-        assert fast(idx) == pytest.approx(precision_recall(real, fake[idx], k=3), abs=1e-12)
+        assert fast(idx) == precision_recall(real, fake[idx], k=3)  # the same order statistics, exactly
