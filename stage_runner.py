@@ -1,10 +1,13 @@
 """Runs a pipeline of script stages: their dependencies, which run side by side, and live progress.
 
 Each stage is a script run as its own process, whose output goes to RUN/logs/NAME.log. A stage whose output
-exists is reused. Heavy stages (training, trajectories, long sampling) run one at a time with every core; light
-ones (short sampling, evaluation, references) run two at a time with one thread each, which overlaps the
-seconds each process spends starting. While stages run, one status line shows which stage of how many, each
-running stage's own progress (read from its tqdm bar: steps, rate, time left) and an estimate for the whole run.
+exists is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone
+with every core; every other stage runs with one thread, as many side by side as there are cores. Small models use
+two threads poorly, so two one-thread stages side by side finish sooner than one after the other with two; and a
+one-thread stage computes the same numbers on any machine. Ready stages start longest path first (the stage's
+estimate plus the longest chain of stages that wait for it). While stages run, one status line shows which stage
+of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time left) and an estimate
+for the whole run.
 """
 
 import json
@@ -47,12 +50,12 @@ def _seconds(text):
 
 class StageRunner:
     def __init__(self, run_dir, root, cores=None, heavy_alone=True):
-        """heavy_alone=False runs heavy stages like light ones, two at a time (tiny budgets, where each stage's time
-        is mostly its start)."""
+        """heavy_alone=False runs heavy stages like the others, one thread each (tiny budgets, where each stage's
+        time is mostly its start)."""
         self.run_dir, self.root, self.heavy_alone = run_dir, root, heavy_alone
         # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
         self.cores = cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
-        self.stages, self.done, self.timings = {}, set(), {}
+        self.stages, self.done, self.timings, self.paths = {}, set(), {}, {}
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         self.timings_path = os.path.join(run_dir, "timings.json")
         if os.path.isfile(self.timings_path):
@@ -82,7 +85,7 @@ class StageRunner:
         running = []
         while len(self.done) < len(self.stages):
             for stage in self._ready(running):
-                self._start(stage, threads=self.cores if stage.heavy else max(1, self.cores // 2))
+                self._start(stage, threads=self.cores if stage.heavy else 1)
                 running.append(stage)
             time.sleep(0.2)
             for stage in [s for s in running if s.proc.poll() is not None]:
@@ -90,19 +93,30 @@ class StageRunner:
                 self._finish(stage, running)
             self._status(running)
 
+    def _path(self, stage):
+        """Seconds from the start of this stage to the end of the longest chain of stages that wait for it."""
+        if stage.name not in self.paths:
+            waiting = [s for s in self.stages.values() if stage.name in s.after]
+            self.paths[stage.name] = stage.estimate + max((self._path(s) for s in waiting), default=0.0)
+        return self.paths[stage.name]
+
     def _ready(self, running):
-        """Stages whose dependencies are done, as many as may start now: a heavy stage only alone, light ones two
-        at a time. A ready heavy stage goes first (it is on the long path; a light one alone would leave a core
-        idle), and light ones gather meanwhile to run in pairs."""
+        """Stages whose dependencies are done, as many as may start now, longest path first: a heavy stage only
+        alone (the others wait for the running ones to finish rather than start ahead of it), the others one per
+        free core."""
         if any(s.heavy for s in running):
             return []
-        waiting = [s for s in self.stages.values() if s.name not in self.done and s.proc is None
-                   and all(d in self.done for d in s.after)]
-        heavy = [s for s in waiting if s.heavy]
-        light = [s for s in waiting if not s.heavy]
-        if heavy:
-            return heavy[:1] if not running else []
-        return light[: max(0, 2 - len(running))]
+        waiting = sorted((s for s in self.stages.values() if s.name not in self.done and s.proc is None
+                          and all(d in self.done for d in s.after)), key=self._path, reverse=True)
+        start, free = [], self.cores - len(running)
+        for stage in waiting:
+            if stage.heavy:
+                return [stage] if not running and not start else start
+            if free == 0:
+                break
+            start.append(stage)
+            free -= 1
+        return start
 
     def _start(self, stage, threads):
         self._line(f"[{stage.name}] {' '.join(stage.args)}")
@@ -156,7 +170,7 @@ class StageRunner:
     def _status(self, running):
         todo = [s for s in self.stages.values() if s.name not in self.done and s.proc is None]
         heavy = sum(s.estimate for s in todo if s.heavy) * self.factor
-        light = sum(s.estimate for s in todo if not s.heavy) * self.factor / 2
+        light = sum(s.estimate for s in todo if not s.heavy) * self.factor / self.cores
         total = heavy + light + max((self._left(s) for s in running), default=0.0)
         parts = []
         for s in running:

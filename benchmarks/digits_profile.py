@@ -1,6 +1,7 @@
 """Where the CPU time of the digits main job goes: each stage's unit of work taken apart, on this machine.
 
-    python -m benchmarks.digits_profile              # the default budgets' configs (DiT-T/2 on 8x8 digits)
+    python -m benchmarks.digits_profile                    # the main job's configs (digits_pipeline.DIGITS_MODEL)
+    python -m benchmarks.digits_profile --model DiT-T/2    # the same budgets with another tiny config
 
 For the teacher's and the students' training steps: data, forward, backward, optimiser and EMA, with 1 and with
 all threads (do two processes side by side beat one after another?), and bf16 autocast against fp32; for the
@@ -19,6 +20,7 @@ import torch
 from ard_models import ARD_models
 from diffusion import create_diffusion
 from diffusion.sampling import TeacherSampler
+from digits_pipeline import DIGITS_MODEL
 from models import DiT_models
 from training import teacher_loss, update_ema
 
@@ -54,12 +56,12 @@ def training_parts(model, ema, loss_fn, bf16=False):
     return parts
 
 
-def profile_training(threads, bf16=False):
+def profile_training(model, threads, bf16=False):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    teacher, teacher_ema = (DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10) for _ in range(2))
+    teacher, teacher_ema = (DiT_models[model](input_size=8, in_channels=1, num_classes=10) for _ in range(2))
     diffusion, x, y = create_diffusion(""), torch.randn(128, 1, 8, 8), torch.randint(10, (128,))
-    student, student_ema = (ARD_models["DiT-T/2"](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1,
+    student, student_ema = (ARD_models[model](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1,
                                                   num_classes=10) for _ in range(2))
     traj = torch.randn(64, 4, 1, 8, 8)
     return {"teacher step (batch 128)": training_parts(teacher, teacher_ema, lambda: teacher_loss(teacher, diffusion, x, y), bf16),
@@ -67,11 +69,11 @@ def profile_training(threads, bf16=False):
 
 
 @torch.no_grad()
-def profile_sampling(threads):
+def profile_sampling(model, threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    teacher = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10).eval()
-    student = ARD_models["DiT-T/2"](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1, num_classes=10).eval()
+    teacher = DiT_models[model](input_size=8, in_channels=1, num_classes=10).eval()
+    student = ARD_models[model](timesteps=[999, 749, 500, 250], history_layers=3, input_size=8, in_channels=1, num_classes=10).eval()
     noise, y = torch.randn(500, 1, 8, 8), torch.arange(500) % 10
     sampler = TeacherSampler(teacher, dict(space="pixel"), "ddim", 25, 1.5)
     return {"teacher DDIM 25 + CFG, 500 trajectories": timed(lambda: sampler.trajectory(noise, y), repeats=3, warmup=1),
@@ -85,20 +87,23 @@ def startup():
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=[k for k in DiT_models if k.startswith("DiT-T/")], default=DIGITS_MODEL,
+                        help="the tiny config to profile")
+    args = parser.parse_args()
     cores = torch.get_num_threads()
-    print(f"== CPU: {cores} threads available; milliseconds, median of repeats")
+    print(f"== CPU: {cores} threads available, {args.model} on 8x8 digits; milliseconds, median of repeats")
     rows = {}
     for threads in sorted({1, cores}):
-        for name, parts in profile_training(threads).items():
+        for name, parts in profile_training(args.model, threads).items():
             rows[f"{name}, {threads} thread(s)"] = parts
-    for name, parts in profile_training(cores, bf16=True).items():
+    for name, parts in profile_training(args.model, cores, bf16=True).items():
         rows[f"{name}, {cores} thread(s), bf16 autocast"] = parts
     print("| step | forward | backward | AdamW | EMA |\n|---|---|---|---|---|")
     for name, p in rows.items():
         print(f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['AdamW']:.1f} | {1000 * p['EMA']:.1f} |")
     print("\n| sampling | " + " | ".join(f"{t} thread(s)" for t in sorted({1, cores})) + " |\n|---|" + "---|" * len({1, cores}))
-    sampling = {t: profile_sampling(t) for t in sorted({1, cores})}
+    sampling = {t: profile_sampling(args.model, t) for t in sorted({1, cores})}
     for name in sampling[1]:
         print(f"| {name} | " + " | ".join(f"{1000 * sampling[t][name]:.0f}" for t in sorted(sampling)) + " |")
     print(f"\nstarting a script (python, torch and this repository's modules): {startup():.2f} s")

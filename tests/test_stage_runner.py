@@ -65,3 +65,19 @@ def test_omp_num_threads_limits_the_cores(tmp_path, monkeypatch):
     assert StageRunner(str(tmp_path / "a"), str(tmp_path)).cores == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert StageRunner(str(tmp_path / "b"), str(tmp_path)).cores == len(os.sched_getaffinity(0))
+
+
+def test_light_stages_fill_every_core_with_one_thread_each_longest_path_first(tmp_path):
+    out = {n: str(tmp_path / n) for n in ("a", "b", "c", "x", "y", "z")}
+    p = StageRunner(str(tmp_path / "run3"), str(tmp_path), cores=3)
+    for n in "abc":
+        p.add(n, out[n], writer(out[n]))
+    p.run()
+    starts = [ran(out[n]) for n in "abc"]
+    assert max(t for t, _ in starts) - min(t for t, _ in starts) < 0.3 and {th for _, th in starts} == {"1"}
+    q = StageRunner(str(tmp_path / "run1"), str(tmp_path), cores=1)
+    q.add("z", out["z"], writer(out["z"]), estimate=50)  # declared first, but x leads the longer chain (1 + 100)
+    q.add("x", out["x"], writer(out["x"]), estimate=1)
+    q.add("y", out["y"], writer(out["y"]), after=["x"], estimate=100)
+    q.run()
+    assert ran(out["x"])[0] < ran(out["y"])[0] < ran(out["z"])[0]
