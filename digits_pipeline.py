@@ -5,18 +5,19 @@
     (sample_ddp.py) -> evaluation against held-out real digits and against the teacher's own samples with the digits
     feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
 
-    python digits_pipeline.py              # the default (about 32 minutes on 2 CPU cores)
-    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (75-85 s)
+    python digits_pipeline.py              # the default (about 9 minutes on 2 CPU cores)
+    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 85 s)
     python digits_pipeline.py --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
-    python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 12 min more)
-    python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds
-    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (over 2 hours)
+    python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
+    python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
+    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 54 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
 writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to
 --run-dir: checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md and results.json;
---assets-dir receives the figures. Set OMP_NUM_THREADS only to limit the cores: the runner gives every heavy stage
-all of them and every light one a single thread.
+--assets-dir receives the figures. Set OMP_NUM_THREADS only to limit the cores: the runner gives the teacher and
+the trajectory writer all of them, one after the other, and every other stage a single thread, as many side by side
+as there are cores.
 """
 
 import argparse
