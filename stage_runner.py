@@ -4,7 +4,7 @@ Each stage is a script run as its own process, whose output goes to RUN/logs/NAM
 exists is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone
 with every core; every other stage runs with one thread, as many side by side as there are cores. Small models use
 two threads poorly, so two one-thread stages side by side finish sooner than one after the other with two; and a
-one-thread stage computes the same numbers on any machine. Ready stages start longest path first (the stage's
+one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest path first (the stage's
 estimate plus the longest chain of stages that wait for it). While stages run, one status line shows which stage
 of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time left) and an estimate
 for the whole run.
