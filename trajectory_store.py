@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cli import MissingFileError, UserError
+from diffusion.flow import log_snr as flow_log_snr
 from fileio import temporary_name
 from seeding import TRAJECTORY_STREAM, per_index_noise
 
@@ -167,8 +168,6 @@ def schedule_coordinate(schedule, flow=None):
         raise UserError(f"unknown boundary schedule {schedule!r}: use one of {', '.join(BOUNDARY_SCHEDULES)}")
     if flow is None:
         return float if schedule == "t" else log_snr
-    from diffusion.flow import log_snr as flow_log_snr
-
     if schedule == "t":
         return flow.noise_level
     # The noise (s = 1) has log-SNR -inf: levels are clamped to the grid's inner range [1/S, 1 - 1/S].
