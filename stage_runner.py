@@ -4,20 +4,28 @@ Each stage is a script run as its own process, whose output goes to RUN/logs/NAM
 exists is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone
 with every core; every other stage runs with one thread, as many side by side as there are cores. Small models use
 two threads poorly, so two one-thread stages side by side finish sooner than one after the other with two; and a
-one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest path first (the stage's
-estimate plus the longest chain of stages that wait for it). While stages run, one status line shows which stage
-of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time left) and an estimate
-for the whole run.
+one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest path first
+(the stage's estimate plus the longest chain of stages that wait for it). While stages run, one status line shows
+which stage of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time left) and an
+estimate for the whole run.
+
+One-thread stages start as forks of a server process that has imported torch, numpy and scipy once: the 2.5-4 s
+that a fresh Python process spends importing them is most of a sampling or evaluation stage. Each fork runs its
+script as `python ARGS` would (sys.argv, sys.path[0], __main__, its own environment, working folder and log), and
+computes the same numbers (tests/test_stage_runner.py). Heavy stages, whose thread count the OpenMP runtime fixes
+when it starts, are fresh processes.
 """
 
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fileio import write_json
 
@@ -34,8 +42,9 @@ class Stage:
     estimate: float = 5.0  # seconds on the reference machine, for the whole-run estimate
     progress: str = ""
     started: float = 0.0
-    proc: object = None
-    reader: object = field(default=None, repr=False)
+    proc: object = None  # a subprocess.Popen, or a ForkedStage: poll(), returncode, terminate()
+    log: object = None  # the stage's log, open for reading its progress
+    tail: str = ""
 
 
 def _seconds(text):
@@ -48,11 +57,179 @@ def _seconds(text):
     return total
 
 
+# The fork server --------------------------------------------------------------------------------------------------
+
+PRELOAD = ("torch", "numpy", "scipy.linalg", "tqdm", "PIL.Image")  # what every stage imports; no module of this repository
+
+
+def _run_as_main(args):
+    """Runs `python ARGS` in this process (args: a script and its arguments, '-m MODULE ...' or '-c CODE ...') the way
+    the interpreter would: sys.argv, sys.path[0] and __main__ as it sets them. Returns the exit status."""
+    import runpy
+    import traceback
+    try:
+        if args[0] == "-c":
+            sys.argv, sys.path[0] = ["-c", *args[2:]], ""
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        elif args[0] == "-m":
+            sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv, sys.path[0] = list(args), os.path.dirname(os.path.abspath(args[0]))
+            runpy.run_path(args[0], run_name="__main__")
+        return 0
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            return exit.code or 0
+        print(exit.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def _child(request):
+    """In the forked child: the stage's working folder, environment and log, then its script; never returns."""
+    import atexit
+    import io
+    import random
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True, write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                      line_buffering=True, write_through=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A fresh process draws these from the OS; the forks must not share the server's.
+        random.seed()
+        sys.modules["numpy"].random.seed()
+        code = _run_as_main(request["args"])
+        atexit._run_exitfuncs()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve():
+    """The fork server: imports PRELOAD once, then for each request read from stdin (a JSON line: id, args, env, cwd,
+    log) forks a child that runs the stage, and answers with JSON lines {id, pid} when it starts and {id, exit} when it
+    ends (the exit status as subprocess gives it: negative for a signal). Runs single-threaded (a fork copies only the
+    calling thread); ends when stdin closes, terminating the children still running."""
+    import importlib
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the runner closes stdin; the server stays to end the children
+    for name in PRELOAD:
+        importlib.import_module(name)
+    children, buffer, open_ = {}, b"", True
+
+    def answer(message):
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    while open_ or children:
+        if open_ and select.select([0], [], [], 0.05)[0]:
+            chunk = os.read(0, 65536)
+            open_ = bool(chunk)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in filter(None, lines):
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(request)
+                children[pid] = request["id"]
+                answer({"id": request["id"], "pid": pid})
+            if not open_:
+                for pid in children:
+                    os.kill(pid, signal.SIGTERM)
+        elif not open_:
+            time.sleep(0.05)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            answer({"id": children.pop(pid), "exit": os.waitstatus_to_exitcode(status)})
+
+
+class ForkedStage:
+    """A stage running as a child of the fork server, with the part of subprocess.Popen's interface the runner uses."""
+
+    def __init__(self):
+        self.pid, self.returncode = None, None
+        self.started = threading.Event()
+
+    def poll(self):
+        return self.returncode
+
+    def terminate(self):
+        self.started.wait()
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+class ForkServer:
+    """The runner's end of `serve`: starts it, sends it stages, and reads its answers on a thread."""
+
+    def __init__(self, root, env):
+        here = os.path.dirname(os.path.abspath(__file__))  # sys.path[0] back to '', as `python -c` has it
+        start = f"import sys; sys.path.insert(0, {here!r}); import stage_runner; del sys.path[0]; stage_runner.serve()"
+        self.proc = subprocess.Popen([sys.executable, "-c", start], cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.stages, self.next_id, self.lock = {}, 0, threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def start(self, args, env, cwd, log):
+        stage = ForkedStage()
+        with self.lock:
+            self.next_id += 1
+            self.stages[self.next_id] = stage
+            request = dict(id=self.next_id, args=list(args), env=env, cwd=cwd, log=log)
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        return stage
+
+    def _read(self):
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            with self.lock:
+                stage = self.stages[message["id"]]
+            if "pid" in message:
+                stage.pid = message["pid"]
+                stage.started.set()
+            else:
+                stage.returncode = message["exit"]
+        with self.lock:  # the server is gone: whatever it did not report did not finish
+            for stage in self.stages.values():
+                if stage.returncode is None:
+                    stage.returncode = -1
+                stage.started.set()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.reader.join()
+
+
 class StageRunner:
-    def __init__(self, run_dir, root, cores=None, heavy_alone=True):
+    def __init__(self, run_dir, root, cores=None, heavy_alone=True, fork=True):
         """heavy_alone=False runs heavy stages like the others, one thread each (tiny budgets, where each stage's
-        time is mostly its start)."""
+        time is mostly its start). fork=False starts every stage as a fresh process instead of a fork."""
         self.run_dir, self.root, self.heavy_alone = run_dir, root, heavy_alone
+        self.fork, self.server = fork and hasattr(os, "fork"), None
         # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
         self.cores = cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
         self.stages, self.done, self.timings, self.paths = {}, set(), {}, {}
@@ -82,16 +259,25 @@ class StageRunner:
                 self.done.add(stage.name)
                 self._line(f"[{stage.name}] reusing {stage.output}")
         self.start_time, self.factor = time.time(), 1.0
+        if self.fork and any(s.name not in self.done and (self.cores == 1 or not s.heavy) for s in self.stages.values()):
+            self.server = ForkServer(self.root, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))  # imports meanwhile
         running = []
-        while len(self.done) < len(self.stages):
-            for stage in self._ready(running):
-                self._start(stage, threads=self.cores if stage.heavy else 1)
-                running.append(stage)
-            time.sleep(0.2)
-            for stage in [s for s in running if s.proc.poll() is not None]:
-                running.remove(stage)
-                self._finish(stage, running)
-            self._status(running)
+        try:
+            while len(self.done) < len(self.stages):
+                for stage in self._ready(running):
+                    self._start(stage, threads=self.cores if stage.heavy else 1)
+                    running.append(stage)
+                time.sleep(0.2)
+                for stage in running:
+                    self._read(stage)
+                for stage in [s for s in running if s.proc.poll() is not None]:
+                    running.remove(stage)
+                    self._finish(stage, running)
+                self._status(running)
+        finally:
+            if self.server:
+                self.server.close()
+                self.server = None
 
     def _path(self, stage):
         """Seconds from the start of this stage to the end of the longest chain of stages that wait for it."""
@@ -119,30 +305,32 @@ class StageRunner:
         return start
 
     def _start(self, stage, threads):
+        """Starts the stage with `threads` threads: a one-thread stage as a fork of the server, any other as a fresh
+        process. Either way its output goes straight to its log."""
         self._line(f"[{stage.name}] {' '.join(stage.args)}")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-        log = open(self.path("logs", f"{stage.name}.log"), "w")
+        log_path = self.path("logs", f"{stage.name}.log")
         stage.started = time.time()
-        stage.proc = subprocess.Popen([sys.executable, *stage.args], cwd=self.root, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT)
-        stage.reader = threading.Thread(target=self._read, args=(stage, log), daemon=True)
-        stage.reader.start()
+        with open(log_path, "wb") as log:  # empty before the stage writes to it
+            if threads == 1 and self.fork:
+                stage.proc = self.server.start(stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path))
+            else:
+                stage.proc = subprocess.Popen([sys.executable, *stage.args], cwd=self.root, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT)
+        stage.log = open(log_path, "rb")
 
-    def _read(self, stage, log):
-        """Copies the stage's output to its log, keeping the last tqdm state as its progress."""
-        buffer = b""
-        with log:
-            while chunk := stage.proc.stdout.read1(4096):
-                log.write(chunk.decode(errors="replace"))
-                log.flush()
-                buffer = (buffer + chunk)[-2000:]
-                matches = TQDM.findall(buffer.decode(errors="replace"))
-                if matches:
-                    stage.progress = matches[-1]
+    def _read(self, stage):
+        """Reads what the stage wrote to its log since the last call, keeping the last tqdm state as its progress."""
+        chunk = stage.log.read()
+        if chunk:
+            stage.tail = (stage.tail + chunk.decode(errors="replace"))[-2000:]
+            matches = TQDM.findall(stage.tail)
+            if matches:
+                stage.progress = matches[-1]
 
     def _finish(self, stage, running):
-        stage.reader.join()
         seconds = time.time() - stage.started
+        stage.log.close()
         log_path = self.path("logs", f"{stage.name}.log")
         if stage.proc.returncode != 0 or not os.path.exists(stage.output):
             for other in running:

@@ -81,3 +81,48 @@ def test_light_stages_fill_every_core_with_one_thread_each_longest_path_first(tm
     q.add("y", out["y"], writer(out["y"]), after=["x"], estimate=100)
     q.run()
     assert ran(out["x"])[0] < ran(out["y"])[0] < ran(out["z"])[0]
+
+
+def reporter(path):
+    """A stage that records what a fresh `python -c` would show it: whether torch was imported before it ran,
+    sys.argv, sys.path[0], __name__, the working folder, an environment variable, a random draw and a torch result."""
+    code = (f"import sys; preloaded = 'torch' in sys.modules; import json, os, numpy, torch; torch.manual_seed(0); "
+            f"x = torch.randn(64, 64); "
+            f"json.dump(dict(preloaded=preloaded, argv=sys.argv, path0=sys.path[0], name=__name__, cwd=os.getcwd(), "
+            f"threads=os.environ['OMP_NUM_THREADS'], torch_threads=torch.get_num_threads(), draw=numpy.random.rand(), "
+            f"result=(x @ x).sum().item()), open({path!r}, 'w'))")
+    return ["-c", code, "an argument"]
+
+
+def test_one_thread_stages_are_forks_that_run_as_a_fresh_python_would(tmp_path):
+    out = {n: str(tmp_path / f"{n}.json") for n in ("fresh", "fork1", "fork2")}
+    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    p.add("fresh", out["fresh"], reporter(out["fresh"]), heavy=True)  # alone, both cores: a fresh process
+    p.add("fork1", out["fork1"], reporter(out["fork1"]), after=["fresh"])
+    p.add("fork2", out["fork2"], reporter(out["fork2"]), after=["fresh"])
+    p.run()
+    fresh, fork1, fork2 = (json.load(open(out[n])) for n in ("fresh", "fork1", "fork2"))
+    assert not fresh["preloaded"] and fork1["preloaded"] and fork2["preloaded"]
+    for fork in (fork1, fork2):
+        assert fork["argv"] == fresh["argv"] == ["-c", "an argument"]
+        assert (fork["path0"], fork["name"], fork["cwd"]) == (fresh["path0"], "__main__", str(tmp_path))
+        assert (fork["threads"], fork["torch_threads"]) == ("1", 1) and fresh["threads"] == "2"
+        assert fork["result"] == fresh["result"]  # the same numbers
+    assert fork1["draw"] != fork2["draw"]  # unseeded randomness is not shared between forks
+
+
+def test_a_forked_stage_runs_scripts_and_modules_and_reports_failures(tmp_path):
+    (tmp_path / "script.py").write_text("import sys\nprint('script', sys.argv[1:], __name__)\nopen(sys.argv[1], 'w').write('x')\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text("import sys\nif __name__ == '__main__':\n    open(sys.argv[1], 'w').write(sys.argv[0])\n")
+    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    p.add("script", str(tmp_path / "s.out"), ["script.py", str(tmp_path / "s.out")])
+    p.add("module", str(tmp_path / "m.out"), ["-m", "pkg.mod", str(tmp_path / "m.out")])
+    p.run()
+    assert "script ['" in (tmp_path / "run" / "logs" / "script.log").read_text()
+    assert (tmp_path / "m.out").read_text() == str(tmp_path / "pkg" / "mod.py")
+    q = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
+    q.add("raises", str(tmp_path / "never"), ["-c", "raise ValueError('the reason')"])
+    with pytest.raises(SystemExit, match="(?s)raises.*exit 1.*ValueError: the reason"):
+        q.run()
