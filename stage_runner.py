@@ -227,9 +227,9 @@ class ForkServer:
 class StageRunner:
     def __init__(self, run_dir, root, cores=None, heavy_alone=True, fork=True):
         """heavy_alone=False runs heavy stages like the others, one thread each (tiny budgets, where each stage's
-        time is mostly its start). fork=False starts every stage as a fresh process instead of a fork."""
+        time is mostly its start). With fork=False, or on a system other than Linux, every stage is a fresh process."""
         self.run_dir, self.root, self.heavy_alone = run_dir, root, heavy_alone
-        self.fork, self.server = fork and hasattr(os, "fork"), None
+        self.fork, self.server = fork and sys.platform.startswith("linux"), None  # macOS: forks of frameworks are unsafe
         # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
         self.cores = cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
         self.stages, self.done, self.timings, self.paths = {}, set(), {}, {}
