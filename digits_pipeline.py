@@ -5,8 +5,8 @@
     (sample_ddp.py) -> evaluation against held-out real digits and against the teacher's own samples with the digits
     feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
 
-    python digits_pipeline.py              # the default (about 9 minutes on 2 CPU cores)
-    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 85 s)
+    python digits_pipeline.py              # the default (about 8 minutes on 2 CPU cores)
+    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 45 s)
     python digits_pipeline.py --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
     python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
     python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
@@ -236,7 +236,8 @@ def main(args):
         check_output_path(args.run_dir, "--run-dir", folder=True)
     mode = "quick" if args.quick else "default"
     b, est = BUDGETS[mode], ESTIMATES[mode]
-    p = StageRunner(args.run_dir or os.path.join("runs", "digits-quick" if args.quick else "digits"), ROOT, heavy_alone=not args.quick)
+    run_dir = args.run_dir or os.path.join("runs", "digits-quick" if args.quick else "digits")
+    p = StageRunner(run_dir, ROOT, heavy_alone=not args.quick, fork=not args.no_fork)
     start_all = time.time()
 
     # Declare every stage, then run them (in dependency order, light ones side by side):
@@ -565,6 +566,9 @@ def parse_args(argv=None):
                       help="the default rows plus a flow-matching teacher (train.py --objective flow) and its N = 0 and ARD students, 3 seeds")
     parser.add_argument("--run-dir", default=None, help="default: runs/digits (runs/digits-quick with --quick)")
     parser.add_argument("--assets-dir", default="assets", help="where the figures go")
+    parser.add_argument("--no-fork", action="store_true",
+                        help="start every stage as a fresh Python process (by default one-thread stages are forks of a "
+                             "process that imported torch once; the figures are the same either way)")
     return parser.parse_args(argv)
 
 
