@@ -2,7 +2,8 @@
 
 Each stage is a script run as its own process, whose output goes to RUN/logs/NAME.log. A stage whose output
 exists is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone
-with every core; every other stage runs with one thread, as many side by side as there are cores. Small models use
+with every core, or shares them with the other heavy stages ready at the same time (the two teachers of --full, then
+their trajectory writers); every other stage runs with one thread, as many side by side as there are cores. Small models use
 two threads poorly, so two one-thread stages side by side finish sooner than one after the other with two; and a
 one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest path first
 (the stage's estimate plus the longest chain of stages that wait for it). While stages run, one status line shows
@@ -259,13 +260,15 @@ class StageRunner:
                 self.done.add(stage.name)
                 self._line(f"[{stage.name}] reusing {stage.output}")
         self.start_time, self.factor = time.time(), 1.0
-        if self.fork and any(s.name not in self.done and (self.cores == 1 or not s.heavy) for s in self.stages.values()):
-            self.server = ForkServer(self.root, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))  # imports meanwhile
+        if self.fork and any(s.name not in self.done and not s.heavy for s in self.stages.values()):
+            self._server()  # it imports while the first stages run
         running = []
         try:
             while len(self.done) < len(self.stages):
-                for stage in self._ready(running):
-                    self._start(stage, threads=self.cores if stage.heavy else 1)
+                start = self._ready(running)
+                heavy = sum(s.heavy for s in start)
+                for stage in start:
+                    self._start(stage, threads=self.cores // heavy if stage.heavy else 1)
                     running.append(stage)
                 time.sleep(0.2)
                 for stage in running:
@@ -287,9 +290,9 @@ class StageRunner:
         return self.paths[stage.name]
 
     def _ready(self, running):
-        """Stages whose dependencies are done, as many as may start now, longest path first: a heavy stage only
-        alone (the others wait for the running ones to finish rather than start ahead of it), the others one per
-        free core."""
+        """Stages whose dependencies are done, as many as may start now, longest path first: heavy stages only
+        when nothing else runs, alone or with the other heavy stages ready, up to one per core (the others wait for
+        the running ones to finish rather than start ahead of them), the others one per free core."""
         if any(s.heavy for s in running):
             return []
         waiting = sorted((s for s in self.stages.values() if s.name not in self.done and s.proc is None
@@ -297,7 +300,7 @@ class StageRunner:
         start, free = [], self.cores - len(running)
         for stage in waiting:
             if stage.heavy:
-                return [stage] if not running and not start else start
+                return [s for s in waiting if s.heavy][:self.cores] if not running and not start else start
             if free == 0:
                 break
             start.append(stage)
@@ -313,11 +316,16 @@ class StageRunner:
         stage.started = time.time()
         with open(log_path, "wb") as log:  # empty before the stage writes to it
             if threads == 1 and self.fork:
-                stage.proc = self.server.start(stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path))
+                stage.proc = self._server().start(stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path))
             else:
                 stage.proc = subprocess.Popen([sys.executable, *stage.args], cwd=self.root, env=env, stdout=log,
                                               stderr=subprocess.STDOUT)
         stage.log = open(log_path, "rb")
+
+    def _server(self):
+        if self.server is None:
+            self.server = ForkServer(self.root, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        return self.server
 
     def _read(self, stage):
         """Reads what the stage wrote to its log since the last call, keeping the last tqdm state as its progress."""

@@ -126,3 +126,15 @@ def test_a_forked_stage_runs_scripts_and_modules_and_reports_failures(tmp_path):
     q.add("raises", str(tmp_path / "never"), ["-c", "raise ValueError('the reason')"])
     with pytest.raises(SystemExit, match="(?s)raises.*exit 1.*ValueError: the reason"):
         q.run()
+
+
+def test_heavy_stages_ready_together_share_the_cores(tmp_path):
+    out = {n: str(tmp_path / n) for n in ("a", "b", "c")}
+    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    p.add("a", out["a"], writer(out["a"]), heavy=True)
+    p.add("b", out["b"], writer(out["b"]), heavy=True)
+    p.add("c", out["c"], writer(out["c"]), after=["a"], heavy=True)
+    p.run()
+    (ta, tha), (tb, thb), (tc, thc) = (ran(out[n]) for n in "abc")
+    assert abs(ta - tb) < 0.3 and (tha, thb) == ("1", "1")  # side by side, one core each
+    assert tc > max(ta, tb) and thc == "2"  # alone: every core
