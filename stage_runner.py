@@ -1,19 +1,19 @@
 """Runs a pipeline of script stages: their dependencies, which run side by side, and live progress.
 
-Each stage is a script run as its own process, whose output goes to RUN/logs/NAME.log. A stage whose output
-exists is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone
-with every core, or shares them with the other heavy stages ready at the same time (the two teachers of --full, then
-their trajectory writers); every other stage runs with one thread, as many side by side as there are cores. Small models use
-two threads poorly, so two one-thread stages side by side finish sooner than one after the other with two; and a
-one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest path first
-(the stage's estimate plus the longest chain of stages that wait for it). While stages run, one status line shows
-which stage of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time left) and an
-estimate for the whole run.
+Each stage is a script run as its own process, whose output goes to RUN/logs/NAME.log. A stage whose output exists
+is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone with
+every core, or shares them with the other heavy stages ready at the same time (the two teachers of --full, then
+their trajectory writers); every other stage runs with one thread, as many side by side as there are cores. Small
+models use two threads poorly, so two one-thread stages side by side finish sooner than one after the other with
+two; and a one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest
+path first (the stage's estimate plus the longest chain of stages that wait for it). While stages run, one status
+line shows which stage of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time
+left) and an estimate for the whole run.
 
 One-thread stages start as forks of a server process that has imported torch, numpy and scipy once: the 2.5-4 s
 that a fresh Python process spends importing them is most of a sampling or evaluation stage. Each fork runs its
 script as `python ARGS` would (sys.argv, sys.path[0], __main__, its own environment, working folder and log), and
-computes the same numbers (tests/test_stage_runner.py). Heavy stages, whose thread count the OpenMP runtime fixes
+computes the same numbers (tests/test_stage_runner.py). Stages with more threads, whose count the OpenMP runtime fixes
 when it starts, are fresh processes.
 """
 
@@ -107,7 +107,8 @@ def _child(request):
         os.dup2(null, 0)
         os.close(null)
         sys.stdin = open(0, closefd=False)
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True, write_through=True)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True,
+                                      write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
                                       line_buffering=True, write_through=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -188,7 +189,8 @@ class ForkServer:
     def __init__(self, root, env):
         here = os.path.dirname(os.path.abspath(__file__))  # sys.path[0] back to '', as `python -c` has it
         start = f"import sys; sys.path.insert(0, {here!r}); import stage_runner; del sys.path[0]; stage_runner.serve()"
-        self.proc = subprocess.Popen([sys.executable, "-c", start], cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-c", start], cwd=root, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
         self.stages, self.next_id, self.lock = {}, 0, threading.Lock()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
