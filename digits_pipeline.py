@@ -16,8 +16,8 @@ Finished stages are reused when the command is run again (each is skipped when i
 writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to
 --run-dir: checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md and results.json;
 --assets-dir receives the figures. Set OMP_NUM_THREADS only to limit the cores: the runner gives the teacher and
-the trajectory writer all of them, one after the other, and every other stage a single thread, as many side by side
-as there are cores.
+the trajectory writer all of them (--full's two teachers, and then their writers, share them), and every other stage
+a single thread, as many side by side as there are cores.
 """
 
 import argparse

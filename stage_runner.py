@@ -313,7 +313,7 @@ class StageRunner:
         """Starts the stage with `threads` threads: a one-thread stage as a fork of the server, any other as a fresh
         process. Either way its output goes straight to its log."""
         self._line(f"[{stage.name}] {' '.join(stage.args)}")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        env = self._env(threads)
         log_path = self.path("logs", f"{stage.name}.log")
         stage.started = time.time()
         with open(log_path, "wb") as log:  # empty before the stage writes to it
@@ -324,9 +324,13 @@ class StageRunner:
                                               stderr=subprocess.STDOUT)
         stage.log = open(log_path, "rb")
 
+    @staticmethod
+    def _env(threads):
+        return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
     def _server(self):
         if self.server is None:
-            self.server = ForkServer(self.root, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+            self.server = ForkServer(self.root, self._env(1))  # the one-thread stages' environment, for its imports
         return self.server
 
     def _read(self, stage):
