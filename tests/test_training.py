@@ -13,7 +13,7 @@ from helpers import run_script, run_script_expect_failure
 from image_data import load_digits
 from models import DiT_models
 from seeding import step_seed
-from training import StepBatchSampler, teacher_loss
+from training import StepBatchSampler, teacher_loss, update_ema
 
 TINY = ["--model", "DiT-T/4", "--global-batch-size", "16", "--log-every", "1", "--ema-decay", "0.9"]
 
@@ -140,3 +140,19 @@ def test_step_batch_sampler_splits_global_batches_over_ranks_and_resumes_mid_epo
     assert list(StepBatchSampler(50, 8, 3, 0, 1, 7, 12)) == whole[7:]
     epoch = [i for batch in whole[:6] for i in batch]  # 6 steps per epoch of 50 items
     assert len(set(epoch)) == 48
+
+
+def test_ema_update_is_the_per_tensor_average_bit_for_bit_and_copies_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
+    model(torch.randn(4, 5))  # moves the batch-norm buffers away from their initial values
+    ema = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(torch.randn_like(p))
+        expected = [a.clone().mul_(0.9).add_(p, alpha=1 - 0.9) for a, p in zip(ema.parameters(), model.parameters())]
+    update_ema(ema, model, decay=0.9)
+    assert all(torch.equal(a, e) for a, e in zip(ema.parameters(), expected))
+    assert all(torch.equal(a, b) for a, b in zip(ema.buffers(), model.buffers()))
+    update_ema(ema, model, decay=0)
+    assert all(torch.equal(a, p) for a, p in zip(ema.parameters(), model.parameters()))
