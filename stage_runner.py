@@ -40,7 +40,8 @@ class Stage:
     args: list
     after: tuple = ()  # names of the stages this one needs
     heavy: bool = False
-    estimate: float = 5.0  # seconds on the reference machine, for the whole-run estimate
+    estimate: float = 5.0  # seconds on the reference machine (all cores if heavy, else one), for the whole-run estimate
+    threads: int = 0  # what it was started with
     progress: str = ""
     started: float = 0.0
     proc: object = None  # a subprocess.Popen, or a ForkedStage: poll(), returncode, terminate()
@@ -317,7 +318,7 @@ class StageRunner:
         self._line(f"[{stage.name}] {' '.join(stage.args)}")
         env = self._env(threads)
         log_path = self.path("logs", f"{stage.name}.log")
-        stage.started = time.time()
+        stage.started, stage.threads = time.time(), threads
         with open(log_path, "wb") as log:  # empty before the stage writes to it
             if threads == 1 and self.fork:
                 stage.proc = self._server().start(stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path))
@@ -357,7 +358,9 @@ class StageRunner:
         self.timings[stage.name] = seconds
         write_json(self.timings_path, self.timings)
         self.done.add(stage.name)
-        if stage.estimate >= 20:  # the machine's speed against the reference machine's, from the long stages
+        # The machine's speed against the reference machine's, from the long stages that ran with the threads their
+        # estimates assume (heavy stages sharing the cores are slower for that reason, not for the machine's):
+        if stage.estimate >= 20 and stage.threads == (self.cores if stage.heavy else 1):
             self.factor = 0.5 * self.factor + 0.5 * min(3.0, max(0.3, seconds / stage.estimate))
         self._line(f"[{stage.name}] done in {seconds:.0f} s ({len(self.done)}/{len(self.stages)} stages)")
 

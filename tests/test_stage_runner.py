@@ -138,3 +138,16 @@ def test_heavy_stages_ready_together_share_the_cores(tmp_path):
     (ta, tha), (tb, thb), (tc, thc) = (ran(out[n]) for n in "abc")
     assert abs(ta - tb) < 0.3 and (tha, thb) == ("1", "1")  # side by side, one core each
     assert tc > max(ta, tb) and thc == "2"  # alone: every core
+
+
+def test_only_stages_with_the_threads_their_estimates_assume_rescale_the_run_estimate(tmp_path):
+    out = {n: str(tmp_path / n) for n in ("a", "b", "c")}
+    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    p.add("a", out["a"], writer(out["a"]), heavy=True, estimate=100)  # a and b share the cores: no measure of speed
+    p.add("b", out["b"], writer(out["b"]), heavy=True, estimate=100)
+    p.run()
+    assert p.factor == 1.0
+    q = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
+    q.add("c", out["c"], writer(out["c"]), heavy=True, estimate=100)  # alone, with every core: 0.3 s of 100 is fast
+    q.run()
+    assert q.factor < 1.0
