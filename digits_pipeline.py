@@ -6,11 +6,11 @@
     feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
 
     python digits_pipeline.py              # the default (about 8 minutes on 2 CPU cores)
-    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 45 s)
+    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 35 s)
     python digits_pipeline.py --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
     python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
     python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
-    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 46 min)
+    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 44 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
 writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to
