@@ -1,5 +1,6 @@
 """Teacher training: checkpoints, exact resume, multi-process runs."""
 
+import copy
 import json
 import os
 import pickle
@@ -145,8 +146,8 @@ def test_step_batch_sampler_splits_global_batches_over_ranks_and_resumes_mid_epo
 def test_ema_update_is_the_per_tensor_average_bit_for_bit_and_copies_buffers():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
-    model(torch.randn(4, 5))  # moves the batch-norm buffers away from their initial values
-    ema = pickle.loads(pickle.dumps(model))
+    ema = copy.deepcopy(model)
+    model(torch.randn(4, 5))  # moves the model's batch-norm buffers away from the EMA copy's
     with torch.no_grad():
         for p in ema.parameters():
             p.add_(torch.randn_like(p))
