@@ -62,7 +62,7 @@ def _seconds(text):
 # The fork server --------------------------------------------------------------------------------------------------
 
 # What the stages import, none of this repository: torch._dynamo is imported by the first torch.optim optimiser
-# (1.6-1.9 s in every training stage on the 2-core machine).
+# (1.3-1.9 s in every training stage on the 2-core machine, as the machine's speed varies).
 PRELOAD = ("torch", "torch._dynamo", "numpy", "scipy.linalg", "tqdm", "PIL.Image")
 
 
