@@ -112,7 +112,8 @@ def _resampled_precision_recall(real, fake, k, near=64):
     fake_fake = _pairwise_sq_distances(fake, fake)
     near = min(near, len(fake))
     # (n, near): each point's nearest in order of distance, itself among them. A partial sort, a tenth of a full
-    # one's time at 2,000 points: the order among equal distances may differ from a full sort's, but no radius depends on it.
+    # one's time at 2,000 points: the order among equal distances may differ from a full sort's, but no radius
+    # depends on it.
     nearest = np.argpartition(fake_fake, near - 1, axis=1)[:, :near]
     order = np.take_along_axis(nearest, np.argsort(np.take_along_axis(fake_fake, nearest, axis=1), axis=1), axis=1)
     near_d = np.take_along_axis(fake_fake, order, axis=1)
