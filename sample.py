@@ -17,13 +17,12 @@ import time
 
 import torch
 
-import cli
-import dist_util
-from checkpoints import load_model
-from cli import UserError, check_output_path, non_negative_int, positive_int
+from ard import cli, dist_util
+from ard.checkpoints import load_model
+from ard.cli import UserError, check_output_path, non_negative_int, positive_int
+from ard.data import save_grid
+from ard.vae import load_vae, vae_decode
 from diffusion.sampling import add_sampler_arguments, sample_fn
-from image_data import save_grid
-from vae import load_vae, vae_decode
 
 
 def grid_labels(args, num_classes):

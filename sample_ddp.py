@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import cli
-import dist_util
-from checkpoints import find_checkpoint, load_model
+from ard import cli, dist_util
+from ard.checkpoints import find_checkpoint, load_model
+from ard.cli import check_output_path, non_negative_int, positive_int
+from ard.data import to_uint8
+from ard.fileio import WriterLock, file_sha256, remove_stale_temporaries, save_npz, start_or_resume, write_json
+from ard.seeding import EVALUATION_STREAM, per_index_noise
+from ard.trajectory_store import shard_ranges
+from ard.vae import load_vae, vae_decode
 from diffusion.sampling import add_sampler_arguments, sample_fn
-from cli import check_output_path, non_negative_int, positive_int
-from fileio import WriterLock, file_sha256, remove_stale_temporaries, save_npz, start_or_resume, write_json
-from image_data import to_uint8
-from seeding import EVALUATION_STREAM, per_index_noise
-from trajectory_store import shard_ranges
-from vae import load_vae, vae_decode
 
 
 def run_settings(args, ckpt_sha256, student):
@@ -72,7 +71,7 @@ def make_chunk(generate, vae, indices, args, config, device):
 def main(args):
     # Setup DDP:
     device = dist_util.setup(args.precision)
-    rank, world_size = dist_util.rank(), dist_util.world_size()
+    rank = dist_util.rank()
     torch.set_grad_enabled(False)
     check_output_path(args.out, "--out")
     ckpt_path = find_checkpoint(args.ckpt)

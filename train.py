@@ -19,18 +19,28 @@ import argparse
 import torch
 from tqdm.auto import tqdm
 
-import cli
-import dist_util
-from checkpoints import build_model, teacher_config
-from cli import UserError, non_negative_int, positive_int, probability
+from ard import cli, dist_util
+from ard.checkpoints import build_model, teacher_config
+from ard.cli import UserError, non_negative_int, positive_int, probability
+from ard.data import image_folder, load_digits
+from ard.seeding import step_seed
+from ard.training import (
+    MetricsAverager,
+    NonFiniteError,
+    Run,
+    StepBatchSampler,
+    Trainer,
+    add_run_arguments,
+    log_due,
+    lr_schedule,
+    prepare_run,
+    stop_on_nonfinite,
+    teacher_loss,
+)
+from ard.vae import VAE_DOWNSAMPLE, load_vae
 from diffusion.flow import NOISE_AT, TIME_SCALE
 from diffusion.sampling import teacher_process
-from image_data import image_folder, load_digits
 from models import DiT_models
-from seeding import step_seed
-from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
-                      prepare_run, stop_on_nonfinite, teacher_loss)
-from vae import VAE_DOWNSAMPLE, load_vae
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
 RUN_DEFINING_ARGS = ("model", "objective", "data", "image_size", "vae", "global_batch_size", "global_seed",

@@ -20,19 +20,29 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-import cli
-import dist_util
-from checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
-from cli import MissingFileError, UserError, diffusion_steps, non_negative_float, non_negative_int, positive_float, positive_int
-from fileio import file_sha256
+from ard import cli, dist_util
+from ard.checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
+from ard.cli import MissingFileError, UserError, diffusion_steps, non_negative_float, non_negative_int, positive_float, positive_int
+from ard.data import save_grid
+from ard.fileio import file_sha256
+from ard.gan import GANStage, real_images
+from ard.seeding import rank_seed, step_seed
+from ard.training import (
+    MetricsAverager,
+    NonFiniteError,
+    Run,
+    StepBatchSampler,
+    Trainer,
+    add_run_arguments,
+    log_due,
+    lr_schedule,
+    prepare_run,
+    requires_grad,
+    stop_on_nonfinite,
+)
+from ard.trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
+from ard.vae import load_vae, vae_decode
 from diffusion.sampling import teacher_flow, teacher_process
-from gan import GANStage, real_images
-from image_data import save_grid
-from seeding import rank_seed, step_seed
-from training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
-                      prepare_run, requires_grad, stop_on_nonfinite)
-from trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
-from vae import load_vae, vae_decode
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
 RUN_DEFINING_ARGS = ("traj", "history_layers", "target", "boundaries", "boundary_schedule", "num_steps", "global_batch_size",

@@ -23,14 +23,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-import dist_util
-from checkpoints import find_checkpoint, load_model
+from ard import cli, dist_util
+from ard.checkpoints import find_checkpoint, load_model
+from ard.cli import UserError, check_output_path, non_negative_int, positive_int
+from ard.fileio import WriterLock, file_sha256, remove_stale_temporaries, start_or_resume
+from ard.trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
 from diffusion.ode import solver_grid
 from diffusion.sampling import SOLVERS, TeacherSampler, add_sampler_arguments, teacher_flow
-import cli
-from cli import UserError, check_output_path, non_negative_int, positive_int
-from fileio import WriterLock, file_sha256, remove_stale_temporaries, start_or_resume
-from trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
 
 SMALL_MODEL_TOKENS = 64  # up to this many tokens per image, every solver step is saved by default
 
@@ -81,7 +80,6 @@ def flow_fields(config, args):
 def main(args):
     # Setup DDP and check the inputs:
     device = dist_util.setup(args.precision)
-    rank, world_size = dist_util.rank(), dist_util.world_size()
     torch.set_grad_enabled(False)
     check_output_path(args.out, "the trajectory store", folder=True)
     ckpt_path = find_checkpoint(args.ckpt)

@@ -13,9 +13,10 @@ import argparse
 
 import torch
 
+from ard.cli import non_negative_int, positive_int
+from ard.cost import count_flops, median_times
+from ard.vae import VAE_DOWNSAMPLE
 from ard_models import ARD_models, dense_forward
-from cost import count_flops, median_times
-from vae import VAE_DOWNSAMPLE
 
 
 def build(key, image_size, K, N, device):
@@ -81,25 +82,28 @@ def time_report(args):
           f"ratio {t_ours / t_dense:.3f}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flops-model", default="DiT-XL/2", choices=list(ARD_models))
-    parser.add_argument("--time-model", default="DiT-S/2", choices=list(ARD_models))
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4, help="K, the student's steps")
-    parser.add_argument("--history-layers", type=int, default=6, help="N, the blocks that see the history")
-    parser.add_argument("--time-history-layers", type=int, default=3,
-                        help="N for the wall-time runs: 3 of 12 blocks is the paper's share (6 of 28) at DiT-S/B depth")
-    parser.add_argument("--flops-batch", type=int, default=1)
-    parser.add_argument("--time-batch", type=int, default=8)
-    parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--skip-timing", action=argparse.BooleanOptionalAction, default=False, help="FLOPs only")
-    args = parser.parse_args()
+def main(args):
     flops_report(args)
     if not args.skip_timing:
         time_report(args)
 
 
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flops-model", default="DiT-XL/2", choices=list(ARD_models), help="config whose FLOPs are counted (on meta)")
+    parser.add_argument("--time-model", default="DiT-S/2", choices=list(ARD_models), help="config whose CPU wall time is measured")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="image side in pixels (latents are 8x smaller)")
+    parser.add_argument("--steps", type=positive_int, default=4, help="K, the student's steps")
+    parser.add_argument("--history-layers", type=non_negative_int, default=6, help="N, the blocks that see the history")
+    parser.add_argument("--time-history-layers", type=non_negative_int, default=3,
+                        help="N for the wall-time runs: 3 of 12 blocks is the paper's share (6 of 28) at DiT-S/B depth")
+    parser.add_argument("--flops-batch", type=positive_int, default=1, help="batch of the FLOP counts")
+    parser.add_argument("--time-batch", type=positive_int, default=8, help="batch of the sampling timings")
+    parser.add_argument("--train-batch", type=positive_int, default=4, help="batch of the training-step timings")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed repeats of each variant (median reported)")
+    parser.add_argument("--skip-timing", action=argparse.BooleanOptionalAction, default=False, help="FLOPs only")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -17,12 +17,12 @@ import time
 
 import torch
 
+from ard.training import teacher_loss, update_ema
 from ard_models import ARD_models
 from diffusion import create_diffusion
 from diffusion.sampling import TeacherSampler
-from digits_pipeline import DIGITS_MODEL
+from experiments.digits import DIGITS_MODEL
 from models import DiT_models
-from training import teacher_loss, update_ema
 
 
 def timed(fn, repeats=15, warmup=3):
@@ -82,15 +82,18 @@ def profile_sampling(model, threads):
 
 def startup():
     """Seconds to start a script that imports torch and this repository's training modules."""
-    cmd = [sys.executable, "-c", "import torch, training, trajectory_store, ard_models"]
+    cmd = [sys.executable, "-c", "import torch, ard.training, ard.trajectory_store, ard_models"]
     return timed(lambda: subprocess.run(cmd, check=True), repeats=3, warmup=1)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=[k for k in DiT_models if k.startswith("DiT-T/")], default=DIGITS_MODEL,
                         help="the tiny config to profile")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(args):
     cores = torch.get_num_threads()
     print(f"== CPU: {cores} threads available, {args.model} on 8x8 digits; milliseconds, median of repeats")
     rows = {}
@@ -110,4 +113,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

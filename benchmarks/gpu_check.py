@@ -22,7 +22,6 @@ and OUT/gpu_check.md (the table for the README). Sections, in order:
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -33,12 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import build_model, save_checkpoint, student_config, teacher_config
-from cost import count_flops
+from ard.checkpoints import build_model, save_checkpoint, student_config, teacher_config
+from ard.cli import positive_int
+from ard.cost import count_flops
+from ard.fileio import write_json
+from ard.training import Trainer
 from diffusion.sampling import TeacherSampler
-from fileio import write_json
 from models import randomise_weights
-from training import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {
@@ -463,15 +463,19 @@ def markdown(report):
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the scripts' log")
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU: checks that every section runs")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="also the torch.compile section")
-    parser.add_argument("--train-batch", type=int, default=None,
+    parser.add_argument("--train-batch", type=positive_int, default=None,
                         help="batch of the compiled training step (default: the largest that fitted in the training section)")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out", choices=["numerics", "sampling", "training", "trajectories", "flow", "scripts"])
-    args = parser.parse_args()
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out",
+                        choices=["numerics", "sampling", "training", "trajectories", "flow", "scripts"])
+    return parser.parse_args(argv)
+
+
+def main(args):
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     m = MODES["cpu" if device.type == "cpu" else "gpu"]
     os.makedirs(args.out, exist_ok=True)
@@ -509,4 +513,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

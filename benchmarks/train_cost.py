@@ -13,8 +13,9 @@ import time
 
 import torch
 
+from ard.cli import non_negative_int, positive_int
+from ard.cost import count_flops
 from ard_models import ARD_models
-from cost import count_flops
 from diffusion import create_diffusion
 from models import DiT_models
 
@@ -53,15 +54,18 @@ def batches(B, K, C, S, classes, device):
                                                          torch.randn(B, K, C, S, S, device=device), y)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="K")
-    parser.add_argument("--xl-history-layers", type=int, default=6)
-    parser.add_argument("--xl-batch", type=int, default=1)
-    parser.add_argument("--digits-history-layers", type=int, default=3)
-    parser.add_argument("--digits-batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=positive_int, default=4, help="K, the student's steps")
+    parser.add_argument("--xl-history-layers", type=non_negative_int, default=6, help="N of the DiT-XL/2 student (FLOPs on meta)")
+    parser.add_argument("--xl-batch", type=positive_int, default=1, help="batch of the DiT-XL/2 FLOP counts")
+    parser.add_argument("--digits-history-layers", type=non_negative_int, default=3, help="N of the digits student (timed on the CPU)")
+    parser.add_argument("--digits-batch", type=positive_int, default=64, help="batch of the digits timings")
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed steps of each model")
+    return parser.parse_args(argv)
+
+
+def main(args):
     K, diffusion = args.steps, create_diffusion("")
 
     teacher, student = build("DiT-XL/2", 32, 4, 1000, K, args.xl_history_layers, "meta")
@@ -90,4 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -19,10 +19,11 @@ import time
 import numpy as np
 import torch
 
+from ard.cli import positive_int
+from ard.fileio import write_json
+from ard.trajectory_store import MANIFEST, TrajectoryStore, default_boundaries, shard_name, shard_ranges
 from diffusion import create_diffusion
 from diffusion.ode import solver_grid
-from fileio import write_json
-from trajectory_store import MANIFEST, TrajectoryStore, default_boundaries, shard_name, shard_ranges
 
 
 def build_store(root, count, steps, shape, shard_size, dtype, rng):
@@ -70,15 +71,18 @@ def throughput(read, count, batch, repeats, rng):
     return repeats * batch / (time.perf_counter() - start)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=26, help="saved solver steps per trajectory (J)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[4, 32, 32])
-    parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--count", type=positive_int, default=2000, help="random trajectories written in both layouts")
+    parser.add_argument("--steps", type=positive_int, default=26, help="saved solver steps per trajectory (J)")
+    parser.add_argument("--shape", type=positive_int, nargs=3, default=[4, 32, 32], help="C H W of a state (SD-VAE latents of 256x256)")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="trajectories per shard of the store")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="trajectories per random batch read")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="batches read per layout")
+    return parser.parse_args(argv)
+
+
+def main(args):
     rng = np.random.default_rng(0)
     root = tempfile.mkdtemp(prefix="traj_read_")
     try:
@@ -105,4 +109,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

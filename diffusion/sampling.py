@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from cli import UserError, diffusion_steps, non_negative_float, unit_float
+from ard.cli import UserError, diffusion_steps, non_negative_float, unit_float
 
 from . import create_diffusion
 from .flow import FlowMatching, sample_flow_euler, sample_flow_heun

@@ -13,10 +13,10 @@ import os
 
 import numpy as np
 
-import cli
-from cli import MissingFileError, UserError, check_output_path, non_negative_int
+from ard import cli
+from ard.cli import MissingFileError, UserError, check_output_path, non_negative_int
+from ard.fileio import write_json
 from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall, two_set_figures
-from fileio import write_json
 
 
 def load_batch(path):
@@ -90,10 +90,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch (.npz)")
     parser.add_argument("sample_batch", help="sample batch (.npz)")
-    parser.add_argument("--features", choices=["inception", "digits"], default="inception")
+    parser.add_argument("--features", choices=["inception", "digits"], default="inception",
+                        help="the feature network: ADM's Inception (ImageNet-scale images) or the digits network (8x8 digits)")
     parser.add_argument("--inception-weights", default=None, help="path to weights-inception-2015-12-05-6726825d.pth")
     parser.add_argument("--digits-net", default=None,
-                        help="with --features digits: the feature network, made by python -m evaluator.digits_net --out PATH")
+                        help="with --features digits: the feature network, made by python -m evaluator.train_digits_net --out PATH")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--teacher-ref", default=None,
@@ -102,7 +103,7 @@ def parse_args(argv=None):
                         help="digits: 95%% intervals of FID, precision and recall over this many resamples of the samples")
     args = parser.parse_args(argv)
     if args.features == "digits" and args.digits_net is None:
-        parser.error("--features digits needs --digits-net PATH (train one with python -m evaluator.digits_net --out PATH)")
+        parser.error("--features digits needs --digits-net PATH (train one with python -m evaluator.train_digits_net --out PATH)")
     return args
 
 

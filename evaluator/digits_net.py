@@ -3,12 +3,11 @@ digits. Inception has no weights here and is far too big for 8x8 images; this ne
 the same metric code (FID on its 128-d penultimate features, precision/recall on them, class accuracy and
 an Inception-Score analogue from its 10-way logits).
 
-    python -m evaluator.digits_net --out runs/digits/digits_net.pt     # trains in seconds, prints its test accuracy
+    python -m evaluator.train_digits_net --out runs/digits/digits_net.pt     # trains in seconds, prints its test accuracy
 
 The network sees images as the evaluator does: uint8, grey, quantised exactly like generated samples.
 """
 
-import argparse
 import os
 
 import numpy as np
@@ -16,10 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
-from checkpoints import load_checkpoint, save_checkpoint
-from cli import MissingFileError, UserError, check_output_path, non_negative_int, positive_int
-from image_data import DIGITS_CLASSES, load_digits, to_uint8
+from ard.checkpoints import load_checkpoint
+from ard.cli import MissingFileError, UserError
+from ard.data import DIGITS_CLASSES, load_digits, to_uint8
 
 
 class DigitsNet(nn.Module):
@@ -102,7 +100,7 @@ def test_accuracy(net):
 def load_digits_net(path):
     if not os.path.isfile(path):
         raise MissingFileError(f"no digits feature network at {path}: train one with "
-                                f"python -m evaluator.digits_net --out {path}")
+                                f"python -m evaluator.train_digits_net --out {path}")
     net = DigitsNet()
     net.load_state_dict(load_checkpoint(path)["model"])
     return net.eval()
@@ -114,34 +112,3 @@ def digits_features(net, images, batch_size=2000):
     x = uint8_to_input(images)
     feats, logits = zip(*(net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)))
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=str, required=True, help="where to save the network (.pt)")
-    parser.add_argument("--epochs", type=positive_int, default=40, help="passes over the 1,437 training digits")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial weights and the data order")
-    return parser.parse_args(argv)
-
-
-def main(args):
-    check_output_path(args.out, "--out")
-    net = train_digits_net(args.epochs, seed=args.seed)
-    accuracy = test_accuracy(net)
-    save_checkpoint(args.out, {"model": net.state_dict(), "test_accuracy": accuracy, "epochs": args.epochs, "seed": args.seed})
-    print(f"Saved the digits feature network to {args.out}; accuracy on the {len(load_digits('test')[1])} "
-          f"held-out real digits: {100 * accuracy:.1f}%")
-    # Calibration of its FID: two random halves of the real digits, and one half against uniform noise.
-    from evaluator.metrics import feature_statistics, frechet_distance
-
-    images, _ = digits_uint8("all")
-    perm = np.random.default_rng(args.seed).permutation(len(images))
-    half_a, half_b = (digits_features(net, images[perm[i::2]])[0] for i in (0, 1))
-    noise = np.random.default_rng(args.seed).integers(0, 256, (len(half_a), 8, 8, 3), dtype=np.uint8)
-    stats_a = feature_statistics(half_a)
-    print(f"FID between two halves of the real digits: {frechet_distance(*stats_a, *feature_statistics(half_b)):.2f}; "
-          f"real half against uniform noise: {frechet_distance(*stats_a, *feature_statistics(digits_features(net, noise)[0])):.1f}")
-
-
-if __name__ == "__main__":
-    cli.run(main, parse_args)

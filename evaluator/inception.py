@@ -13,8 +13,8 @@ import os
 import numpy as np
 import torch
 
-from cli import MissingFileError, UserError
-from fileio import file_sha256
+from ard.cli import MissingFileError, UserError
+from ard.fileio import file_sha256
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the file name ends with the start of its sha256

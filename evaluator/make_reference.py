@@ -12,10 +12,10 @@ import argparse
 import numpy as np
 import torch
 
-import cli
-from cli import check_output_path, positive_int
-from fileio import save_npz
-from image_data import image_folder, load_digits, to_uint8
+from ard import cli
+from ard.cli import check_output_path, positive_int
+from ard.data import image_folder, load_digits, to_uint8
+from ard.fileio import save_npz
 
 
 def parse_args(argv=None):

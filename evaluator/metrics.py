@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from scipy import linalg
 
-from cli import UserError
+from ard.cli import UserError
 
 
 def feature_statistics(features):

@@ -1,8 +1,14 @@
 """Fixtures shared by the test modules: one tiny teacher and the trajectory stores it writes, made once per session."""
 
+import os
+import sys
+
 import pytest
 
-from helpers import make_teacher_checkpoint, write_store
+# The modules under test live in the repository root (pytest itself puts tests/, with the shared helpers, on the path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from helpers import make_teacher_checkpoint, write_store  # noqa: E402
 
 
 @pytest.fixture(scope="session")

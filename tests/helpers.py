@@ -36,7 +36,7 @@ def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, nu
     prediction, learned sigma) or, with flow=True, a velocity model in train.py --objective flow's convention."""
     import torch
 
-    from checkpoints import build_model, save_checkpoint, teacher_config
+    from ard.checkpoints import build_model, save_checkpoint, teacher_config
     from diffusion.flow import NOISE_AT, TIME_SCALE
 
     prediction = dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE) if flow else {}

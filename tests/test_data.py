@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from image_data import center_crop_arr, image_folder, load_digits, to_uint8
-from vae import VAE_SCALE, load_vae, vae_decode, vae_encode
+from ard.data import center_crop_arr, image_folder, load_digits, to_uint8
+from ard.vae import VAE_SCALE, load_vae, vae_decode, vae_encode
 
 
 def test_digits_are_real_scaled_and_split_without_overlap():

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints import build_model, load_model, teacher_config
+from ard.checkpoints import build_model, load_model, teacher_config
+from ard.training import teacher_loss
+from ard.trajectory_store import TrajectoryStore, default_boundaries, trajectory_labels, trajectory_noise
 from diffusion.flow import FlowMatching, sample_flow_euler, sample_flow_heun
 from diffusion.sampling import TeacherSampler, guided_model_fn, teacher_flow, teacher_process
 from helpers import S, make_teacher_checkpoint, randomised, run_script, run_script_expect_failure, write_store
 from models import MODEL_CONFIGS
-from trajectory_store import TrajectoryStore, default_boundaries, trajectory_labels, trajectory_noise
-from training import teacher_loss
 
 pytestmark = pytest.mark.xdist_group("test_flow")  # one worker runs the module, its fixtures once
 
@@ -168,7 +168,7 @@ def test_imported_sit_checkpoint_under_another_name_keeps_its_convention(tmp_pat
     sd = randomised(build_model(config)).state_dict()
     torch.save(sd, tmp_path / "my-sit.pt")
     assert load_model(str(tmp_path / "my-sit.pt"))[1]["prediction"] == "eps"  # by its name, a DiT
-    run_script(["-m", "checkpoints", "--family", "sit", str(tmp_path / "my-sit.pt"), str(tmp_path / "imported.pt")])
+    run_script(["scripts/import_checkpoint.py", "--family", "sit", str(tmp_path / "my-sit.pt"), str(tmp_path / "imported.pt")])
     model, loaded = load_model(str(tmp_path / "imported.pt"))
     assert loaded["prediction"] == "velocity" and loaded["noise_at"] == 0.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())

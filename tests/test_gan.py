@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from ard.gan import GANStage, adaptive_weight, translate
 from ard_models import ARD
-from gan import GANStage, adaptive_weight, translate
 from helpers import randomised
 from models import DiT
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import find_checkpoint, load_checkpoint, load_model, save_checkpoint
-from cli import UserError, check_output_path, decay, diffusion_steps, positive_int
+from ard.checkpoints import find_checkpoint, load_checkpoint, load_model, save_checkpoint
+from ard.cli import UserError, check_output_path, decay, diffusion_steps, positive_int
+from ard.fileio import WriterLock, file_sha256, remove_stale_temporaries
+from ard.trajectory_store import TrajectoryStore
 from evaluator.__main__ import load_batch
-from fileio import WriterLock, file_sha256, remove_stale_temporaries
 from helpers import make_teacher_checkpoint, run_script, run_script_expect_failure, write_store
-from trajectory_store import TrajectoryStore
 
 TINY = ["--model", "DiT-T/4", "--global-batch-size", "16", "--log-every", "1", "--ema-decay", "0.9"]
 

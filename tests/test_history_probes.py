@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from ard.seeding import EVALUATION_STREAM, per_index_noise
+from ard.trajectory_store import BOUNDARY_SCHEDULES, default_boundaries
 from ard_models import ARD
 from diffusion import create_diffusion
 from diffusion.ode import solver_grid
 from evaluator.metrics import two_set_figures
-from history_probes import attention_mass, dose_response, history_swap, same_class_donors
-from seeding import EVALUATION_STREAM, per_index_noise
-from trajectory_store import BOUNDARY_SCHEDULES, default_boundaries
+from experiments.history_probe import attention_mass, dose_response, history_swap, same_class_donors
 
 
 def student(N, K=4, seed=0):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.xdist_group("test_pipeline")  # one worker runs the mod
 
 def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end(tmp_path):
     run_dir = tmp_path / "quick"
-    out = run_script(["digits_pipeline.py", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
+    out = run_script(["-m", "experiments.digits", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
                      timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
@@ -40,14 +40,14 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end(tmp_pa
     with open(run_dir / "timings.json") as f:
         assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(json.load(f))
     # A second run reuses every finished stage.
-    again = run_script(["digits_pipeline.py", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
+    again = run_script(["-m", "experiments.digits", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")
 
 
 def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_step(tmp_path):
-    import digits_pipeline as pipeline
-    from stage_runner import StageRunner
+    from experiments import digits as pipeline
+    from experiments.stage_runner import StageRunner
 
     args = pipeline.parse_args(["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")])
     b, est = pipeline.BUDGETS["default"], pipeline.ESTIMATES["default"]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from stage_runner import TQDM, StageRunner
+from experiments.stage_runner import TQDM, StageRunner
 
 
 def writer(path, text="x", tqdm_line=""):

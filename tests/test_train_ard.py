@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, load_model
+from ard.checkpoints import load_checkpoint, load_model
+from ard.seeding import rank_seed
+from ard.training import StepBatchSampler
+from ard.trajectory_store import TrajectoryDataset, TrajectoryStore
 from helpers import make_teacher_checkpoint, run_script, run_script_expect_failure
-from seeding import rank_seed
-from training import StepBatchSampler
-from trajectory_store import TrajectoryDataset, TrajectoryStore
 
 pytestmark = pytest.mark.xdist_group("test_train_ard")  # one worker runs the module, its fixtures once
 

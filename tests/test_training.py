@@ -8,13 +8,13 @@ import pickle
 import pytest
 import torch
 
-from checkpoints import infer_dit_config, load_checkpoint, load_model, save_checkpoint
+from ard.checkpoints import infer_dit_config, load_checkpoint, load_model, save_checkpoint
+from ard.data import load_digits
+from ard.seeding import step_seed
+from ard.training import StepBatchSampler, teacher_loss, update_ema
 from diffusion import create_diffusion
 from helpers import run_script, run_script_expect_failure
-from image_data import load_digits
 from models import DiT_models
-from seeding import step_seed
-from training import StepBatchSampler, teacher_loss, update_ema
 
 TINY = ["--model", "DiT-T/4", "--global-batch-size", "16", "--log-every", "1", "--ema-decay", "0.9"]
 

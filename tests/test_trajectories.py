@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
+from ard.trajectory_store import TrajectoryDataset, TrajectoryStore, default_boundaries, trajectory_labels, trajectory_noise
 from diffusion import create_diffusion
 from diffusion.ode import solver_grid
 from diffusion.sampling import TeacherSampler
 from helpers import S, run_script_expect_failure, write_store
-from trajectory_store import TrajectoryDataset, TrajectoryStore, default_boundaries, trajectory_labels, trajectory_noise
 
 
 def shard_arrays(path):

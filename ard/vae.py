@@ -2,7 +2,7 @@
 
 import torch
 
-from cli import MissingFileError
+from ard.cli import MissingFileError
 
 VAE_SCALE = 0.18215  # latents are scaled to roughly unit variance, as in LDM and DiT
 VAE_DOWNSAMPLE = 8  # the SD VAE maps 256x256x3 images to 32x32x4 latents

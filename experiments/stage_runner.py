@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from fileio import write_json
+from ard.fileio import write_json
 
 TQDM = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+),\s*([\d.]+)?\s*([a-zA-Z]+)/s")
 
@@ -190,8 +190,10 @@ class ForkServer:
     """The runner's end of `serve`: starts it, sends it stages, and reads its answers on a thread."""
 
     def __init__(self, root, env):
-        here = os.path.dirname(os.path.abspath(__file__))  # sys.path[0] back to '', as `python -c` has it
-        start = f"import sys; sys.path.insert(0, {here!r}); import stage_runner; del sys.path[0]; stage_runner.serve()"
+        # The repository root on sys.path just for the import; then sys.path[0] is '' again, as `python -c` has it.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        start = (f"import sys; sys.path.insert(0, {repo!r}); from experiments import stage_runner; del sys.path[0]; "
+                 "stage_runner.serve()")
         self.proc = subprocess.Popen([sys.executable, "-c", start], cwd=root, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         self.stages, self.next_id, self.lock = {}, 0, threading.Lock()

@@ -11,9 +11,8 @@ import socket
 
 import numpy as np
 
-import dist_util
-from cli import UserError
-
+from ard import dist_util
+from ard.cli import UserError
 
 TEMPORARY = re.compile(r"\.tmp-(?P<pid>\d+)@(?P<host>[^/]+)$")
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-import dist_util
+from ard import dist_util
 
 
 class UserError(ValueError):

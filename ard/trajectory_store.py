@@ -26,10 +26,10 @@ import shutil
 import numpy as np
 import torch
 
-from cli import MissingFileError, UserError
+from ard.cli import MissingFileError, UserError
+from ard.fileio import temporary_name
+from ard.seeding import TRAJECTORY_STREAM, per_index_noise
 from diffusion.flow import log_snr as flow_log_snr
-from fileio import temporary_name
-from seeding import TRAJECTORY_STREAM, per_index_noise
 
 MANIFEST = "manifest.json"
 ARRAYS = ("xt", "x0", "y", "index")

@@ -7,7 +7,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from checkpoints import build_model
+from ard.checkpoints import build_model
 from diffusion.sampling import TeacherSampler, model_evaluations
 
 

@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from cli import MissingFileError, UserError
-from fileio import atomic_write
-from models import DiT_models, MODEL_CONFIGS
+from ard.cli import MissingFileError, UserError
+from ard.fileio import atomic_write
+from models import MODEL_CONFIGS, DiT_models
 
 # Official checkpoints, bare state dicts in DiT's module names, looked up under pretrained_models/ first, then
 # downloaded. SiT and REPA train SiT-XL/2, which is DiT-XL/2's architecture, as flow-matching models.
@@ -237,27 +237,3 @@ def import_official(src, family, dst):
     model.load_state_dict(state_dict, strict=True)  # refuse before writing anything
     save_checkpoint(dst, {"ema": state_dict, "config": config, "source": os.path.basename(src)})
     return config
-
-
-def parse_args(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Import an official DiT, SiT or REPA state dict saved under another name:\n"
-                                     "    python -m checkpoints --family sit my-sit.pt pretrained_models/sit-imported.pt",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", type=str, choices=list(FAMILIES), required=True,
-                        help="whose checkpoint it is (SiT's and DiT's cannot be told apart by their weights)")
-    parser.add_argument("src", type=str, help="the bare state dict")
-    parser.add_argument("dst", type=str, help="the checkpoint to write")
-    return parser.parse_args(argv)
-
-
-if __name__ == "__main__":
-    import cli
-
-    def main(args):
-        if os.path.exists(args.dst):
-            raise UserError(f"{args.dst} exists: pick another destination")
-        print(f"wrote {args.dst}: {import_official(args.src, args.family, args.dst)}")
-
-    cli.run(main, parse_args)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import MissingFileError, UserError
+from ard.cli import MissingFileError, UserError
 
 DIGITS_CLASSES = 10
 DIGITS_HELD_OUT = 360  # real digits never used for training: the reference set of the evaluators

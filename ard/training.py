@@ -19,13 +19,13 @@ from copy import deepcopy
 
 import torch
 
-import dist_util
-from checkpoints import check_finite, load_checkpoint, save_checkpoint
-from cli import UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
+from ard import dist_util
+from ard.checkpoints import check_finite, load_checkpoint, save_checkpoint
+from ard.cli import UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
+from ard.fileio import remove_stale_temporaries, write_json
+from ard.seeding import epoch_permutation
+from ard.vae import vae_encode
 from diffusion.flow import FlowMatching
-from fileio import remove_stale_temporaries, write_json
-from seeding import epoch_permutation
-from vae import vae_encode
 
 
 @torch.no_grad()

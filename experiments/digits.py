@@ -5,12 +5,12 @@
     (sample_ddp.py) -> evaluation against held-out real digits and against the teacher's own samples with the digits
     feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
 
-    python digits_pipeline.py              # the default (about 8 minutes on 2 CPU cores)
-    python digits_pipeline.py --quick      # every stage with tiny budgets: an end-to-end smoke test (about 35 s)
-    python digits_pipeline.py --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
-    python digits_pipeline.py --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
-    python digits_pipeline.py --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
-    python digits_pipeline.py --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 44 min)
+    python -m experiments.digits              # the default (about 8 minutes on 2 CPU cores)
+    python -m experiments.digits --quick      # every stage with tiny budgets: an end-to-end smoke test (about 35 s)
+    python -m experiments.digits --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
+    python -m experiments.digits --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
+    python -m experiments.digits --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
+    python -m experiments.digits --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 44 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
 writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to
@@ -28,15 +28,15 @@ import time
 
 import numpy as np
 
-import cli
-from checkpoints import load_model
-from cli import check_output_path
-from cost import sampling_cost
+from ard import cli
+from ard.checkpoints import load_model
+from ard.cli import check_output_path
+from ard.cost import sampling_cost
+from ard.fileio import write_json
 from diffusion.sampling import model_evaluations
-from fileio import write_json
-from stage_runner import StageRunner
+from experiments.stage_runner import StageRunner
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where the stages run
 
 BUDGETS = {
     # teacher steps, trajectories, student steps, samples per model, GAN steps
@@ -80,7 +80,7 @@ def train_teacher(p, b, est, name="teacher", objective="ddpm"):
 def prepare(p, b, est):
     """The teacher, the feature network, the reference batches and the trajectories; returns (teacher, ref, net, traj)."""
     teacher = train_teacher(p, b, est)
-    net = p.add("digits_net", p.path("digits_net.pt"), ["-m", "evaluator.digits_net", "--out", p.path("digits_net.pt"),
+    net = p.add("digits_net", p.path("digits_net.pt"), ["-m", "evaluator.train_digits_net", "--out", p.path("digits_net.pt"),
                                                          "--epochs", str(b["net_epochs"])], estimate=est["digits_net"])
     ref = p.add("reference", p.path("ref_test.npz"), ["-m", "evaluator.make_reference", "--data", "digits",
                                                        "--split", "test", "--out", p.path("ref_test.npz")], estimate=est["reference"])
@@ -274,7 +274,7 @@ def declare(p, b, est, args):
         "--json", p.path("eval", "real_train.json")], after=["real_train", "digits_net", "reference"], estimate=est["eval"])
     for prefix, suffix in [("", "")] + ([("short_", "_short")] if args.full or args.headroom else []):
         p.add(f"history_probe{suffix}", p.path(f"history_probe{suffix}.json"), [
-            "-m", "benchmarks.history_probe", "--traj", traj, "--val-count", str(b["val_count"]),
+            "-m", "experiments.history_probe", "--traj", traj, "--val-count", str(b["val_count"]),
             "--json", p.path(f"history_probe{suffix}.json"), "--figure", os.path.join(args.assets_dir, f"digits_history_probe{suffix}.png"),
             "--students", *[source for name, _, _, source, _ in rows if name in (f"{prefix}k4_n0_state_s0", f"{prefix}k4_n{HISTORY_LAYERS}_state_s0")]],
             after=["student_k4_n0_state_s0", f"student_k4_n{HISTORY_LAYERS}_state_s0"], estimate=est["probe"])

@@ -31,13 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-import dist_util
-from cli import UserError
+from ard import dist_util
+from ard.cli import UserError
+from ard.data import image_folder, load_digits
+from ard.training import StepBatchSampler, requires_grad
+from ard.vae import vae_encode
 from diffusion import create_diffusion
 from diffusion.flow import FlowMatching
-from image_data import image_folder, load_digits
-from training import StepBatchSampler, requires_grad
-from vae import vae_encode
 
 
 class DiscriminatorHead(nn.Module):
