@@ -5,7 +5,8 @@ an Inception-Score analogue from its 10-way logits).
 
     python -m evaluator.train_digits_net --out runs/digits/digits_net.pt     # trains in seconds, prints its test accuracy
 
-The network sees images as the evaluator does: uint8, grey, quantised exactly like generated samples.
+The network sees images as the evaluator does: uint8, grey, quantised exactly like generated samples. It is
+trained and run in float64 (see train_digits_net), so that it is the same network on any CPU.
 """
 
 import os
@@ -41,7 +42,7 @@ class DigitsNet(nn.Module):
 
 
 def uint8_to_input(images):
-    """uint8 (N, 8, 8, 3) or (N, 8, 8) -> float (N, 1, 8, 8) in [-1, 1]."""
+    """uint8 (N, 8, 8, 3) or (N, 8, 8) -> float64 (N, 1, 8, 8) in [-1, 1]."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise UserError(f"the digits network expects uint8 images, got {images.dtype}")
@@ -49,7 +50,7 @@ def uint8_to_input(images):
         images = images[..., 0]
     if images.shape[1:] != (8, 8):
         raise UserError(f"the digits network expects 8x8 images, got {images.shape[1:]}")
-    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+    return torch.from_numpy(images.astype(np.float64) / 127.5 - 1.0)[:, None]
 
 
 def digits_uint8(split):
@@ -59,9 +60,12 @@ def digits_uint8(split):
 
 
 def train_digits_net(epochs=40, batch_size=64, seed=0):
-    """Trained on one thread: the order of a float sum depends on the thread count, and over 40 epochs a different
-    order gives a different network, hence different FIDs; with one thread the network (and every figure measured
-    with it) is the same on every machine whose CPU computes the same kernels."""
+    """Trained in float64 on one thread. Training amplifies a difference in the last bit of a sum into another
+    network after 40 epochs, and every real-data FID moves with the network (by 0.1-0.4 at an FID of 11, where
+    the small teacher-fidelity FIDs move by less than their last printed digit). In float32 the last bit depends
+    on the thread count and on the CPU's kernels: trained with the AVX2 kernels of PyTorch, oneDNN or MKL instead
+    of this machine's AVX-512 ones (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR), each gave another network.
+    In float64 those differences start 1e9 times smaller and stay far below what any figure prints."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -74,7 +78,7 @@ def _train(epochs, batch_size, seed):
     torch.manual_seed(seed)
     images, labels = digits_uint8("train")
     x, y = uint8_to_input(images), torch.from_numpy(labels)
-    net = DigitsNet()
+    net = DigitsNet().double()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -101,14 +105,14 @@ def load_digits_net(path):
     if not os.path.isfile(path):
         raise MissingFileError(f"no digits feature network at {path}: train one with "
                                 f"python -m evaluator.train_digits_net --out {path}")
-    net = DigitsNet()
-    net.load_state_dict(load_checkpoint(path)["model"])
+    net = DigitsNet().double()
+    net.load_state_dict(load_checkpoint(path)["model"])  # a float32 network of an earlier version loads as it is
     return net.eval()
 
 
 @torch.no_grad()
 def digits_features(net, images, batch_size=2000):
-    """uint8 images -> (features (N, 128), logits (N, 10)) as numpy arrays."""
+    """uint8 images -> (features (N, 128), logits (N, 10)) as float64 numpy arrays."""
     x = uint8_to_input(images)
     feats, logits = zip(*(net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)))
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
