@@ -21,16 +21,17 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ard import cli, dist_util
 from ard.checkpoints import find_checkpoint, load_model
 from ard.cli import check_output_path, non_negative_int, positive_int
 from ard.data import to_uint8
-from ard.fileio import WriterLock, file_sha256, remove_stale_temporaries, save_npz, start_or_resume, write_json
+from ard.fileio import WriterLock, check_free_space, file_sha256, remove_stale_temporaries, save_npz, start_or_resume, write_json
+from ard.logs import progress
+from ard.preemption import Preempted, StopRequest, add_stop_argument
 from ard.seeding import EVALUATION_STREAM, per_index_noise
 from ard.trajectory_store import shard_ranges
-from ard.vae import load_vae, vae_decode
+from ard.vae import VAE_DOWNSAMPLE, load_vae, vae_decode
 from diffusion.sampling import add_sampler_arguments, sample_fn
 
 
@@ -52,8 +53,9 @@ def chunk_file(chunk_dir, c):
     return os.path.join(chunk_dir, f"chunk-{c:05d}.npz")
 
 
-def make_chunk(generate, vae, indices, args, config, device):
-    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,))."""
+def make_chunk(generate, vae, indices, args, config, device, stop=None):
+    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,)). On a stop request the
+    batch in flight finishes and Preempted ends the process (the chunk is made again by the same command)."""
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     images, labels = [], []
     for b in range(0, len(indices), args.per_proc_batch_size):
@@ -65,11 +67,25 @@ def make_chunk(generate, vae, indices, args, config, device):
             x = vae_decode(vae, x)
         images.append(to_uint8(x))
         labels.append(y.numpy())
+        if stop is not None and stop.requested:
+            raise Preempted(f"{stop.requested}: the complete chunks of {args.out} are kept in {args.out}.chunks; the "
+                            f"same command makes the rest")
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
+def bytes_missing(args, chunk_dir, config):
+    """The bytes still to write: the missing chunks, and the final file, which holds every image once more while
+    the chunks are gathered into it."""
+    side = config["input_size"] * (VAE_DOWNSAMPLE if config["space"] == "latent" else 1)
+    per_image = side * side * 3 + 8  # uint8 RGB and an int64 label
+    ranges = shard_ranges(args.num_samples, args.chunk_size)
+    missing = sum(stop - start for c, (start, stop) in enumerate(ranges) if not os.path.isfile(chunk_file(chunk_dir, c)))
+    return per_image * (missing + args.num_samples)
+
+
 def main(args):
-    # Setup DDP:
+    # Setup DDP (a stop signal from here on keeps every complete chunk):
+    stop = StopRequest(args.stop_signals)
     device = dist_util.setup(args.precision)
     rank = dist_util.rank()
     torch.set_grad_enabled(False)
@@ -83,15 +99,16 @@ def main(args):
                          args.guidance_interval)
     settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), config["kind"] == "ard")
     chunk_dir = f"{args.out}.chunks"
-    start_or_resume(os.path.join(chunk_dir, "settings.json"), settings, f"the chunk folder {chunk_dir}")
+    start_or_resume(os.path.join(chunk_dir, "settings.json"), settings, f"the chunk folder {chunk_dir}",
+                    before_writing=lambda: check_free_space(args.out, bytes_missing(args, chunk_dir, config), f"the samples {args.out}"))
     with WriterLock(chunk_dir, f"the samples {args.out}"):
-        seconds, made = make_missing_chunks(args, chunk_dir, generate, vae, config, device)
+        seconds, made = make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop)
         if rank == 0:
             gather(args, chunk_dir, settings, made, seconds)
     dist_util.cleanup()
 
 
-def make_missing_chunks(args, chunk_dir, generate, vae, config, device):
+def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
     """This rank's chunks that are not on disk yet; returns (seconds, images made by all ranks)."""
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if rank == 0:
@@ -99,13 +116,13 @@ def make_missing_chunks(args, chunk_dir, generate, vae, config, device):
     ranges = shard_ranges(args.num_samples, args.chunk_size)
     todo = [c for c in range(rank, len(ranges), world_size) if not os.path.isfile(chunk_file(chunk_dir, c))]
     total = sum(ranges[c][1] - ranges[c][0] for c in todo)
-    progress = tqdm(total=total, disable=rank != 0, unit="img", desc=f"sampling (rank 0 of {world_size})", dynamic_ncols=True)
+    bar = progress(total, f"sampling (rank 0 of {world_size})", unit="img")
     start_time = time.time()
     for c in todo:
-        images, labels = make_chunk(generate, vae, np.arange(*ranges[c]), args, config, device)
+        images, labels = make_chunk(generate, vae, np.arange(*ranges[c]), args, config, device, stop)
         save_npz(chunk_file(chunk_dir, c), arr_0=images, arr_1=labels)
-        progress.update(len(labels))
-    progress.close()
+        bar.update(len(labels))
+    bar.close()
     made = int(dist_util.all_reduce_sum(total, device))
     seconds = time.time() - start_time
     dist_util.barrier()
@@ -136,6 +153,7 @@ def parse_args(argv=None):
     parser.add_argument("--label-seed", type=non_negative_int, default=None,
                         help="draw the labels from this seed instead (the same labels as another file, with other noises)")
     dist_util.add_precision_argument(parser, default="fp32")
+    add_stop_argument(parser)
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.error("--out must end in .npz")

@@ -17,26 +17,16 @@ exactly where the checkpoint left off.
 import argparse
 
 import torch
-from tqdm.auto import tqdm
 
 from ard import cli, dist_util
 from ard.checkpoints import build_model, teacher_config
 from ard.cli import UserError, non_negative_int, positive_int, probability
 from ard.data import image_folder, load_digits
+from ard.logs import progress
+from ard.preemption import StopRequest
 from ard.seeding import step_seed
-from ard.training import (
-    MetricsAverager,
-    NonFiniteError,
-    Run,
-    StepBatchSampler,
-    Trainer,
-    add_run_arguments,
-    log_due,
-    lr_schedule,
-    prepare_run,
-    stop_on_nonfinite,
-    teacher_loss,
-)
+from ard.training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
+                         prepare_run, stop_if_requested, stop_on_nonfinite, teacher_loss)
 from ard.vae import VAE_DOWNSAMPLE, load_vae
 from diffusion.flow import NOISE_AT, TIME_SCALE
 from diffusion.sampling import teacher_process
@@ -63,7 +53,8 @@ def build_data(args):
 
 
 def main(args):
-    # Setup DDP and check the inputs:
+    # Setup DDP and check the inputs (a stop signal from here on saves the step in flight):
+    stop = StopRequest(args.stop_signals)
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if args.global_batch_size % world_size:
@@ -82,6 +73,7 @@ def main(args):
     sampler = StepBatchSampler(len(dataset), args.global_batch_size, args.global_seed, rank, world_size,
                                run.start_step, args.max_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if args.data == "digits" else args.num_workers,
+                                         worker_init_fn=stop.ignore_in_worker,
                                          pin_memory=device.type == "cuda")
 
     # Create model (the same initial weights on every rank):
@@ -91,7 +83,7 @@ def main(args):
     torch.manual_seed(args.global_seed)
     trainer = Trainer(build_model(config, class_dropout_prob=args.class_dropout_prob), device, args.lr,
                       ema_decay=args.ema_decay, compile=args.compile, state=ckpt,
-                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps))
+                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps), stop=stop)
     run.logger.info(f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}")
 
     def save(done):
@@ -113,7 +105,7 @@ def train_loop(args, run, trainer, loader, vae, device, save, diffusion):
     trainer.model.train()
     run.logger.info(f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}")
     averager = MetricsAverager(device)
-    progress = tqdm(total=args.max_steps, initial=run.start_step, disable=not dist_util.is_main(), desc="train", dynamic_ncols=True)
+    bar = progress(args.max_steps, "train", initial=run.start_step)
     for step, (x, y) in enumerate(loader, start=run.start_step):
         torch.manual_seed(step_seed(args.global_seed, step, dist_util.rank()))
         with dist_util.autocast(device, args.precision):
@@ -121,16 +113,18 @@ def train_loop(args, run, trainer, loader, vae, device, save, diffusion):
                                 vae, args.random_flip)
         trainer.step(loss, step)
         averager.add([loss.item()])
-        progress.update(1)
+        bar.update(1)
         done = step + 1
         if log_due(done, args.log_every, args.max_steps):
             (avg_loss,), steps_per_sec = averager.average()
             run.logger.info(f"(step={done:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
             run.write_metrics({"step": done, "loss": avg_loss, "steps_per_sec": steps_per_sec})
-            progress.set_postfix(loss=f"{avg_loss:.4f}")
-        if log_due(done, args.ckpt_every, args.max_steps):
+            bar.set_postfix(loss=f"{avg_loss:.4f}")
+        saved = log_due(done, args.ckpt_every, args.max_steps)
+        if saved:
             save(done)
-    progress.close()
+        stop_if_requested(trainer, run, done, args.max_steps, saved, save)
+    bar.close()
 
 
 def parse_args(argv=None):

@@ -18,7 +18,6 @@ import argparse
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from ard import cli, dist_util
 from ard.checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
@@ -26,20 +25,11 @@ from ard.cli import MissingFileError, UserError, diffusion_steps, non_negative_f
 from ard.data import save_grid
 from ard.fileio import file_sha256
 from ard.gan import GANStage, real_images
+from ard.logs import progress
+from ard.preemption import StopRequest
 from ard.seeding import rank_seed, step_seed
-from ard.training import (
-    MetricsAverager,
-    NonFiniteError,
-    Run,
-    StepBatchSampler,
-    Trainer,
-    add_run_arguments,
-    log_due,
-    lr_schedule,
-    prepare_run,
-    requires_grad,
-    stop_on_nonfinite,
-)
+from ard.training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
+                         prepare_run, requires_grad, stop_if_requested, stop_on_nonfinite)
 from ard.trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 from ard.vae import load_vae, vae_decode
 from diffusion.sampling import teacher_flow, teacher_process
@@ -115,12 +105,12 @@ def load_init(args, boundaries):
     return init
 
 
-def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt):
+def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt, stop):
     """The GAN stage's discriminator on the frozen teacher, its optimiser and the real images it sees
     (VAE-encoded in latent space)."""
     image_size = teacher_cfg["input_size"] if args.data == "digits" else (args.image_size or teacher_cfg.get("image_size"))
     real = real_images(args.data, image_size, args.global_batch_size, args.global_seed, dist_util.rank(),
-                       dist_util.world_size(), start_step, args.max_steps, args.num_workers)
+                       dist_util.world_size(), start_step, args.max_steps, args.num_workers, stop.ignore_in_worker)
     blocks = args.gan_blocks if args.gan_blocks is not None else list(range(len(teacher.blocks)))
     pixel = teacher_cfg["space"] == "pixel"
     augment = args.gan_augment if args.gan_augment is not None else (teacher_cfg["input_size"] // 8 if pixel else 0)
@@ -131,7 +121,8 @@ def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt):
 
 
 def main(args):
-    # Setup DDP and check the inputs:
+    # Setup DDP and check the inputs (a stop signal from here on saves the step in flight):
+    stop = StopRequest(args.stop_signals)
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if args.global_batch_size % world_size:
@@ -156,10 +147,10 @@ def main(args):
     if init is not None:
         student.load_state_dict(init["ema"])
     trainer = Trainer(student, device, args.lr, args.weight_decay, args.ema_decay, args.grad_clip, args.compile, state=ckpt,
-                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps))
+                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps), stop=stop)
     if init is not None and ckpt is None and "opt" in init:
         trainer.load_optimizer(init["opt"], lr=args.lr, weight_decay=args.weight_decay)  # the regression stage's moments
-    gan = build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt) if args.gan else None
+    gan = build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt, stop) if args.gan else None
     run.logger.info(f"Student {teacher_cfg['model']}, K={student.num_steps}, N={args.history_layers}: "
                     f"{sum(p.numel() for p in student.parameters()):,} parameters"
                     + (f", GAN on teacher blocks {gan.raw_disc.blocks}" if gan else ""))
@@ -192,7 +183,7 @@ def train_loop(args, run, trainer, gan, loader, device, dataset, val_indices, va
     trainer.model.train()
     run.logger.info(f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}")
     averager = MetricsAverager(device)
-    progress = tqdm(total=args.max_steps, initial=run.start_step, disable=not dist_util.is_main(), desc="distil", dynamic_ncols=True)
+    bar = progress(args.max_steps, "distil", initial=run.start_step)
     for step, (inputs, targets, y) in enumerate(loader, start=run.start_step):
         torch.manual_seed(step_seed(args.global_seed, step, rank))
         inputs, targets, y = inputs.to(device), targets.to(device), y.to(device)
@@ -206,7 +197,7 @@ def train_loop(args, run, trainer, gan, loader, device, dataset, val_indices, va
             figures += gan_figures
         trainer.step(loss, step)
         averager.add(figures)
-        progress.update(1)
+        bar.update(1)
         done = step + 1
         if log_due(done, args.log_every, args.max_steps):
             avg, steps_per_sec = averager.average()
@@ -222,14 +213,16 @@ def train_loop(args, run, trainer, gan, loader, device, dataset, val_indices, va
                                f"lambda {record['gan_weight']:.3g}, " if gan else "")
                             + f"{steps_per_sec:.2f} steps/s")
             run.write_metrics(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
         if dist_util.is_main() and log_due(done, args.sample_every, args.max_steps):
             samples = trainer.ema.sample(fixed_noise, fixed_y)[:, -1]
             save_grid(vae_decode(vae, samples) if vae is not None else samples, run.path("samples", f"{done:07d}.png"),
                       nrow=min(num_classes, 10))
-        if log_due(done, args.ckpt_every, args.max_steps):
+        saved = log_due(done, args.ckpt_every, args.max_steps)
+        if saved:
             save(done)
-    progress.close()
+        stop_if_requested(trainer, run, done, args.max_steps, saved, save)
+    bar.close()
 
 
 def parse_args(argv=None):

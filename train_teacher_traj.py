@@ -20,13 +20,15 @@ import argparse
 import os
 import time
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ard import cli, dist_util
 from ard.checkpoints import find_checkpoint, load_model
 from ard.cli import UserError, check_output_path, non_negative_int, positive_int
-from ard.fileio import WriterLock, file_sha256, remove_stale_temporaries, start_or_resume
+from ard.fileio import WriterLock, check_free_space, file_sha256, remove_stale_temporaries, start_or_resume
+from ard.logs import progress
+from ard.preemption import Preempted, StopRequest, add_stop_argument
 from ard.trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
 from diffusion.ode import solver_grid
 from diffusion.sampling import SOLVERS, TeacherSampler, add_sampler_arguments, teacher_flow
@@ -77,8 +79,17 @@ def flow_fields(config, args):
                 guidance_interval=args.guidance_interval)
 
 
+def store_bytes_missing(args, manifest):
+    """The bytes the shards not yet complete will take: xt and x0 at every saved step, labels and indices."""
+    complete, _ = complete_shards(args.out, manifest)
+    per_trajectory = 2 * len(manifest["save_steps"]) * int(np.prod(manifest["shape"])) * np.dtype(args.dtype).itemsize + 16
+    ranges = shard_ranges(args.num_trajectories, args.shard_size)
+    return per_trajectory * sum(stop - start for s, (start, stop) in enumerate(ranges) if s not in complete)
+
+
 def main(args):
-    # Setup DDP and check the inputs:
+    # Setup DDP and check the inputs (a stop signal from here on keeps every complete shard):
+    stop = StopRequest(args.stop_signals)
     device = dist_util.setup(args.precision)
     torch.set_grad_enabled(False)
     check_output_path(args.out, "the trajectory store", folder=True)
@@ -92,15 +103,19 @@ def main(args):
     save_steps = parse_save_steps(args.save_steps, args.num_sampling_steps, tokens <= SMALL_MODEL_TOKENS)
     manifest = store_manifest(args, ckpt_path, config, sampler, save_steps)
 
-    # Create the store, or check that an existing one was made with the same settings; one writer at a time:
-    start_or_resume(os.path.join(args.out, MANIFEST), manifest, f"the trajectory store {args.out}")
+    # Create the store, or check that an existing one was made with the same settings and that the rest fits on the
+    # disk; one writer at a time:
+    start_or_resume(os.path.join(args.out, MANIFEST), manifest, f"the trajectory store {args.out}",
+                    before_writing=lambda: check_free_space(args.out, store_bytes_missing(args, manifest), f"the store {args.out}"))
     with WriterLock(args.out, f"the trajectory store {args.out}"):
-        write_missing_shards(args, manifest, sampler, save_steps, device)
+        write_missing_shards(args, manifest, sampler, save_steps, device, stop)
     dist_util.cleanup()
 
 
-def write_missing_shards(args, manifest, sampler, save_steps, device):
-    """This rank's shards that are missing or damaged, with progress on rank 0 and a summary at the end."""
+def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
+    """This rank's shards that are missing or damaged, with progress on rank 0 and a summary at the end. On a stop
+    request the batch in flight finishes, the shard it belongs to is dropped (the same command writes it again) and
+    Preempted ends the process."""
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if rank == 0:
         for name in remove_stale_temporaries(args.out):
@@ -114,7 +129,7 @@ def write_missing_shards(args, manifest, sampler, save_steps, device):
     dist_util.print0(f"{len(ranges)} shards of up to {args.shard_size} trajectories, {len(complete)} already complete; "
                      f"saving solver steps {save_steps} of {args.num_sampling_steps}")
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
-    progress = tqdm(total=total, disable=rank != 0, unit="traj", desc=f"trajectories (rank 0 of {world_size})", dynamic_ncols=True)
+    bar = progress(total, f"trajectories (rank 0 of {world_size})", unit="traj")
     shape = tuple(manifest["shape"])
 
     def solve(noise, y):
@@ -122,11 +137,16 @@ def write_missing_shards(args, manifest, sampler, save_steps, device):
             xt, x0 = sampler.trajectory(noise.to(device), y.to(device), save_steps)
         return xt.float(), x0.float()
 
+    def on_batch(n):
+        bar.update(n)
+        if stop.requested:
+            raise Preempted(f"{stop.requested}: the complete shards of {args.out} are kept; the same command writes the rest")
+
     start_time, written = time.time(), 0
     for s in todo:
         written += write_shard(args.out, s, *ranges[s], solve, shape, manifest["num_classes"], args.global_seed,
-                               args.dtype, args.batch_size, progress.update)
-    progress.close()
+                               args.dtype, args.batch_size, on_batch)
+    bar.close()
     count = int(dist_util.all_reduce_sum(total, device))
     written = int(dist_util.all_reduce_sum(written, device))
     seconds = time.time() - start_time
@@ -149,6 +169,7 @@ def parse_args(argv=None):
     parser.add_argument("--shard-size", type=positive_int, default=1000, help="trajectories per shard")
     parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of every trajectory's noise")
     dist_util.add_precision_argument(parser, default="fp32")
+    add_stop_argument(parser)
     return parser.parse_args(argv)
 
 

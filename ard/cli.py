@@ -2,7 +2,9 @@
 
 A mistake a user can make and fix (a missing or wrong file, a value that cannot work, a file made by another
 run or another teacher) raises UserError; `run` prints its one sentence and exits with status 2, before any
-work where it can be checked up front. Any other exception is a programming error and keeps its traceback.
+work where it can be checked up front. A job stopped by a scheduler's signal, its work saved, exits with
+status 75 (ard.preemption); a job resubmitted after it finished says so and exits with 0. Any other exception
+is a programming error and keeps its traceback.
 """
 
 import argparse
@@ -10,6 +12,7 @@ import os
 import sys
 
 from ard import dist_util
+from ard.preemption import EXIT_PREEMPTED, Preempted
 
 
 class UserError(ValueError):
@@ -20,14 +23,28 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
+class NothingToDo(Exception):
+    """The job's work is already complete (a finished run submitted again); its message says where it is."""
+
+
 def run(main, parse_args):
-    """Every script's entry point: main(parse_args()), with a UserError shown as one line and exit status 2."""
+    """Every script's entry point: main(parse_args()), with a UserError shown as one line and exit status 2, a
+    stop on a scheduler's signal as one line and status 75, and nothing left to do as one line and status 0."""
     try:
         main(parse_args())
     except UserError as e:
-        prefix = f"error (rank {dist_util.rank()}): " if dist_util.world_size() > 1 else "error: "
-        print(prefix + str(e), file=sys.stderr, flush=True)
+        print(f"error{_rank()}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as e:
+        print(f"stopped{_rank()}: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    except NothingToDo as e:
+        if dist_util.is_main():
+            print(f"nothing to do: {e}", flush=True)
+
+
+def _rank():
+    return f" (rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""
 
 
 def _typed(kind, accept, what):

@@ -2,6 +2,7 @@
 into place), JSON and .npz through them, file hashes, and resumable outputs that refuse to mix runs made
 with other settings."""
 
+import errno
 import hashlib
 import json
 import os
@@ -47,8 +48,18 @@ def remove_stale_temporaries(folder):
     return removed
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_error(path, error):
+    """The UserError for a write that ran out of disk space (or quota): nothing half-written is left in place."""
+    return UserError(f"no space left to write {path} ({os.strerror(error.errno)}): it was not written and the files "
+                     f"written before it are intact; free space on that filesystem, or write elsewhere, and run again")
+
+
 def atomic_write(path, write, mode="wb"):
-    """Calls write(f) on a temporary file beside `path`, syncs it and renames it over `path`."""
+    """Calls write(f) on a temporary file beside `path`, syncs it and renames it over `path`. A failure, a full disk
+    among them (a UserError then), leaves `path` as it was and no temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = temporary_name(path)
@@ -58,9 +69,25 @@ def atomic_write(path, write, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise no_space_error(path, e) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_free_space(path, need_bytes, what):
+    """Refuses, before a long write, when the filesystem that will hold `path` has less free space than the
+    `need_bytes` the job estimates it will write."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise UserError(f"{what} needs about {need_bytes / 2**30:.2f} GiB more and the filesystem of {folder} has "
+                        f"{free / 2**30:.2f} GiB free: free space there, or write elsewhere")
 
 
 def write_json(path, obj):
@@ -131,10 +158,20 @@ class WriterLock:
             os.remove(self.path)
 
 
-def start_or_resume(path, settings, what):
+def start_or_resume(path, settings, what, before_writing=None):
     """For a resumable output described by the JSON file at `path`: stop if it was started with other settings,
-    else record them (rank 0). Every rank calls it and returns when the file is in place."""
+    then run the check `before_writing` (rank 0; it raises UserError to refuse), else record the settings (rank 0).
+    Every rank calls it and returns when the file is in place."""
     check_same_settings(path, settings, what)
+    error = None
+    if before_writing is not None and dist_util.is_main():
+        try:
+            before_writing()
+        except UserError as e:
+            error = str(e)
+    error = dist_util.broadcast_object(error)
+    if error:
+        raise UserError(error)
     dist_util.barrier()
     if dist_util.is_main() and not os.path.isfile(path):
         write_json(path, settings)

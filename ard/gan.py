@@ -124,12 +124,13 @@ def translate(x, max_shift):
     return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def real_images(data, image_size, global_batch, seed, rank, world_size, start_step, max_steps, num_workers):
+def real_images(data, image_size, global_batch, seed, rank, world_size, start_step, max_steps, num_workers, worker_init_fn=None):
     """An iterator over the real (x, y) batches of each step, for the discriminator: the embedded digits or
     an ImageFolder, in the same step-indexed order on resume."""
     dataset = torch.utils.data.TensorDataset(*load_digits("train", image_size)) if data == "digits" else image_folder(data, image_size)
     sampler = StepBatchSampler(len(dataset), global_batch, seed, rank, world_size, start_step, max_steps)
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if data == "digits" else num_workers))
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if data == "digits" else num_workers,
+                                            worker_init_fn=worker_init_fn))
 
 
 class GANStage:

@@ -9,7 +9,6 @@ the step (StepBatchSampler), so a checkpoint holds everything needed to continue
 
 import argparse
 import json
-import logging
 import math
 import os
 import shutil
@@ -21,8 +20,10 @@ import torch
 
 from ard import dist_util
 from ard.checkpoints import check_finite, load_checkpoint, save_checkpoint
-from ard.cli import UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
+from ard.cli import NothingToDo, UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
 from ard.fileio import remove_stale_temporaries, write_json
+from ard.logs import create_logger
+from ard.preemption import Preempted, add_stop_argument
 from ard.seeding import epoch_permutation
 from ard.vae import vae_encode
 from diffusion.flow import FlowMatching
@@ -101,7 +102,13 @@ ADDED_LATER = {"objective": "ddpm", "lr_schedule": "constant", "warmup_steps": 0
 def prepare_run(args, run_defining_args):
     """Checks, before any work, where the run will write, and returns the --resume checkpoint (None for a new
     run). A resume must agree with its checkpoint on the run-defining arguments and not be finished; a new run
-    refuses a --run-dir that already holds files, unless --replace says to start it over."""
+    refuses a --run-dir that already holds files, unless --replace says to start it over. --resume auto picks the
+    checkpoint itself (see auto_resume)."""
+    if args.resume == "auto":
+        decided = auto_resume(args, run_defining_args) if dist_util.is_main() else None
+        args.resume, args.replace = dist_util.broadcast_object((decided, args.replace))
+        if isinstance(args.resume, Exception):
+            raise args.resume
     if not args.resume:
         # Rank 0 looks before any rank writes: the others would see the folder it is about to make.
         error = check_new_run_dir(args) if dist_util.is_main() else None
@@ -113,14 +120,53 @@ def prepare_run(args, run_defining_args):
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= set(ckpt):
         raise UserError(f"--resume {args.resume} is not a training checkpoint of this script (it has no optimiser state)")
     check_finite({k: ckpt[k] for k in ("model", "ema")}, args.resume)
-    saved = {**ADDED_LATER, **ckpt["args"]}
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-             for k in run_defining_args if saved.get(k) != getattr(args, k)]
+    diffs = setting_differences(ckpt["args"], args, run_defining_args)
     if diffs:
         raise UserError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
     if ckpt["step"] >= args.max_steps:
         raise UserError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
     return ckpt
+
+
+def setting_differences(saved, args, run_defining_args):
+    """'--flag saved (now current)' for each run-defining argument on which the saved arguments and args differ."""
+    saved = {**ADDED_LATER, **saved}
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
+            for k in run_defining_args if saved.get(k) != getattr(args, k)]
+
+
+def last_checkpoint(checkpoint_dir):
+    """(step, path) of the newest checkpoint in a run's checkpoints/ (written atomically: complete if present), or None."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    steps = [int(f[:-3]) for f in os.listdir(checkpoint_dir) if f.endswith(".pt") and f[:-3].isdigit()]
+    return (max(steps), os.path.join(checkpoint_dir, f"{max(steps):07d}.pt")) if steps else None
+
+
+def auto_resume(args, run_defining_args):
+    """What --resume auto means for --run-dir, so that one command can be submitted any number of times: the path of
+    its newest checkpoint; None to start a new run there (no folder, an empty one, or a run of the same settings
+    that stopped before its first checkpoint, which is started over); else the exception to raise: NothingToDo when
+    the run has reached --max-steps, a UserError when the folder holds something else."""
+    if not args.run_dir:
+        return UserError("--resume auto continues the run in --run-dir: pass --run-dir")
+    run_dir = args.run_dir
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return None
+    if not os.path.isfile(os.path.join(run_dir, "args.json")):
+        return UserError(f"--run-dir {run_dir} holds files but no run (no args.json): pick a new --run-dir")
+    with open(os.path.join(run_dir, "args.json")) as f:
+        diffs = setting_differences(json.load(f), args, run_defining_args)
+    if diffs:
+        return UserError(f"--run-dir {run_dir} holds a run of other settings ({', '.join(diffs)}): pass the same ones, "
+                         f"or another --run-dir")
+    last = last_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if last is None:
+        args.replace = True  # nothing to continue from: the run starts over in its folder
+        return None
+    if last[0] >= args.max_steps:
+        return NothingToDo(f"{run_dir} has reached step {last[0]} of --max-steps {args.max_steps} ({last[1]})")
+    return last[1]
 
 
 def check_new_run_dir(args):
@@ -136,22 +182,6 @@ def check_new_run_dir(args):
         if not os.path.exists(os.path.join(args.run_dir, "args.json")):
             return f"--replace deletes a run folder, and {args.run_dir} holds files but no run (no args.json): pick a new --run-dir"
     return None
-
-
-def create_logger(logging_dir):
-    """A logger that writes to logging_dir/log.txt and stdout on rank 0 and does nothing elsewhere."""
-    logger = logging.getLogger(f"run:{logging_dir}")
-    logger.propagate = False
-    logger.handlers.clear()
-    if dist_util.is_main():
-        logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
 
 
 class NonFiniteError(RuntimeError):
@@ -205,11 +235,12 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def last_checkpoint_step(self):
-        steps = [int(f[:-3]) for f in os.listdir(self.checkpoint_dir) if f.endswith(".pt") and f[:-3].isdigit()]
-        return max(steps, default=None)
+        last = last_checkpoint(self.checkpoint_dir)
+        return last[0] if last else None
 
     def save(self, step, state):
-        """Rank 0 writes checkpoints/STEP.pt (the step, the arguments and `state`); every rank waits for it."""
+        """Rank 0 writes checkpoints/STEP.pt (the step, the arguments and `state`); every rank waits for it, and every
+        rank raises if it could not be written (a non-finite weight, a full disk)."""
         error = None
         if dist_util.is_main():
             path = os.path.join(self.checkpoint_dir, f"{step:07d}.pt")
@@ -217,10 +248,12 @@ class Run:
                 save_checkpoint(path, {"step": step, "args": vars(self.args), **state})
                 self.logger.info(f"Saved checkpoint to {path}")
             except FloatingPointError as e:
-                error = str(e)
+                error = NonFiniteError(f"a weight became infinite or NaN by step {step}, {e}")
+            except UserError as e:
+                error = e
         error = dist_util.broadcast_object(error)
         if error:
-            raise NonFiniteError(f"a weight became infinite or NaN by step {step}, {error}")
+            raise error
 
 
 #################################################################################
@@ -238,11 +271,12 @@ def optimizer_to(opt, device):
 class Trainer:
     """A model under AdamW with an EMA copy (for sampling), wrapped in DDP across processes and optionally
     compiled. `step(loss)` does one update, and stops the run on a non-finite loss or gradient before
-    the optimiser touches the weights."""
+    the optimiser touches the weights. With a StopRequest `stop`, `stop_requested` says after each step whether
+    any rank has been asked to stop (see stop_if_requested): every rank reads the same answer at the same step."""
 
     def __init__(self, model, device, lr, weight_decay=0.0, ema_decay=0.9999, grad_clip=None, compile=False, state=None,
-                 schedule=None):
-        self.raw, self.lr, self.schedule = model, lr, schedule
+                 schedule=None, stop=None):
+        self.raw, self.lr, self.schedule, self.stop, self.stop_requested = model, lr, schedule, stop, False
         self.ema = deepcopy(model)
         requires_grad(self.ema, False)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -276,7 +310,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
-        finite = dist_util.all_reduce_mean(float(math.isfinite(loss.item()) and math.isfinite(grad_norm.item())), self.device)
+        # One reduction for both questions every rank must answer alike: is everything finite, is anyone stopping?
+        finite, stop = dist_util.all_reduce_mean([float(math.isfinite(loss.item()) and math.isfinite(grad_norm.item())),
+                                                  float(self.stop is not None and self.stop.requested is not None)], self.device)
+        self.stop_requested = stop > 0
         if finite < 1.0:
             raise NonFiniteError(f"the loss or gradient became infinite or NaN at step {step + 1}")
         self.opt.step()
@@ -331,6 +368,20 @@ def log_due(done, every, max_steps):
     return bool(every) and (done % every == 0 or done == max_steps)
 
 
+def stop_if_requested(trainer, run, done, max_steps, saved, save):
+    """After step `done`: if a rank was asked to stop and the run is not finished, write the checkpoint of this step
+    (unless `saved`: the loop just wrote it) and raise Preempted, which ends the process with EXIT_PREEMPTED."""
+    if not trainer.stop_requested or done >= max_steps:
+        return
+    if not saved:
+        save(done)
+    why = trainer.stop.requested if trainer.stop.requested else "a signal to another rank"
+    message = (f"{why} at step {done}: its checkpoint is {run.checkpoint_dir}/{done:07d}.pt; the same command with "
+               f"--resume auto --run-dir {run.dir} continues it")
+    run.logger.info(f"Stopping: {message}")
+    raise Preempted(message)
+
+
 def stop_on_nonfinite(run, error):
     """A UserError for a NonFiniteError, naming the last good checkpoint (none is written after the fault)."""
     last = run.last_checkpoint_step()
@@ -345,7 +396,9 @@ def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_de
     parser.add_argument("--run-dir", type=str, default=None, help="use this run folder instead of a new numbered one")
     parser.add_argument("--replace", action=argparse.BooleanOptionalAction, default=False,
                         help="start over in a --run-dir that already holds a run, deleting it (without this, it is refused)")
-    parser.add_argument("--resume", type=str, default=None, help="a checkpoint of this script to continue from")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="a checkpoint of this script to continue from, or 'auto': the newest in --run-dir, a new run "
+                             "if there is none, nothing if it is finished (the same command can be submitted again and again)")
     parser.add_argument("--max-steps", type=positive_int, default=max_steps, help="total optimiser steps (including resumed ones)")
     parser.add_argument("--global-batch-size", type=positive_int, default=batch_size, help=f"{unit} per step over all processes")
     parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of the initial weights, the data order and every step")
@@ -357,4 +410,5 @@ def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_de
     parser.add_argument("--log-every", type=positive_int, default=100, help="log the losses every this many steps")
     parser.add_argument("--ckpt-every", type=positive_int, default=50_000, help="write a checkpoint every this many steps (and at the end)")
     dist_util.add_precision_argument(parser, default="tf32")
+    add_stop_argument(parser)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ard.cli import MissingFileError, UserError
-from ard.fileio import temporary_name
+from ard.fileio import NO_SPACE, no_space_error, temporary_name
 from ard.seeding import TRAJECTORY_STREAM, per_index_noise
 from diffusion.flow import log_snr as flow_log_snr
 
@@ -80,6 +80,19 @@ def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, 
     tmp = temporary_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch)
+    except BaseException as e:  # a full disk, a stop request, anything: no partial shard is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise no_space_error(final, e) from e
+        raise
+    os.replace(tmp, final)
+    return sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
+
+
+def _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch):
+    """write_shard's work in its temporary folder: the arrays batch by batch, then their verification."""
     indices = np.arange(start, stop, dtype=np.int64)
     labels = trajectory_labels(indices, num_classes)
     arrays = {}
@@ -89,8 +102,9 @@ def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, 
         xt, x0 = solve(noise, labels[b : b + batch_size])
         for name, value in (("xt", xt), ("x0", x0)):
             if name not in arrays:
-                arrays[name] = np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=np.dtype(dtype),
-                                                         shape=(len(indices), *value.shape[1:]))
+                path = os.path.join(tmp, f"{name}.npy")
+                arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(len(indices), *value.shape[1:]))
+                reserve(path)
             arrays[name][b : b + len(batch)] = value.cpu().numpy().astype(dtype)
         if on_batch is not None:
             on_batch(len(batch))
@@ -100,8 +114,20 @@ def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, 
     np.save(os.path.join(tmp, "y.npy"), labels.numpy())
     np.save(os.path.join(tmp, "index.npy"), indices)
     open_shard(tmp, start, stop, (len(indices), *xt.shape[1:]), dtype)  # verify before it counts as complete
-    os.replace(tmp, final)
-    return sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
+
+
+def reserve(path):
+    """Allocates a memory-mapped file's blocks now: on a full disk this fails at once with ENOSPC, where writing
+    into an unallocated mapping would kill the process with SIGBUS later. Filesystems that cannot preallocate
+    are left as they are."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno in NO_SPACE:
+                raise
 
 
 def read_manifest(path):

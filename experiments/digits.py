@@ -13,7 +13,9 @@
     python -m experiments.digits --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 44 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
-writer and the sampler resume partial work; an interrupted training stage starts over, --replace). Everything goes to
+writer and the sampler resume partial work; an interrupted training stage resumes from its last checkpoint,
+--resume auto). On SIGTERM or SIGUSR1 the running stages save their work and the job exits with status 75; the same
+command continues it. Everything goes to
 --run-dir: checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md and results.json;
 --assets-dir receives the figures. Set OMP_NUM_THREADS only to limit the cores: the runner gives the teacher and
 the trajectory writer all of them (--full's two teachers, and then their writers, share them), and every other stage
@@ -74,7 +76,7 @@ def train_teacher(p, b, est, name="teacher", objective="ddpm"):
         "train.py", "--model", DIGITS_MODEL, "--data", "digits", "--objective", objective, "--max-steps", str(b["teacher_steps"]),
         "--lr", "2e-3", "--ema-decay", "0.99", "--global-batch-size", str(b["teacher_batch"]), "--log-every", "250",
         "--ckpt-every", str(max(1, b["teacher_steps"] // 4)),
-        "--run-dir", p.path(name), "--replace"], heavy=True, estimate=est["teacher"])
+        "--run-dir", p.path(name), "--resume", "auto"], heavy=True, estimate=est["teacher"])
 
 
 def prepare(p, b, est):
@@ -122,7 +124,7 @@ def student_stage(p, b, est, name, traj, teacher, history_layers, seed=0, target
         "--lr", str(STUDENT_LR), "--ema-decay", "0.99", "--max-steps", str(steps), "--val-count", str(b["val_count"]),
         "--val-every", str(max(1, steps // 4)), "--log-every", str(max(1, steps // 20)), "--sample-every", "0",
         "--ckpt-every", str(max(1, steps // 4)),  # the default's students keep their headroom_steps checkpoint
-        "--global-seed", str(seed), "--run-dir", p.path("students", name), "--replace"],
+        "--global-seed", str(seed), "--run-dir", p.path("students", name), "--resume", "auto"],
         after=[after], estimate=est["student"] * num_steps / 4 * steps / b["student_steps"])
 
 
@@ -139,7 +141,7 @@ def distil(p, b, args, teacher, traj, est):
             "--history-layers", str(history_layers), "--global-batch-size", str(b["student_batch"]), "--lr", "1e-4",
             "--ema-decay", "0.99", "--max-steps", str(steps), "--gan-warmup", str(b["gan_warmup"]), "--global-seed", str(seed),
             "--val-count", str(b["val_count"]), "--val-every", str(steps), "--log-every", str(max(1, steps // 20)),
-            "--sample-every", str(steps), "--run-dir", p.path("students", f"gan_{name}"), "--replace"],
+            "--sample-every", str(steps), "--run-dir", p.path("students", f"gan_{name}"), "--resume", "auto"],
             after=[f"student_{name}"], estimate=est["gan"])
 
     rows = []

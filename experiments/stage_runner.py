@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 
 from ard.fileio import write_json
+from ard.logs import PROGRESS_SECONDS
+from ard.preemption import Preempted, StopRequest
 
 TQDM = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+),\s*([\d.]+)?\s*([a-zA-Z]+)/s")
 
@@ -115,6 +117,8 @@ def _child(request):
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
                                       line_buffering=True, write_through=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         # A fresh process draws these from the OS; the forks must not share the server's.
         random.seed()
         sys.modules["numpy"].random.seed()
@@ -134,7 +138,10 @@ def serve():
     ends (the exit status as subprocess gives it: negative for a signal). Runs single-threaded (a fork copies only the
     calling thread); ends when stdin closes, terminating the children still running."""
     import importlib
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the runner closes stdin; the server stays to end the children
+    # On Ctrl-C the runner closes stdin, and it forwards a scheduler's stop signals to the stages: the server stays
+    # to end the children and report their exit.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     for name in PRELOAD:
         importlib.import_module(name)
     children, buffer, open_ = {}, b"", True
@@ -178,12 +185,15 @@ class ForkedStage:
     def poll(self):
         return self.returncode
 
-    def terminate(self):
+    def send_signal(self, signum):
         self.started.wait()
         try:
-            os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, signum)
         except ProcessLookupError:
             pass
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
 
 
 class ForkServer:
@@ -261,7 +271,10 @@ class StageRunner:
     # Running ------------------------------------------------------------------------------------------------
 
     def run(self):
-        """Runs every declared stage that has no output yet, in dependency order; stops at the first failure."""
+        """Runs every declared stage that has no output yet, in dependency order; stops at the first failure. On
+        SIGTERM or SIGUSR1 it passes the signal on to the running stages, starts no other, waits for them to save
+        their work and raises Preempted: the same command then resumes (finished stages are reused, training stages
+        resume from their last checkpoint if their command says --resume auto)."""
         for stage in self.stages.values():
             if os.path.exists(stage.output):
                 self.done.add(stage.name)
@@ -269,10 +282,18 @@ class StageRunner:
         self.start_time, self.factor = time.time(), 1.0
         if self.fork and any(s.name not in self.done and not s.heavy for s in self.stages.values()):
             self._server()  # it imports while the first stages run
-        running = []
+        running, self.stop, forwarded = [], StopRequest(("TERM", "USR1")), False
         try:
             while len(self.done) < len(self.stages):
-                start = self._ready(running)
+                if self.stop.requested and not forwarded:
+                    self._line(f"[runner] {self.stop.requested}: passing it on to {', '.join(s.name for s in running) or 'no stage'}")
+                    for stage in running:
+                        stage.proc.send_signal(getattr(signal, self.stop.requested))
+                    forwarded = True
+                if self.stop.requested and not running:
+                    raise Preempted(f"{self.stop.requested}: {len(self.done)} of {len(self.stages)} stages are done and "
+                                    f"the stopped ones saved their work; the same command resumes the run in {self.run_dir}")
+                start = [] if self.stop.requested else self._ready(running)
                 heavy = sum(s.heavy for s in start)
                 for stage in start:
                     self._start(stage, threads=self.cores // heavy if stage.heavy else 1)
@@ -285,6 +306,7 @@ class StageRunner:
                     self._finish(stage, running)
                 self._status(running)
         finally:
+            self.stop.close()
             if self.server:
                 self.server.close()
                 self.server = None
@@ -331,7 +353,8 @@ class StageRunner:
 
     @staticmethod
     def _env(threads):
-        return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        # Stages write to log files: a progress line every 2 s keeps the status line current.
+        return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **{PROGRESS_SECONDS: "2"})
 
     def _server(self):
         if self.server is None:
@@ -351,6 +374,9 @@ class StageRunner:
         seconds = time.time() - stage.started
         stage.log.close()
         log_path = self.path("logs", f"{stage.name}.log")
+        if stage.proc.returncode != 0 and self.stop.requested:
+            self._line(f"[{stage.name}] stopped (exit {stage.proc.returncode}) after {seconds:.0f} s")
+            return
         if stage.proc.returncode != 0 or not os.path.exists(stage.output):
             for other in running:
                 other.proc.terminate()

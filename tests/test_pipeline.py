@@ -2,18 +2,33 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from helpers import run_script
+from ard.preemption import EXIT_PREEMPTED
+from helpers import ROOT, run_script
 
 pytestmark = pytest.mark.xdist_group("test_pipeline")  # one worker runs the module, its fixtures once
 
 
-def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end(tmp_path):
+def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_resumes_after_sigterm(tmp_path):
     run_dir = tmp_path / "quick"
-    out = run_script(["-m", "experiments.digits", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")],
-                     timeout=900)
+    command = ["-m", "experiments.digits", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")]
+    # Stopped by a scheduler while the students train: the running stages save their work, the job exits with 75.
+    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[student_k4_n0_state_s0] train_ard.py"):
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = line + proc.communicate(timeout=600)[0]
+    assert proc.returncode == EXIT_PREEMPTED and "the same command resumes" in output, output[-3000:]
+    out = run_script(command, timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     groups = [row["group"] for row in results["rows"]]
