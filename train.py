@@ -1,5 +1,5 @@
 """Trains a DiT teacher as facebookresearch/DiT's train.py does (AdamW 1e-4, no weight decay, EMA,
-class dropout 0.1 for classifier-free guidance), on the embedded digits or on an ImageFolder, in pixel
+class dropout 0.1 for classifier-free guidance), on an embedded dataset (the digits, Fashion-MNIST) or on an ImageFolder, in pixel
 space or in the latent space of the Stable Diffusion VAE.
 
     python train.py                                    # the tiny digits teacher, on the CPU
@@ -21,12 +21,24 @@ import torch
 from ard import cli, dist_util
 from ard.checkpoints import build_model, teacher_config
 from ard.cli import UserError, non_negative_int, positive_int, probability
-from ard.data import image_folder, load_digits
+from ard.data import EMBEDDED, image_folder, load_embedded
 from ard.logs import progress
 from ard.preemption import StopRequest
 from ard.seeding import step_seed
-from ard.training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
-                         prepare_run, stop_if_requested, stop_on_nonfinite, teacher_loss)
+from ard.training import (
+    MetricsAverager,
+    NonFiniteError,
+    Run,
+    StepBatchSampler,
+    Trainer,
+    add_run_arguments,
+    log_due,
+    lr_schedule,
+    prepare_run,
+    stop_if_requested,
+    stop_on_nonfinite,
+    teacher_loss,
+)
 from ard.vae import VAE_DOWNSAMPLE, load_vae
 from diffusion.flow import NOISE_AT, TIME_SCALE
 from diffusion.sampling import teacher_process
@@ -39,11 +51,11 @@ RUN_DEFINING_ARGS = ("model", "objective", "data", "image_size", "vae", "global_
 
 def build_data(args):
     """(dataset, num_classes, in_channels, input_size) of --data."""
-    if args.data == "digits":
+    if args.data in EMBEDDED:
         if args.vae is not None:
-            raise UserError("the digits are 8x8 grey images and have no VAE latent space: drop --vae")
-        x, y = load_digits("train", args.image_size)
-        return torch.utils.data.TensorDataset(x, y), 10, 1, args.image_size
+            raise UserError(f"{args.data} are small grey images and have no VAE latent space: drop --vae")
+        x, y = load_embedded(args.data, "train", args.image_size)
+        return torch.utils.data.TensorDataset(x, y), EMBEDDED[args.data][1], 1, args.image_size
     dataset = image_folder(args.data, args.image_size)
     if args.vae is None:
         return dataset, len(dataset.classes), 3, args.image_size
@@ -60,7 +72,7 @@ def main(args):
     if args.global_batch_size % world_size:
         raise UserError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
     if args.random_flip is None:
-        args.random_flip = args.data != "digits"  # digits are not mirror-symmetric
+        args.random_flip = args.data not in EMBEDDED  # digits are not mirror-symmetric, and Fashion-MNIST's shoes all face one way
     dataset, num_classes, in_channels, input_size = build_data(args)
     if len(dataset) < args.global_batch_size:
         raise UserError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} images of --data {args.data}")
@@ -72,7 +84,7 @@ def main(args):
     # Setup data:
     sampler = StepBatchSampler(len(dataset), args.global_batch_size, args.global_seed, rank, world_size,
                                run.start_step, args.max_steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if args.data == "digits" else args.num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if args.data in EMBEDDED else args.num_workers,
                                          worker_init_fn=stop.ignore_in_worker,
                                          pin_memory=device.type == "cuda")
 
@@ -130,8 +142,11 @@ def train_loop(args, run, trainer, loader, vae, device, save, diffusion):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default="digits",
-                        help="'digits' (the embedded default) or an ImageFolder path (one sub-folder per class)")
-    parser.add_argument("--image-size", type=positive_int, default=8, help="image side in pixels (digits: 8, resized if larger)")
+                        help="'digits' (the embedded default), 'fashion' (Fashion-MNIST from its idx files) or an "
+                             "ImageFolder path (one sub-folder per class)")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="image side in pixels (default: the embedded dataset's own, 8 or 28; 256 for an ImageFolder; "
+                             "the digits resize)")
     parser.add_argument("--vae", type=str, default=None,
                         help="train in the latent space of this VAE: 'ema', 'mse' (the SD VAEs), a hub id or a local folder")
     parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-T/2", help="DiT config")
@@ -142,10 +157,12 @@ def parse_args(argv=None):
                         help="learn the variance (DiT's hybrid loss; default for ddpm); its output channels are ignored by DDIM")
     parser.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for classifier-free guidance")
     parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random horizontal flips (default: on for image folders, off for the digits)")
+                        help="random horizontal flips (default: on for image folders, off for the embedded datasets)")
     add_run_arguments(parser, "MODEL", "images", batch_size=128, max_steps=3000)
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for image folders")
     args = parser.parse_args(argv)
+    if args.image_size is None:  # resolved here, so that the saved arguments hold the size a resume must match
+        args.image_size = EMBEDDED[args.data][2] if args.data in EMBEDDED else 256
     if args.learn_sigma is None:
         args.learn_sigma = args.objective == "ddpm"
     elif args.learn_sigma and args.objective == "flow":

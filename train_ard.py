@@ -22,14 +22,26 @@ import torch
 from ard import cli, dist_util
 from ard.checkpoints import build_model, check_finite, find_checkpoint, load_checkpoint, load_model, student_config
 from ard.cli import MissingFileError, UserError, diffusion_steps, non_negative_float, non_negative_int, positive_float, positive_int
-from ard.data import save_grid
+from ard.data import EMBEDDED, find_embedded, save_grid
 from ard.fileio import file_sha256
 from ard.gan import GANStage, real_images
 from ard.logs import progress
 from ard.preemption import StopRequest
 from ard.seeding import rank_seed, step_seed
-from ard.training import (MetricsAverager, NonFiniteError, Run, StepBatchSampler, Trainer, add_run_arguments, log_due, lr_schedule,
-                         prepare_run, requires_grad, stop_if_requested, stop_on_nonfinite)
+from ard.training import (
+    MetricsAverager,
+    NonFiniteError,
+    Run,
+    StepBatchSampler,
+    Trainer,
+    add_run_arguments,
+    log_due,
+    lr_schedule,
+    prepare_run,
+    requires_grad,
+    stop_if_requested,
+    stop_on_nonfinite,
+)
 from ard.trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 from ard.vae import load_vae, vae_decode
 from diffusion.sampling import teacher_flow, teacher_process
@@ -76,8 +88,14 @@ def check_inputs(args, device):
         raise UserError(f"--history-layers {args.history_layers} exceeds the teacher's {depth} blocks")
     if args.gan_blocks is not None and not all(0 <= b < depth for b in args.gan_blocks):
         raise UserError(f"--gan-blocks {args.gan_blocks} must be teacher blocks, 0 to {depth - 1}")
-    if args.gan and args.data != "digits" and not os.path.isdir(args.data):
-        raise MissingFileError(f"--data {args.data} does not exist (the GAN stage's real images: 'digits' or an ImageFolder)")
+    if args.gan and args.data not in EMBEDDED and not os.path.isdir(args.data):
+        raise MissingFileError(f"--data {args.data} does not exist (the GAN stage's real images: {' or '.join(map(repr, EMBEDDED))} "
+                               f"or an ImageFolder)")
+    if args.gan and args.data != teacher_cfg.get("data") and (args.data in EMBEDDED or teacher_cfg.get("data") in EMBEDDED):
+        raise UserError(f"--data {args.data} is not what the teacher learnt ({teacher_cfg.get('data')}): the GAN stage's real "
+                        f"images must be the teacher's data; pass --data {teacher_cfg.get('data')}")
+    if args.gan and args.data in EMBEDDED:
+        find_embedded(args.data)  # the files are there, before any work
     boundaries = args.boundaries or default_boundaries(store.saved_steps, store.saved_timesteps, args.num_steps, args.boundary_schedule,
                                                      teacher_flow(store.manifest, store.manifest["num_sampling_steps"]))
     if args.val_count >= len(store):
@@ -108,14 +126,15 @@ def load_init(args, boundaries):
 def build_gan_stage(args, teacher, teacher_cfg, device, vae, start_step, ckpt, stop):
     """The GAN stage's discriminator on the frozen teacher, its optimiser and the real images it sees
     (VAE-encoded in latent space)."""
-    image_size = teacher_cfg["input_size"] if args.data == "digits" else (args.image_size or teacher_cfg.get("image_size"))
+    embedded = args.data in EMBEDDED
+    image_size = teacher_cfg["input_size"] if embedded else (args.image_size or teacher_cfg.get("image_size"))
     real = real_images(args.data, image_size, args.global_batch_size, args.global_seed, dist_util.rank(),
                        dist_util.world_size(), start_step, args.max_steps, args.num_workers, stop.ignore_in_worker)
     blocks = args.gan_blocks if args.gan_blocks is not None else list(range(len(teacher.blocks)))
     pixel = teacher_cfg["space"] == "pixel"
     augment = args.gan_augment if args.gan_augment is not None else (teacher_cfg["input_size"] // 8 if pixel else 0)
     return GANStage(teacher, teacher_cfg["num_classes"], blocks, device, real, vae, args.disc_lr, args.gan_scale,
-                    args.gan_max_weight, args.gan_warmup, args.gan_max_t, augment, flip=args.data != "digits",
+                    args.gan_max_weight, args.gan_warmup, args.gan_max_t, augment, flip=not embedded,
                     dequantize=args.gan_dequantize if args.gan_dequantize is not None else (2 / 16 if args.data == "digits" else 2 / 255),
                     precision=args.precision, state=ckpt, weight=args.gan_weight, process=teacher_process(teacher_cfg))
 
@@ -264,7 +283,7 @@ def parse_args(argv=None):
                      help="uniform noise of this width on the real images in [-1, 1] (default: one grey level, 2/16 for the "
                           "digits' 17 levels, 2/255 for 8-bit images), so that the heads cannot tell real from fake by the levels")
     gan.add_argument("--disc-lr", type=positive_float, default=2e-4, help="AdamW learning rate of the discriminator heads")
-    gan.add_argument("--data", type=str, default="digits", help="real data: 'digits' or an ImageFolder path")
+    gan.add_argument("--data", type=str, default="digits", help="real data: 'digits', 'fashion' or an ImageFolder path")
     gan.add_argument("--image-size", type=positive_int, default=None, help="image size of --data (default: the teacher's)")
     gan.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for an ImageFolder")
     args = parser.parse_args(argv)

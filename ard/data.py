@@ -1,7 +1,10 @@
-"""Images in and out: the embedded digits, an ImageFolder with ADM's centre crop, and generated images
-to uint8 batches and to PNG grids. The VAE is in vae.py."""
+"""Images in and out: the embedded datasets (scikit-learn's digits, Fashion-MNIST from its idx files), an
+ImageFolder with ADM's centre crop, and generated images to uint8 batches and to PNG grids. The VAE is in vae.py."""
 
+import gzip
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -38,6 +41,95 @@ def load_digits(split="train", image_size=8):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
         x = x.clamp(-1, 1)
     return x, torch.from_numpy(np.ascontiguousarray(labels))
+
+
+#################################################################################
+#                 Fashion-MNIST, from its idx files where they are               #
+#################################################################################
+
+FASHION_CLASSES = 10
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# Where the four idx files are looked for (each as it is or gzipped): the folder FASHION_MNIST_DIR names if it is set,
+# then this repository's data/ folder, the layout torchvision's FashionMNIST downloads to, and Debian's
+# dataset-fashion-mnist package.
+FASHION_DIRS = ("data/fashion-mnist", "data/FashionMNIST/raw", "/usr/share/datasets/fashion-mnist")
+
+
+def find_fashion_mnist(dirs=None):
+    """The first folder that holds all four Fashion-MNIST idx files, or one sentence saying how to get them."""
+    if dirs is None:
+        dirs = ((os.environ["FASHION_MNIST_DIR"],) if os.environ.get("FASHION_MNIST_DIR") else ()) + FASHION_DIRS
+    for folder in dirs:
+        if all(_idx_path(folder, name) for pair in FASHION_FILES.values() for name in pair):
+            return folder
+    raise MissingFileError(f"Fashion-MNIST's idx files are in none of {', '.join(dirs)}: install them with "
+                           f"'apt-get install dataset-fashion-mnist' (Debian), or download the four "
+                           f"*-ubyte.gz files of github.com/zalandoresearch/fashion-mnist into data/fashion-mnist/")
+
+
+def _idx_path(folder, name):
+    for candidate in (name, f"{name}.gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_idx(path, reader):
+    """torchvision's idx reader on a file, gunzipped into a temporary copy first if it is compressed."""
+    if not path.endswith(".gz"):
+        return reader(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = os.path.join(tmp, os.path.basename(path)[:-3])
+        with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return reader(plain)
+
+
+def load_fashion_mnist(split="train", dirs=None):
+    """Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes) as
+    ((N, 1, 28, 28) float32 in [-1, 1], (N,) int64), read with torchvision's idx reader. 'all' is both splits."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    if split == "all":
+        parts = [load_fashion_mnist(s, dirs) for s in ("train", "test")]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if split not in FASHION_FILES:
+        raise UserError(f"unknown Fashion-MNIST split {split!r}: use train, test or all")
+    folder = find_fashion_mnist(dirs)
+    images_file, labels_file = (_idx_path(folder, name) for name in FASHION_FILES[split])
+    try:
+        images, labels = _read_idx(images_file, read_image_file), _read_idx(labels_file, read_label_file)
+    except (AssertionError, OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{images_file} or {labels_file} is not a readable idx file ({e}): the files are damaged") from e
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
+        raise UserError(f"{images_file} holds images of shape {tuple(images.shape)} and {labels_file} {len(labels)} labels: "
+                        f"not Fashion-MNIST")
+    x = images.to(torch.float32).div(127.5).sub(1.0).unsqueeze(1)  # 0..255 -> [-1, 1]
+    return x, labels.to(torch.int64)
+
+
+#: The embedded datasets, pixel space, one grey channel: name -> (loader(split), classes, image side).
+EMBEDDED = {"digits": (load_digits, DIGITS_CLASSES, 8), "fashion": (load_fashion_mnist, FASHION_CLASSES, 28)}
+
+
+def find_embedded(name):
+    """Raises the one-sentence MissingFileError when an embedded dataset's files are missing (the digits ship with
+    scikit-learn)."""
+    if name == "fashion":
+        find_fashion_mnist()
+
+
+def load_embedded(name, split, image_size=None):
+    """(images (N, 1, S, S) in [-1, 1], labels (N,)) of an embedded dataset at its own side, or at image_size
+    (the digits resize; Fashion-MNIST comes at 28 only)."""
+    loader, _, side = EMBEDDED[name]
+    if image_size in (None, side):
+        return loader(split)
+    if name != "digits":
+        raise UserError(f"--image-size {image_size}: {name} comes at {side}x{side} only")
+    return loader(split, image_size)
 
 
 #################################################################################

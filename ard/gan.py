@@ -33,7 +33,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ard import dist_util
 from ard.cli import UserError
-from ard.data import image_folder, load_digits
+from ard.data import EMBEDDED, image_folder, load_embedded
 from ard.training import StepBatchSampler, requires_grad
 from ard.vae import vae_encode
 from diffusion import create_diffusion
@@ -125,11 +125,12 @@ def translate(x, max_shift):
 
 
 def real_images(data, image_size, global_batch, seed, rank, world_size, start_step, max_steps, num_workers, worker_init_fn=None):
-    """An iterator over the real (x, y) batches of each step, for the discriminator: the embedded digits or
+    """An iterator over the real (x, y) batches of each step, for the discriminator: an embedded dataset or
     an ImageFolder, in the same step-indexed order on resume."""
-    dataset = torch.utils.data.TensorDataset(*load_digits("train", image_size)) if data == "digits" else image_folder(data, image_size)
+    dataset = (torch.utils.data.TensorDataset(*load_embedded(data, "train", image_size)) if data in EMBEDDED
+               else image_folder(data, image_size))
     sampler = StepBatchSampler(len(dataset), global_batch, seed, rank, world_size, start_step, max_steps)
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if data == "digits" else num_workers,
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if data in EMBEDDED else num_workers,
                                             worker_init_fn=worker_init_fn))
 
 

@@ -1,6 +1,6 @@
 """Where the CPU time of the digits main job goes: each stage's unit of work taken apart, on this machine.
 
-    python -m benchmarks.digits_profile                    # the main job's configs (digits_pipeline.DIGITS_MODEL)
+    python -m benchmarks.digits_profile                    # the main job's configs (experiments.digits.DIGITS_MODEL)
     python -m benchmarks.digits_profile --model DiT-T/2    # the same budgets with another tiny config
 
 For the teacher's and the students' training steps: data, forward, backward, optimiser and EMA, with 1 and with

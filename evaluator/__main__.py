@@ -5,7 +5,7 @@ batch may instead (or also) hold precomputed `mu`, `sigma` (pool_3) and `mu_s`, 
 ADM's VIRTUAL_imagenet256_labeled.npz. Precision and recall need the reference images.
 
     python -m evaluator VIRTUAL_imagenet256_labeled.npz samples.npz
-    python -m evaluator runs/digits/ref_test.npz samples.npz --features digits --digits-net runs/digits/digits_net.pt
+    python -m evaluator runs/digits/ref_test.npz samples.npz --features digits --feature-net runs/digits/digits_net.pt
 """
 
 import argparse
@@ -16,6 +16,7 @@ import numpy as np
 from ard import cli
 from ard.cli import MissingFileError, UserError, check_output_path, non_negative_int
 from ard.fileio import write_json
+from evaluator.feature_net import NETS as EMBEDDED_NETS
 from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall, two_set_figures
 
 
@@ -61,22 +62,25 @@ def evaluate_inception(ref, sample, weights=None, device="cpu"):
     return results
 
 
-def evaluate_digits(ref, sample, net_path, teacher_ref=None, bootstrap=0):
-    """The figures of the digits default, with the digits feature network: against the real reference and, with
+def evaluate_embedded(ref, sample, net_path, data, teacher_ref=None, bootstrap=0):
+    """The figures of an embedded dataset (`data`), with its feature network: against the real reference and, with
     teacher_ref, against the teacher's own samples of the same noises and labels (teacher fidelity, 'teacher_*')."""
-    from evaluator.digits_net import digits_features, load_digits_net
+    from evaluator.feature_net import features, load_feature_net
 
-    net = load_digits_net(net_path)
+    net, net_data = load_feature_net(net_path)
+    if net_data != data:
+        raise UserError(f"{net_path} is the feature network of {net_data}, not of {data}: pass --features {net_data} or "
+                        f"another --feature-net")
     if "arr_0" not in ref:
-        raise UserError("the digits reference batch must hold its images (arr_0)")
-    real_f, _ = digits_features(net, ref["arr_0"])
-    fake_f, fake_logits = digits_features(net, sample["arr_0"])
+        raise UserError(f"the {data} reference batch must hold its images (arr_0)")
+    real_f, _ = features(net, ref["arr_0"])
+    fake_f, fake_logits = features(net, sample["arr_0"])
     results = two_set_figures(real_f, fake_f, bootstrap)
     results["inception_score"] = inception_score(fake_logits, splits=1)
     if "arr_1" in sample:
         results["class_accuracy"] = float((fake_logits.argmax(1) == sample["arr_1"]).mean())
     if teacher_ref is not None:
-        teacher_f, _ = digits_features(net, teacher_ref["arr_0"])
+        teacher_f, _ = features(net, teacher_ref["arr_0"])
         results.update({f"teacher_{k}": v for k, v in two_set_figures(teacher_f, fake_f, bootstrap).items()})
     return results
 
@@ -90,20 +94,24 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch (.npz)")
     parser.add_argument("sample_batch", help="sample batch (.npz)")
-    parser.add_argument("--features", choices=["inception", "digits"], default="inception",
-                        help="the feature network: ADM's Inception (ImageNet-scale images) or the digits network (8x8 digits)")
+    parser.add_argument("--features", choices=["inception", *EMBEDDED_NETS], default="inception",
+                        help="the feature network: ADM's Inception (ImageNet-scale images), or the network of an embedded "
+                             "dataset (8x8 digits, 28x28 Fashion-MNIST)")
     parser.add_argument("--inception-weights", default=None, help="path to weights-inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--digits-net", default=None,
-                        help="with --features digits: the feature network, made by python -m evaluator.train_digits_net --out PATH")
+    parser.add_argument("--feature-net", default=None,
+                        help="with --features digits or fashion: the feature network, made by "
+                             "python -m evaluator.train_feature_net --data DATA --out PATH")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--teacher-ref", default=None,
-                        help="digits: also the figures against this batch, the teacher's samples of the same noises and labels")
+                        help="embedded datasets: also the figures against this batch, the teacher's samples of the same "
+                             "noises and labels")
     parser.add_argument("--bootstrap", type=non_negative_int, default=0,
-                        help="digits: 95%% intervals of FID, precision and recall over this many resamples of the samples")
+                        help="embedded datasets: 95%% intervals of FID, precision and recall over this many resamples of the samples")
     args = parser.parse_args(argv)
-    if args.features == "digits" and args.digits_net is None:
-        parser.error("--features digits needs --digits-net PATH (train one with python -m evaluator.train_digits_net --out PATH)")
+    if args.features != "inception" and args.feature_net is None:
+        parser.error(f"--features {args.features} needs --feature-net PATH (train one with python -m evaluator.train_feature_net "
+                     f"--data {args.features} --out PATH)")
     return args
 
 
@@ -113,12 +121,12 @@ def main(args):
     ref, sample = load_batch(args.ref_batch), load_batch(args.sample_batch)
     if "arr_0" not in sample:
         raise UserError(f"{args.sample_batch} holds no images (arr_0)")
-    if args.features == "digits":
+    if args.features != "inception":
         teacher_ref = load_batch(args.teacher_ref) if args.teacher_ref else None
         if teacher_ref is not None and not np.array_equal(teacher_ref.get("arr_1"), sample.get("arr_1")):
             raise UserError(f"--teacher-ref {args.teacher_ref} holds other labels than {args.sample_batch}: "
                             f"sample both with the same --global-seed and --num-samples")
-        results = evaluate_digits(ref, sample, args.digits_net, teacher_ref, args.bootstrap)
+        results = evaluate_embedded(ref, sample, args.feature_net, args.features, teacher_ref, args.bootstrap)
     else:
         import torch
 

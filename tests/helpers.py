@@ -62,3 +62,30 @@ def randomised(model, seed=0):
     from models import randomise_weights
 
     return randomise_weights(model, std=0.1, seed=seed)
+
+
+def write_fashion_idx(folder, n_train=64, n_test=32, gz=True, seed=0):
+    """Tiny Fashion-MNIST-format idx files (random 28x28 images, labels cycling through the 10 classes), as Debian's
+    package installs them (gzipped) or as torchvision extracts them; returns {split: (images uint8, labels)}."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        for name, header, array in ((f"{prefix}-images-idx3-ubyte", struct.pack(">IIII", 0x803, n, 28, 28), images),
+                                    (f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 0x801, n), labels)):
+            data = header + array.tobytes()
+            if gz:
+                with gzip.open(os.path.join(folder, f"{name}.gz"), "wb") as f:
+                    f.write(data)
+            else:
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(data)
+        out[split] = (images, labels)
+    return out

@@ -1,4 +1,4 @@
-"""Data: the embedded digits, ADM's centre crop and the VAE latent path."""
+"""Data: the embedded digits, Fashion-MNIST from its idx files, ADM's centre crop and the VAE latent path."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from PIL import Image
 
 from ard.data import center_crop_arr, image_folder, load_digits, to_uint8
 from ard.vae import VAE_SCALE, load_vae, vae_decode, vae_encode
+from helpers import run_script, write_fashion_idx
 
 
 def test_digits_are_real_scaled_and_split_without_overlap():
@@ -75,3 +76,40 @@ def test_vae_path_encodes_and_decodes_with_a_local_tiny_autoencoder(tmp_path):
 def test_missing_vae_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot load the VAE"):
         load_vae(str(tmp_path / "no-such-vae"))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_is_read_from_its_idx_files_gzipped_or_not(tmp_path, gz):
+    from ard.data import load_fashion_mnist
+
+    written = write_fashion_idx(tmp_path, gz=gz)
+    for split in ("train", "test"):
+        x, y = load_fashion_mnist(split, dirs=(str(tmp_path),))
+        assert x.shape == (len(written[split][0]), 1, 28, 28) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
+        assert np.array_equal(to_uint8(x)[..., 0], written[split][0])  # quantised back, the very pixels written
+        assert np.array_equal(y.numpy(), written[split][1])
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    from ard.cli import MissingFileError
+    from ard.data import find_fashion_mnist
+
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(MissingFileError, match="apt-get install dataset-fashion-mnist"):
+        find_fashion_mnist(dirs=(str(tmp_path / "none"),))
+    write_fashion_idx(tmp_path)
+    assert find_fashion_mnist() == str(tmp_path)  # FASHION_MNIST_DIR is looked in first
+
+
+def test_teacher_trains_on_fashion_mnist_and_the_gan_stage_reads_it(tmp_path, monkeypatch):
+    from ard.checkpoints import load_checkpoint
+    from ard.gan import real_images
+
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "fashion"))
+    written = write_fashion_idx(tmp_path / "fashion")
+    run_script(["train.py", "--data", "fashion", "--model", "DiT-T/4", "--global-batch-size", "8", "--max-steps", "2",
+                "--run-dir", str(tmp_path / "run")])
+    config = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000002.pt"))["config"]
+    assert (config["data"], config["input_size"], config["in_channels"], config["num_classes"]) == ("fashion", 28, 1, 10)
+    x, y = next(real_images("fashion", 28, 8, 0, 0, 1, 0, 1, 0))
+    assert x.shape == (8, 1, 28, 28) and set(y.tolist()) <= set(written["train"][1].tolist())

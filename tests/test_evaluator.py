@@ -146,10 +146,10 @@ def test_missing_inception_weights_say_how_to_get_them(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_net():
-    from evaluator.digits_net import test_accuracy, train_digits_net
+    from evaluator.feature_net import test_accuracy, train_feature_net
 
-    net = train_digits_net(epochs=15)
-    return net, test_accuracy(net)
+    net = train_feature_net("digits", epochs=15)
+    return net, test_accuracy(net, "digits")
 
 
 def test_digits_feature_network_classifies_held_out_digits(digits_net):
@@ -157,14 +157,14 @@ def test_digits_feature_network_classifies_held_out_digits(digits_net):
 
 
 def test_digits_fid_is_small_between_real_halves_and_large_against_noise(digits_net):
-    from evaluator.digits_net import digits_features, digits_uint8
+    from evaluator.feature_net import features, real_uint8
 
     net = digits_net[0]
-    images, _ = digits_uint8("all")
+    images, _ = real_uint8("digits", "all")
     perm = np.random.default_rng(0).permutation(len(images))
-    a, b = digits_features(net, images[perm[:900]])[0], digits_features(net, images[perm[900:]])[0]
+    a, b = features(net, images[perm[:900]])[0], features(net, images[perm[900:]])[0]
     noise = np.random.default_rng(1).integers(0, 256, (900, 8, 8, 3), dtype=np.uint8)
-    n = digits_features(net, noise)[0]
+    n = features(net, noise)[0]
     fid_real = frechet_distance(*feature_statistics(a), *feature_statistics(b))
     fid_noise = frechet_distance(*feature_statistics(a), *feature_statistics(n))
     assert fid_noise > 20 * fid_real, (fid_real, fid_noise)
@@ -180,8 +180,8 @@ def test_digits_network_is_the_same_whatever_kernels_the_cpu_runs(tmp_path):
 
     from helpers import ROOT
 
-    code = ("import sys, torch; from evaluator.digits_net import train_digits_net; "
-            "torch.save(train_digits_net(epochs=3).state_dict(), sys.argv[1])")
+    code = ("import sys, torch; from evaluator.feature_net import train_feature_net; "
+            "torch.save(train_feature_net('digits', epochs=3).state_dict(), sys.argv[1])")
     avx2 = dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_CBWR="AVX2")
     nets = []
     for name, extra in (("own", {}), ("avx2", avx2)):
@@ -192,3 +192,24 @@ def test_digits_network_is_the_same_whatever_kernels_the_cpu_runs(tmp_path):
     for key, value in nets[0].items():
         assert value.dtype == torch.float64
         assert (nets[1][key] - value).abs().max() <= 1e-10 * value.abs().max(), key
+
+
+def test_fashion_feature_network_trains_on_idx_files_and_refuses_the_digits_batches(tmp_path, monkeypatch):
+    from ard.cli import UserError
+    from evaluator.__main__ import evaluate_embedded
+    from evaluator.feature_net import features, train_feature_net
+    from helpers import run_script, write_fashion_idx
+
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "fashion"))
+    written = write_fashion_idx(tmp_path / "fashion", n_train=128, n_test=64)
+    net = train_feature_net("fashion", epochs=1)
+    feats, logits = features(net, np.repeat(written["test"][0][..., None], 3, axis=-1))
+    assert feats.shape == (64, 128) and logits.shape == (64, 10) and feats.dtype == np.float64
+    run_script(["-m", "evaluator.train_feature_net", "--data", "fashion", "--epochs", "1", "--out", str(tmp_path / "net.pt")])
+    run_script(["-m", "evaluator.make_reference", "--data", "fashion", "--split", "test", "--out", str(tmp_path / "ref.npz")])
+    with np.load(tmp_path / "ref.npz") as ref:
+        batch = {k: ref[k] for k in ref.files}
+    figures = evaluate_embedded(batch, batch, str(tmp_path / "net.pt"), "fashion")
+    assert abs(figures["fid"]) < 1e-6 and figures["class_accuracy"] >= 0
+    with pytest.raises(UserError, match="feature network of fashion"):
+        evaluate_embedded(batch, batch, str(tmp_path / "net.pt"), "digits")

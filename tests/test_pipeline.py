@@ -62,11 +62,12 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
 
 def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_step(tmp_path):
     from experiments import digits as pipeline
+    from experiments.pipeline import ROOT as root
     from experiments.stage_runner import StageRunner
 
     args = pipeline.parse_args(["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")])
     b, est = pipeline.BUDGETS["default"], pipeline.ESTIMATES["default"]
-    p = StageRunner(str(tmp_path / "run"), pipeline.ROOT)
+    p = StageRunner(str(tmp_path / "run"), root)
     rows, _, _ = pipeline.declare(p, b, est, args)
     short = [r for r in rows if r[4] in ("k4_n0_short", f"k4_n{pipeline.HISTORY_LAYERS}_short")]
     assert len(short) == 6 and all(r[3].endswith(f"{b['headroom_steps']:07d}.pt") for r in short)
@@ -76,3 +77,24 @@ def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_ste
         every = int(stage.args[stage.args.index("--ckpt-every") + 1])
         assert b["headroom_steps"] % every == 0  # so the headroom checkpoint is written
     assert "history_probe_short" in p.stages
+
+
+def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(tmp_path):
+    from experiments import fashion
+    from experiments.pipeline import ROOT as root
+    from experiments.stage_runner import StageRunner
+
+    args = fashion.parse_args(["--seeds", "3", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")])
+    p = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = fashion.declare(p, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args)
+    groups = {r[4] for r in rows}
+    n = fashion.FASHION.history_layers
+    assert {"k4_n0_state", f"k4_n{n}_state", "k4_n0_x0", f"k4_n{n}_x0", "k4_n0_state_gan", f"k4_n{n}_state_gan"} <= groups
+    assert {f"teacher_ddim{k}" for k in (2, 3, 4, 5, 8, 16, 25)} <= groups and "teacher_ddim25_s1" in groups
+    assert sum(r[4] == "k4_n0_x0" for r in rows) == 3  # one row per seed
+    teacher = p.stages["teacher"].args
+    assert teacher[teacher.index("--data") + 1] == "fashion" and teacher[teacher.index("--model") + 1] == "DiT-T/4"
+    gan = p.stages["student_gan_k4_n0_state_s0"].args
+    assert gan[gan.index("--data") + 1] == "fashion"  # the GAN stage's real images are the teacher's data
+    evaluation = p.stages["eval_k4_n0_x0_s0"].args
+    assert evaluation[evaluation.index("--features") + 1] == "fashion" and "history_probe" in p.stages

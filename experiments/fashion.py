@@ -1,0 +1,108 @@
+"""ARD on Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes), end to end, as the project's
+own scripts run it: does what the digits showed (4 tokens a step) hold with 49 tokens a step?
+
+    teacher (train.py --data fashion, DiT-T/4: 7x7 = 49 tokens) -> trajectories (DDIM 25, CFG 1.5) -> 4-step students,
+    step distillation (N = 0) and ARD (N = 3), with the state target and with the x0 target, and the GAN stage on both
+    state students -> samples -> figures against the 10,000 test images and against the teacher's own samples, with
+    the Fashion-MNIST feature network -> the history probe -> the teacher at 2 to 25 steps -> tables.
+
+    python -m experiments.fashion             # one seed of each student (about 3 hours on 2 CPU cores)
+    python -m experiments.fashion --seeds 3   # three (for a GPU)
+    python -m experiments.fashion --quick     # every stage with tiny budgets (a smoke test)
+
+It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS: `apt-get install dataset-fashion-mnist` on
+Debian). Finished stages are reused when the command is run again; an interrupted training stage resumes from its
+last checkpoint; on SIGTERM the running stages save their work and the job exits with status 75.
+"""
+
+import argparse
+import os
+
+from ard import cli
+from ard.cli import positive_int
+from experiments import pipeline, report
+from experiments.pipeline import Setting
+
+BUDGETS = {
+    "quick": dict(teacher_steps=20, trajectories=64, student_steps=6, samples=64, gan_steps=4, gan_warmup=2, val_count=16,
+                  teacher_batch=16, student_batch=8, net_epochs=1, cost_batch=16, bootstrap=5, real_train=500, sample_batch=64),
+    "default": dict(teacher_steps=4000, trajectories=5000, student_steps=1000, samples=2000, gan_steps=100, gan_warmup=30,
+                    val_count=500, teacher_batch=128, student_batch=32, net_epochs=8, cost_batch=200, bootstrap=100,
+                    real_train=10000, sample_batch=250),
+}
+# DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks see the history.
+FASHION = Setting(data="fashion", model="DiT-T/4", history_layers=3, teacher_lr=1e-3, teacher_ema=0.999, student_lr=2e-3,
+                  real="the 10,000 Fashion-MNIST test images", real_train="Real Fashion-MNIST, 10,000 training images (reference floor)",
+                  net="fashion_net")
+TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at these step counts
+
+# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
+# fast this machine turns out to be.
+ESTIMATES = {
+    "quick": dict(teacher=10, net=30, reference=5, trajectories=8, student=8, gan=8, sample=5, sample_teacher25=8, eval=5, probe=6),
+    "default": dict(teacher=2400, net=600, reference=10, trajectories=700, student=1500, gan=400, sample=20,
+                    sample_teacher25=250, eval=30, probe=120),
+}
+
+
+def declare(p, b, est, args):
+    """Every stage, declared on the runner p; returns (the table's rows, {row: its figures' path}, the real training
+    images' figures' path)."""
+    s = FASHION
+    teacher, ref, net, traj = pipeline.prepare(p, s, b, est)
+    rows = []
+    seeds = list(range(args.seeds))
+    for target in ("state", "x0"):
+        for seed in seeds:
+            for n in (0, s.history_layers):
+                name = f"k4_n{n}_{target}_s{seed}"
+                rows.append((name, 4, "student", pipeline.student_stage(p, s, b, est, name, traj, teacher, n, seed, target),
+                             f"k4_n{n}_{target}"))
+    for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
+        for n in (0, s.history_layers):
+            name = f"k4_n{n}_state_s{seed}"
+            rows.append((f"gan_{name}", 4, "student", pipeline.gan_stage(p, s, b, est, name, traj, teacher, n, seed),
+                         f"k4_n{n}_state_gan"))
+    steps = [2, 4, 25] if args.quick else TEACHER_STEPS
+    rows += [(f"teacher_ddim{n}", n, "teacher", teacher, f"teacher_ddim{n}") for n in steps]
+    rows.append(("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1"))  # other noises: the teacher-fidelity floor
+    figures_of = pipeline.evaluate(p, s, b, rows, ref, net, est)
+    real = pipeline.evaluate_real_train(p, s, ref, net, est)
+    pipeline.history_probe(p, s, b, est, rows, traj, os.path.join(args.assets_dir, "fashion_history_probe.png"))
+    return rows, figures_of, real
+
+
+def figures(p, rows, results, args):
+    """The docs' figures: a grid of samples (same noise and classes, one row per model), the held-out MSE during
+    distillation, the GAN stage's logged figures, and FID against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    s, n = FASHION, FASHION.history_layers
+    shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
+             ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
+             ("k4_n0_x0_s0", "Step distillation, x0 target"), (f"k4_n{n}_x0_s0", f"ARD (N={n}), x0 target"),
+             (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps")]
+    report.samples_figure(p, os.path.join(args.assets_dir, "fashion_samples.png"), shown)
+    report.val_mse_figure(s, p, os.path.join(args.assets_dir, "fashion_val_mse.png"))
+    report.gan_figure(s, p, os.path.join(args.assets_dir, "fashion_gan.png"))
+    report.fid_steps_figure(s, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png"))
+
+
+def main(args):
+    p = pipeline.runner(args, "fashion")
+    b, est = BUDGETS["quick" if args.quick else "default"], ESTIMATES["quick" if args.quick else "default"]
+    rows, figures_of, real = declare(p, b, est, args)
+    pipeline.finish(p, FASHION, b, args, rows, figures_of, real, f"{args.seeds} seed(s)",
+                    draw=lambda results: figures(p, rows, results, args))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds of each student (one on 2 CPU cores; three on a GPU)")
+    pipeline.add_arguments(parser, "fashion")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    cli.run(main, parse_args)
