@@ -2,7 +2,6 @@
 (--resume auto) finishes the job exactly as an uninterrupted run, a full disk loses nothing, and logs meant for files
 carry neither carriage returns nor colour codes. Real processes, real signals."""
 
-import errno
 import hashlib
 import os
 import random
