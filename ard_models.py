@@ -20,7 +20,7 @@ step distillation: every step sees only its own input.
 import torch
 import torch.nn as nn
 
-from models import DiTBackbone, FinalLayer, KVCache, init_dit_weights, registry, unpatchify
+from models import DiTBackbone, FinalLayer, KVCache, StaticKVCache, init_dit_weights, registry, unpatchify
 
 
 def block_causal_mask(num_steps, tokens_per_step, device=None):
@@ -97,13 +97,16 @@ class ARD(DiTBackbone):
     def sample(self, noise, y, feedback=None):
         """K steps from noise (B, C, H, W), each prediction fed back as the next input. Returns the whole
         predicted trajectory (B, K, C, H, W); [:, -1] is the sample. feedback(k, x), if given, maps step k's
-        prediction to the next step's input (a probe of exposure bias perturbs it); the trajectory keeps x."""
-        return self.rollout(noise, y, feedback)
+        prediction to the next step's input (a probe of exposure bias perturbs it); the trajectory keeps x.
+        The history blocks' keys and values go to caches preallocated for the K steps (StaticKVCache)."""
+        capacity = self.num_steps * self.x_embedder.num_patches
+        return self.rollout(noise, y, feedback, cache=lambda: StaticKVCache(capacity))
 
-    def rollout(self, noise, y, feedback=None):
+    def rollout(self, noise, y, feedback=None, cache=KVCache):
         """`sample` with gradients: the same K steps, where each step's input is the previous prediction itself,
-        so a loss on the sample reaches every step's head and every earlier step (the GAN stage's fake)."""
-        caches = [KVCache() for _ in range(self.history_layers)]
+        so a loss on the sample reaches every step's head and every earlier step (the GAN stage's fake). `cache`
+        makes each history block's KV cache."""
+        caches = [cache() for _ in range(self.history_layers)]
         x, trajectory = noise, []
         for k in range(self.num_steps):
             tokens = self.embed(x[:, None])  # (B, 1, L, D): this step's tokens only

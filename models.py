@@ -104,6 +104,27 @@ class KVCache:
         return self.k, self.v
 
 
+class StaticKVCache:
+    """A KVCache in buffers allocated once for `capacity` tokens: `append` writes the new keys in place and returns
+    views of everything so far, so a sampler allocates nothing per step and its tensors keep their addresses (what a
+    captured CUDA graph replays). For sampling only: with autograd, the in-place writes would overwrite keys that an
+    earlier step saved for its backward pass."""
+
+    def __init__(self, capacity):
+        self.capacity, self.length, self.k, self.v = capacity, 0, None, None
+
+    def append(self, k, v):  # k, v: (B, heads, T_new, head_dim)
+        if self.k is None:
+            B, H, _, Dh = k.shape
+            self.k, self.v = k.new_empty(B, H, self.capacity, Dh), v.new_empty(B, H, self.capacity, Dh)
+        end = self.length + k.shape[2]
+        assert end <= self.capacity, f"{end} tokens exceed the cache's {self.capacity}"
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with timm's parameter names (`qkv`, `proj`), an optional mask and KV cache."""
 

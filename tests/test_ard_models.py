@@ -33,6 +33,17 @@ def test_sample_matches_teacher_forced_forward(K, N, patch):
     torch.testing.assert_close(forced, traj, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("K,N,patch", CASES)
+def test_the_preallocated_kv_cache_samples_bit_for_bit_what_the_growing_one_does(K, N, patch):
+    from models import KVCache
+
+    model = student(K=K, N=N, patch=patch)
+    noise, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 4, 0])
+    with torch.no_grad():
+        growing = model.rollout(noise, y, cache=KVCache)
+    assert torch.equal(model.sample(noise, y), growing)
+
+
 def perturb_each_step(model, K):
     """Yields (j, outputs, outputs with input step j perturbed) for every step j."""
     x, y = torch.randn(2, K, 3, 8, 8), torch.tensor([0, 3])
