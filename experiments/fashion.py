@@ -31,7 +31,7 @@ BUDGETS = {
                     real_train=10000, sample_batch=250),
 }
 # DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks see the history.
-FASHION = Setting(data="fashion", model="DiT-T/4", history_layers=3, teacher_lr=1e-3, teacher_ema=0.999, student_lr=2e-3,
+FASHION = Setting(data="fashion", model="DiT-T/4", history_layers=3, teacher_lr=2e-3, teacher_ema=0.999, student_lr=2e-3,
                   real="the 10,000 Fashion-MNIST test images", real_train="Real Fashion-MNIST, 10,000 training images (reference floor)",
                   net="fashion_net")
 TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at these step counts
@@ -40,8 +40,8 @@ TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at the
 # fast this machine turns out to be.
 ESTIMATES = {
     "quick": dict(teacher=10, net=30, reference=5, trajectories=8, student=8, gan=8, sample=5, sample_teacher25=8, eval=5, probe=6),
-    "default": dict(teacher=2400, net=600, reference=10, trajectories=700, student=1500, gan=400, sample=20,
-                    sample_teacher25=250, eval=30, probe=120),
+    "default": dict(teacher=1850, net=600, reference=15, trajectories=340, student=1000, gan=300, sample=40,
+                    sample_teacher25=350, eval=40, probe=120),
 }
 
 
