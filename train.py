@@ -99,7 +99,7 @@ def main(args):
     run.logger.info(f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}")
 
     def save(done):
-        # The data position and the random state are functions of the step (see StepBatchSampler, seeding.py).
+        # The data position and the random state are functions of the step (see StepBatchSampler, ard/seeding.py).
         run.save(done, {**trainer.state_dict(), "config": config,
                         "data": {"epoch": done // sampler.steps_per_epoch, "batch_in_epoch": done % sampler.steps_per_epoch},
                         "rng": {"scheme": "seeded per (global_seed, step, rank)", "global_seed": args.global_seed}})

@@ -9,7 +9,7 @@ stage (--gan).
     python train_ard.py --gan --init-ckpt RUN/checkpoints/0001200.pt --traj ... --teacher-ckpt ... --max-steps 600
 
 The student is built from the teacher (model key and shapes from the teacher's checkpoint), with one input
-per boundary but the last; see trajectory_store.py for solver steps and targets. The loss is the mean over
+per boundary but the last; see ard/trajectory_store.py for solver steps and targets. The loss is the mean over
 the K steps of each step's MSE against its target. As in train.py, all randomness of a step is seeded by
 (seed, step, rank) and the data order is a function of the step, so --resume continues exactly.
 """

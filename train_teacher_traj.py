@@ -1,5 +1,5 @@
 """Runs the teacher's deterministic ODE solver and writes its trajectories to a trajectory store
-(see trajectory_store.py for the format).
+(see ard/trajectory_store.py for the format).
 
     python train_teacher_traj.py --ckpt runs/digits/teacher/checkpoints/0003000.pt --out runs/digits/traj
     torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt DiT-XL-2-256x256.pt --out /data/ard/traj \

@@ -3,7 +3,7 @@
 ARD's second stage adds an adversarial loss to the regression loss, with the frozen teacher as the feature
 network and one light head per teacher block (the paper's elements). The public code's GAN functions are
 missing; what the heads see, at which noise levels, and how the two losses are balanced is our design, after
-ADD/LADD's feature discriminators and what failed on the digits (see the README's GAN section):
+ADD/LADD's feature discriminators and what failed on the digits (docs/gan.md):
 
   * The fake is the student's own sample: a differentiable rollout of its K steps (ARD.rollout), the way it
     samples, so the adversarial loss sees the errors it accumulates and its gradient reaches every step's head.

@@ -3,7 +3,7 @@ optimised with its EMA copy and optimiser, the per-step data order, checkpoints,
 
 A run lives in one folder: args.json (and args-resume-STEP.json for each resume), log.txt, metrics.jsonl
 (one JSON record per log step, every figure averaged over ranks) and checkpoints/STEP.pt. All the
-randomness of a step is seeded by (seed, step, rank) (seeding.py) and the data order is a function of
+randomness of a step is seeded by (seed, step, rank) (ard/seeding.py) and the data order is a function of
 the step (StepBatchSampler), so a checkpoint holds everything needed to continue exactly.
 """
 

@@ -6,7 +6,7 @@ scripts end to end, with nothing downloaded (random weights, a random SD-VAE-sha
     python -m benchmarks.gpu_check --cpu --out /tmp/gpu_check          # tiny shapes on the CPU (the test suite runs this)
 
 Writes OUT/gpu_check.json (every figure, written after each section, so a run cut short keeps what it measured)
-and OUT/gpu_check.md (the table for the README). Sections, in order:
+and OUT/gpu_check.md (the table for docs/performance.md). Sections, in order:
   numerics     KV-cached `sample` against the teacher-forced pass, in bf16 and in fp32; the student's output in
                bf16 against fp32 (the bf16 rounding scale the first is judged by); which SDPA kernels run
   sampling     per-image latency of the 4-step students (N = 0, N = 6) and of the 25-step CFG teacher, at batch 1
