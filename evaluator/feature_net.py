@@ -22,47 +22,32 @@ from ard.cli import MissingFileError, UserError
 from ard.data import EMBEDDED, load_embedded, to_uint8
 
 
-class DigitsNet(nn.Module):
-    """conv 32 - conv 64 - pool - fc 128 (the features) - fc 10 (the logits), on 8x8 grey images."""
+class FeatureNet(nn.Module):
+    """conv 32 - conv 64 - fc 128 (the features) - fc 10 (the logits) on side x side grey images, 2x2 max-pooled after
+    the second convolution (8x8 digits: 4x4 left) or after both (28x28 Fashion-MNIST: 7x7 left)."""
 
-    side, feature_dim = 8, 128
+    feature_dim = 128
 
-    def __init__(self):
+    def __init__(self, side, classes, pools):
         super().__init__()
+        self.side, self.pools = side, pools
         self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 4 * 4, self.feature_dim)
-        self.fc2 = nn.Linear(self.feature_dim, EMBEDDED["digits"][1])
+        self.fc1 = nn.Linear(64 * (side // 2**pools) ** 2, self.feature_dim)
+        self.fc2 = nn.Linear(self.feature_dim, classes)
 
     def forward(self, x):
-        """x: (N, 1, 8, 8) in [-1, 1] -> (features (N, 128), logits (N, 10))."""
+        """x: (N, 1, S, S) in [-1, 1] -> (features (N, 128), logits (N, classes))."""
         h = F.relu(self.conv1(x))
+        if self.pools == 2:
+            h = F.max_pool2d(h, 2)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
         features = F.relu(self.fc1(h.flatten(1)))
         return features, self.fc2(features)
 
 
-class FashionNet(nn.Module):
-    """conv 32 - pool - conv 64 - pool - fc 128 (the features) - fc 10 (the logits), on 28x28 grey images."""
-
-    side, feature_dim = 28, 128
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 7 * 7, self.feature_dim)
-        self.fc2 = nn.Linear(self.feature_dim, EMBEDDED["fashion"][1])
-
-    def forward(self, x):
-        """x: (N, 1, 28, 28) in [-1, 1] -> (features (N, 128), logits (N, 10))."""
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, 32, 14, 14)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (N, 64, 7, 7)
-        features = F.relu(self.fc1(h.flatten(1)))
-        return features, self.fc2(features)
-
-
-NETS = {"digits": DigitsNet, "fashion": FashionNet}
+NETS = {"digits": dict(side=8, classes=EMBEDDED["digits"][1], pools=1),
+        "fashion": dict(side=28, classes=EMBEDDED["fashion"][1], pools=2)}
 # Training: epochs, batch size, the largest random shift in pixels (shape, not exact position, should make a feature).
 TRAINING = {"digits": dict(epochs=40, batch_size=64, shift=1), "fashion": dict(epochs=8, batch_size=128, shift=2)}
 
@@ -103,7 +88,7 @@ def train_feature_net(data="digits", epochs=None, seed=0):
 
 def _train(data, epochs, batch_size, shift, seed):
     torch.manual_seed(seed)
-    net = NETS[data]().double()
+    net = FeatureNet(**NETS[data]).double()
     images, labels = real_uint8(data, "train")
     x, y = uint8_to_input(images, net.side), torch.from_numpy(labels)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -136,7 +121,7 @@ def load_feature_net(path):
     data = ckpt.get("data", "digits")
     if data not in NETS:
         raise UserError(f"{path} is a feature network of {data!r}, which this version does not know")
-    net = NETS[data]().double()
+    net = FeatureNet(**NETS[data]).double()
     net.load_state_dict(ckpt["model"])
     return net.eval(), data
 
