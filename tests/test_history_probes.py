@@ -107,3 +107,18 @@ def test_bootstrap_precision_recall_from_distances_computed_once_equals_recomput
     for _ in range(5):
         idx = rng.integers(0, len(fake), len(fake))
         assert fast(idx) == precision_recall(real, fake[idx], k=3)  # the same order statistics, exactly
+
+
+def test_paired_bootstrap_degradation_ratio_is_one_for_identical_students_and_holds_its_point_estimate():
+    from experiments.degradation import paired_ratios
+
+    rng = np.random.default_rng(0)
+    real, teacher, floor = rng.normal(size=(300, 6)), rng.normal(0.1, 1, (300, 6)), rng.normal(0.1, 1, (300, 6))
+    student = rng.normal(0.5, 1.2, (300, 6))
+    point, draws = paired_ratios(real, teacher, floor, student, student, resamples=20)
+    assert np.allclose(point, 1.0) and np.allclose(draws, 1.0)  # the same student twice: no difference, ratio 1
+    worse = rng.normal(0.8, 1.4, (300, 6))  # ARD further from the teacher than step distillation: ratio below 1
+    point, draws = paired_ratios(real, teacher, floor, student, worse, resamples=50)
+    assert point[0] < 1 and point[1] < 1 and draws.shape == (50, 2)
+    lo, hi = np.percentile(draws[:, 1], [2.5, 97.5])
+    assert lo <= point[1] <= hi
