@@ -59,8 +59,12 @@ class ARD(DiTBackbone):
         return self._masks[key]
 
     def conditioning(self, y, steps):
-        """c for the given steps: (B, len(steps), D), the step's timestep embedding plus the class embedding."""
-        t_emb = self.t_embedder(self.timesteps[steps])  # (S, D)
+        """c for the given consecutive steps: (B, len(steps), D), the step's timestep embedding plus the class
+        embedding. The timesteps are sliced, not indexed by a list (which would copy the index to the device at every
+        step, out of a captured CUDA graph's reach)."""
+        first, last = steps[0], steps[-1]
+        assert list(steps) == list(range(first, last + 1)), f"steps must be consecutive, got {steps}"
+        t_emb = self.t_embedder(self.timesteps[first : last + 1])  # (S, D)
         y_emb = self.y_embedder(y, train=False)  # (B, D)
         return t_emb[None] + y_emb[:, None]
 

@@ -22,7 +22,7 @@ from ard.checkpoints import load_model
 from ard.cli import UserError, check_output_path, non_negative_int, positive_int
 from ard.data import save_grid
 from ard.vae import load_vae, vae_decode
-from diffusion.sampling import add_sampler_arguments, sample_fn
+from diffusion.sampling import add_graph_argument, add_sampler_arguments, check_graph_device, sample_fn
 
 
 def grid_labels(args, num_classes):
@@ -37,13 +37,14 @@ def grid_labels(args, num_classes):
 def main(args):
     torch.set_grad_enabled(False)
     device = dist_util.setup(args.precision, args.device)
+    check_graph_device(args, device)
     check_output_path(args.out, "--out")
 
     # Load model:
     model, config = load_model(args.ckpt, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
     generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
-                         args.guidance_interval)
+                         args.guidance_interval, args.cuda_graph)
 
     # Sample:
     labels = grid_labels(args, config["num_classes"])
@@ -69,6 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", type=str, required=True,
                         help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or DiT-XL-2-256x256.pt)")
     add_sampler_arguments(parser, note="teachers only: ")
+    add_graph_argument(parser)
     parser.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None, help="labels to sample (default: every class)")
     parser.add_argument("--per-class", type=positive_int, default=8, help="samples per class when the classes are few")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the grid's noise")

@@ -32,7 +32,7 @@ from ard.preemption import Preempted, StopRequest, add_stop_argument
 from ard.seeding import EVALUATION_STREAM, per_index_noise
 from ard.trajectory_store import shard_ranges
 from ard.vae import VAE_DOWNSAMPLE, load_vae, vae_decode
-from diffusion.sampling import add_sampler_arguments, sample_fn
+from diffusion.sampling import add_graph_argument, add_sampler_arguments, check_graph_device, sample_fn
 
 
 def run_settings(args, ckpt_sha256, student):
@@ -87,6 +87,7 @@ def main(args):
     # Setup DDP (a stop signal from here on keeps every complete chunk):
     stop = StopRequest(args.stop_signals)
     device = dist_util.setup(args.precision)
+    check_graph_device(args, device)
     rank = dist_util.rank()
     torch.set_grad_enabled(False)
     check_output_path(args.out, "--out")
@@ -96,7 +97,7 @@ def main(args):
     model, config = load_model(ckpt_path, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
     generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
-                         args.guidance_interval)
+                         args.guidance_interval, args.cuda_graph)
     settings = run_settings(args, dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None), config["kind"] == "ard")
     chunk_dir = f"{args.out}.chunks"
     start_or_resume(os.path.join(chunk_dir, "settings.json"), settings, f"the chunk folder {chunk_dir}",
@@ -148,6 +149,7 @@ def parse_args(argv=None):
     parser.add_argument("--per-proc-batch-size", type=positive_int, default=250, help="images per model batch, per process")
     parser.add_argument("--chunk-size", type=positive_int, default=1000, help="images per resumable chunk")
     add_sampler_arguments(parser, note="teachers only: ")
+    add_graph_argument(parser)
     parser.add_argument("--vae", type=str, default=None, help="override the checkpoint's VAE (latent models)")
     parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of every sample's label and noise")
     parser.add_argument("--label-seed", type=non_negative_int, default=None,

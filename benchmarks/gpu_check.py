@@ -9,8 +9,9 @@ Writes OUT/gpu_check.json (every figure, written after each section, so a run cu
 and OUT/gpu_check.md (the table for docs/performance.md). Sections, in order:
   numerics     KV-cached `sample` against the teacher-forced pass, in bf16 and in fp32; the student's output in
                bf16 against fp32 (the bf16 rounding scale the first is judged by); which SDPA kernels run
-  sampling     per-image latency of the 4-step students (N = 0, N = 6) and of the 25-step CFG teacher, at batch 1
-               and a large batch, in bf16 autocast and in TF32, timed with CUDA events after warm-up
+  sampling     per-image latency of the 4-step students (N = 0, N = 6) and of the 25-step CFG teacher, at batch 1,
+               8 and 256, in bf16 autocast and in TF32, eager and replayed from a CUDA graph, timed with CUDA
+               events after warm-up
   training     a distillation step (forward, backward, AdamW, EMA) at the largest power-of-two batch that fits:
                trajectories per second, peak memory, achieved TFLOPs (FLOPs counted on `meta`) and share of the peak
   trajectories the teacher's trajectory writing rate (DDIM 25, CFG 1.5, bf16)
@@ -36,6 +37,7 @@ from ard.checkpoints import build_model, save_checkpoint, student_config, teache
 from ard.cli import positive_int
 from ard.cost import count_flops
 from ard.fileio import write_json
+from ard.graphs import CapturedSampler
 from ard.training import Trainer
 from diffusion.sampling import TeacherSampler
 from models import randomise_weights
@@ -158,31 +160,41 @@ def sdpa_kernels(student, noise, y, device):
 
 
 def sampling(m, teacher, students, device, clock):
-    """Per-image latency of each sampler at batch 1 and the large batch, in bf16 and TF32."""
+    """Per-image latency of each sampler at batch 1, 8 and the large batch, in bf16 and TF32, eager and (on a GPU)
+    replayed from a CUDA graph (ard.graphs.CapturedSampler: recorded on the first warm-up call)."""
     rows = []
+    graphs = ("eager", "captured") if device.type == "cuda" else ("eager",)
     for prec in ("bf16", "tf32"):
-        for batch in (1, m["batch"]):
+        for batch in sorted({1, 8, m["batch"]}):
             noise, y = inputs(m, batch, device)
-            sampler = TeacherSampler(teacher, dict(space="latent"), "ddim", 25, 1.5)
-            runs = [(f"student N=0, {m['K']} steps", lambda: students[0].sample(noise, y)),
-                    (f"student N={m['N']}, {m['K']} steps", lambda: students[m["N"]].sample(noise, y)),
-                    ("teacher DDIM 25, CFG 1.5", lambda: sampler(noise, y))]
+            teacher_sampler = TeacherSampler(teacher, dict(space="latent"), "ddim", 25, 1.5)
+            runs = [(f"student N=0, {m['K']} steps", lambda n, y: students[0].sample(n, y)),
+                    (f"student N={m['N']}, {m['K']} steps", lambda n, y: students[m["N"]].sample(n, y)),
+                    ("teacher DDIM 25, CFG 1.5", teacher_sampler)]
             for name, fn in runs:
-                long = "teacher" in name and batch > 1  # seconds per call: two timed calls after one warm-up
-                with torch.no_grad(), precision(prec):
-                    seconds = clock(fn, repeats=2 if long else 5, warmup=1 if long else 2)
-                rows.append(dict(model=name, precision=prec, batch=batch, ms_per_batch=1000 * seconds, ms_per_image=1000 * seconds / batch))
+                for graph in graphs:
+                    run = CapturedSampler(fn) if graph == "captured" else fn
+                    long = "teacher" in name and batch > 8  # seconds per call: two timed calls after one warm-up
+                    with torch.no_grad(), precision(prec):
+                        seconds = clock(lambda: run(noise, y), repeats=2 if long else 5, warmup=1 if long else 2)
+                    rows.append(dict(model=name, precision=prec, batch=batch, graph=graph, ms_per_batch=1000 * seconds,
+                                     ms_per_image=1000 * seconds / batch))
+                    del run
     return rows
 
 
 def summarise_sampling(rows, m):
-    """The ratios the targets are about: ARD over step distillation, and the teacher over ARD, per image."""
-    get = lambda name, prec, batch: next(r["ms_per_image"] for r in rows if r["model"].startswith(name) and r["precision"] == prec and r["batch"] == batch)  # noqa: E731
+    """The ratios the targets are about: ARD over step distillation, and the teacher over ARD, per image, for each
+    precision, batch and way of running (both samplers eager, or both captured)."""
+    def get(name, prec, batch, graph):
+        return next(r["ms_per_image"] for r in rows if r["model"].startswith(name) and r["precision"] == prec
+                    and r["batch"] == batch and r["graph"] == graph)
+
     out = {}
-    for prec in ("bf16", "tf32"):
-        for batch in (1, m["batch"]):
-            ard, sd, teacher = (get(f"student N={m['N']}", prec, batch), get("student N=0", prec, batch), get("teacher", prec, batch))
-            out[f"{prec}_batch{batch}"] = {"ard_over_sd": ard / sd, "teacher_over_ard": teacher / ard}
+    for prec, batch, graph in sorted({(r["precision"], r["batch"], r["graph"]) for r in rows}):
+        ard, sd, teacher = (get(f"student N={m['N']}", prec, batch, graph), get("student N=0", prec, batch, graph),
+                            get("teacher", prec, batch, graph))
+        out[f"{prec}_batch{batch}_{graph}"] = {"ard_over_sd": ard / sd, "teacher_over_ard": teacher / ard}
     return out
 
 
@@ -421,8 +433,9 @@ def markdown(report):
     lines.append(f"Device: {report['device']} (PyTorch {report['torch']}). Model {m['model']}, latents 4x{m['latent']}x{m['latent']}, "
                  f"K = {m['K']}, N = {m['N']}; random weights.\n")
     if "sampling" in report:
-        lines += ["| sampler | precision | batch | ms / batch | ms / image |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['precision']} | {r['batch']} | {r['ms_per_batch']:.2f} | {r['ms_per_image']:.3f} |" for r in report["sampling"]]
+        lines += ["| sampler | precision | batch | run | ms / batch | ms / image |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['precision']} | {r['batch']} | {r['graph']} | {r['ms_per_batch']:.2f} | {r['ms_per_image']:.3f} |"
+                  for r in report["sampling"]]
         lines += [""] + [f"- {k}: ARD / step distillation {v['ard_over_sd']:.3f}, teacher / ARD {v['teacher_over_ard']:.2f}"
                          for k, v in report["sampling_ratios"].items()] + [""]
     if "training" in report:

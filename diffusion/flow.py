@@ -23,6 +23,7 @@ update with the model's x0 and eps predictions: (1 - s') x0 + s' eps = x_s + (s'
 
 import math
 
+import numpy as np
 import torch
 
 from .ode import FINAL_TIMESTEP
@@ -41,7 +42,9 @@ class FlowMatching:
             raise ValueError(f"noise_at must be 0 or 1, got {noise_at}")
         self.noise_at, self.time_scale = float(noise_at), float(time_scale)
         self.num_timesteps = num_steps
-        self.levels = None if num_steps is None else torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        # The noise level of each solver state, as host floats (torch.linspace's float64 values): a sampler's steps
+        # read them without touching a tensor.
+        self.levels = None if num_steps is None else torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
 
     # The model's time and the noise level:
     def model_time(self, s):
@@ -57,7 +60,7 @@ class FlowMatching:
 
     def model_times(self):
         """The model time of each solver state but the last, the noise first: S values."""
-        return [float(self.model_time(float(s))) for s in self.levels[:-1]]
+        return [float(self.model_time(s)) for s in self.levels[:-1]]
 
     # The interpolant:
     def q_sample(self, x0, s, noise):
@@ -67,7 +70,10 @@ class FlowMatching:
 
     def velocity(self, model_fn, x, s, model_kwargs):
         """dx/ds of the model at state x and noise level s (a float): the first C output channels, in our sign."""
-        t = torch.full((x.shape[0],), float(self.model_time(s)), device=x.device, dtype=x.dtype)
+        time = float(self.model_time(s))
+        t = torch.full((x.shape[0],), time, device=x.device, dtype=x.dtype)
+        if hasattr(model_fn, "at_time"):  # see guided_model_fn: the time as t holds it, rounded on the host
+            model_fn = model_fn.at_time(float(np.float32(time)) if t.dtype == torch.float32 else time)
         out = model_fn(x, t, **model_kwargs)[:, : x.shape[1]]
         return out if self.noise_at == 1.0 else -out
 
@@ -102,7 +108,7 @@ def _denoise(flow, model_fn, x, s, model_kwargs, clip_denoised):
 def _integrate(flow, model_fn, noise, model_kwargs, clip_denoised, callback, heun):
     """Euler (heun=False) or Heun over the uniform grid, reporting each state as ode._integrate does."""
     model_kwargs = model_kwargs or {}
-    levels, times = flow.levels.tolist(), flow.model_times()
+    levels, times = flow.levels, flow.model_times()
     x = noise
     for step in range(flow.num_timesteps):
         s, s_next = levels[step], levels[step + 1]

@@ -6,6 +6,7 @@
 
 import enum
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -83,9 +84,24 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
     return np.array(betas)
 
 
+_ON_DEVICE = {}  # (id of a schedule array, device) -> its copy there, dropped when the array is freed
+
+
+def _on_device(arr, device):
+    """The 1-D numpy array `arr` as a tensor on `device`, copied there once: a sampler's later steps then copy nothing
+    from the host, which a captured CUDA graph requires (ard/graphs.py). Schedule arrays are never modified."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(arr)  # shares the array's memory: nothing to copy or cache
+    key = (id(arr), str(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = torch.from_numpy(arr).to(device)
+        weakref.finalize(arr, _ON_DEVICE.pop, key, None)
+    return _ON_DEVICE[key]
+
+
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
     """Values of the 1-D numpy array `arr` at integer `timesteps`, as float32, broadcast to broadcast_shape."""
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    res = _on_device(arr, timesteps.device)[timesteps].float()
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res + torch.zeros(broadcast_shape, device=timesteps.device)
@@ -130,6 +146,10 @@ class GaussianDiffusion:
             if len(self.posterior_variance) > 1
             else np.array([])
         )
+        # The variances p_mean_variance reads, computed once (a sampler's steps then use arrays already on the device).
+        self.log_betas = np.log(betas)
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
@@ -179,7 +199,7 @@ class GaussianDiffusion:
             assert model_output.shape == (B, C * 2, *x.shape[2:])
             model_output, model_var_values = torch.split(model_output, C, dim=1)
             min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+            max_log = _extract_into_tensor(self.log_betas, t, x.shape)
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = model_var_values
             else:
@@ -189,10 +209,7 @@ class GaussianDiffusion:
         else:
             model_variance, model_log_variance = {
                 # For FIXED_LARGE, the initial (log-)variance is set like so to get a better decoder log likelihood.
-                ModelVarType.FIXED_LARGE: (
-                    np.append(self.posterior_variance[1], self.betas[1:]),
-                    np.log(np.append(self.posterior_variance[1], self.betas[1:])),
-                ),
+                ModelVarType.FIXED_LARGE: (self.fixed_large_variance, self.fixed_large_log_variance),
                 ModelVarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
             }[self.model_var_type]
             model_variance = _extract_into_tensor(model_variance, t, x.shape)

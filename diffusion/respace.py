@@ -62,6 +62,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self.timestep_maps = {}  # the map as a tensor, per (device, dtype) it was asked on
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
@@ -72,16 +73,19 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map)
+        return _WrappedModel(model, self.timestep_map, self.timestep_maps)
 
 
 class _WrappedModel:
     """Calls the model with the original timestep of each respaced index."""
 
-    def __init__(self, model, timestep_map):
+    def __init__(self, model, timestep_map, maps):
         self.model = model
         self.timestep_map = timestep_map
+        self.maps = maps  # (device, dtype) -> the map there, copied once per diffusion (no host copy per step)
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        return self.model(x, map_tensor[ts], **kwargs)
+        key = (str(ts.device), ts.dtype)
+        if key not in self.maps:
+            self.maps[key] = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        return self.model(x, self.maps[key][ts], **kwargs)

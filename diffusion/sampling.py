@@ -8,6 +8,7 @@ import argparse
 import torch
 
 from ard.cli import UserError, diffusion_steps, non_negative_float, unit_float
+from ard.graphs import CapturedSampler
 
 from . import create_diffusion
 from .flow import FlowMatching, sample_flow_euler, sample_flow_heun
@@ -47,17 +48,24 @@ def guided_model_fn(model, cfg_scale, legacy_cfg=False, active=None):
     """A model function (x, t, y) -> output on a plain batch, with classifier-free guidance at cfg_scale
     (models.DiT.forward_with_cfg). Scale 1 is the conditional model alone, as in DiT's sample.py. active(t),
     for a float model time, limits guidance to an interval of times (REPA's guidance interval); outside it
-    the conditional model runs alone. A solver feeds every sample of a batch the same time."""
+    the conditional model runs alone. A solver feeds every sample of a batch the same time; one that knows it on
+    the host asks `fn.at_time(t)` for the function of that time (flow.velocity does), so that no step reads the
+    time back from the device (which a captured CUDA graph forbids); called directly, fn reads t[0]."""
     if cfg_scale == 1.0:
         return model
 
-    def fn(x, t, y):
-        if active is not None and not active(float(t[0])):
-            return model(x, t, y)
+    def guided(x, t, y):
         y_null = torch.full_like(y, model.num_classes)
         out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale, legacy_cfg)
         return out[: len(x)]
 
+    if active is None:
+        return guided
+
+    def fn(x, t, y):
+        return fn.at_time(float(t[0]))(x, t, y)
+
+    fn.at_time = lambda t: guided if active(t) else model
     return fn
 
 
@@ -120,12 +128,32 @@ class TeacherSampler:
         return trajectory(self.solver, self.diffusion, self.model_fn, noise, dict(y=y), clip_denoised=self.clip, steps=steps)
 
 
-def sample_fn(model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False, guidance_interval=None):
+def sample_fn(model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False, guidance_interval=None,
+              cuda_graph=False):
     """noise, y -> samples for a model loaded with checkpoints.load_model: a teacher samples with the given
-    sampler and guidance, a student in its own K steps (the other arguments do not apply to it)."""
+    sampler and guidance, a student in its own K steps (the other arguments do not apply to it). cuda_graph=True
+    replays the whole sampler as a CUDA graph recorded per batch shape (ard.graphs.CapturedSampler)."""
     if config["kind"] == "ard":
-        return lambda noise, y: model.sample(noise, y)[:, -1]
-    return TeacherSampler(model, config, sampler, num_steps, cfg_scale, legacy_cfg, guidance_interval)
+        fn = lambda noise, y: model.sample(noise, y)[:, -1]  # noqa: E731
+    else:
+        fn = TeacherSampler(model, config, sampler, num_steps, cfg_scale, legacy_cfg, guidance_interval)
+        if cuda_graph and sampler == "ddpm":
+            raise UserError("ancestral (ddpm) sampling draws new noise at every step, which a replayed graph would "
+                            "repeat: drop --cuda-graph or use ddim or heun")
+    return CapturedSampler(fn) if cuda_graph else fn
+
+
+def add_graph_argument(parser):
+    """--cuda-graph, for the sampling scripts."""
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                        help="record the sampler once per batch shape as a CUDA graph and replay it (GPU only; the same "
+                             "kernels without a Python launch each, for small batches)")
+
+
+def check_graph_device(args, device):
+    """One sentence, before any model is loaded, when --cuda-graph cannot run on the device."""
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda-graph replays CUDA graphs and needs a CUDA device, not {device.type}: drop it")
 
 
 def add_sampler_arguments(parser, flag="--sampler", choices=SAMPLERS, note=""):
