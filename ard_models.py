@@ -29,12 +29,22 @@ def block_causal_mask(num_steps, tokens_per_step, device=None):
     return step[None, :] <= step[:, None]
 
 
+# How the teacher-forced pass computes the history blocks' block-causal attention (the same function either way):
+# "mask": one attention over the K*L tokens with a boolean mask (the reference; SDPA's flash kernel refuses a mask);
+# "per_step": step k's queries over the keys of steps <= k, one unmasked attention per step (flash-eligible).
+HISTORY_ATTENTION = ("mask", "per_step")
+
+
 class ARD(DiTBackbone):
     """A K-step ARD student on a DiT backbone, with history visible in the lowest `history_layers` blocks.
-    timesteps: the teacher timestep of each input step, t_0 (the noise) first; other arguments: DiTBackbone's."""
+    timesteps: the teacher timestep of each input step, t_0 (the noise) first; history_attention: see
+    HISTORY_ATTENTION (not part of the weights); other arguments: DiTBackbone's."""
 
-    def __init__(self, timesteps, history_layers, **kwargs):
+    def __init__(self, timesteps, history_layers, history_attention="mask", **kwargs):
         super().__init__(**kwargs)
+        if history_attention not in HISTORY_ATTENTION:
+            raise ValueError(f"history_attention must be one of {HISTORY_ATTENTION}, got {history_attention!r}")
+        self.history_attention = history_attention
         timesteps = [float(t) for t in timesteps]
         if len(timesteps) < 1:
             raise ValueError("the student needs at least one step (one timestep)")
@@ -89,10 +99,11 @@ class ARD(DiTBackbone):
         steps = list(range(self.num_steps))
         tokens = self.embed(x)  # (B, K, L, D)
         c = self.conditioning(y, steps)  # (B, K, D)
-        mask = self.attention_mask(x.device) if self.history_layers > 0 else None
+        per_step = self.history_attention == "per_step"
+        mask = self.attention_mask(x.device) if self.history_layers > 0 and not per_step else None
         for i, block in enumerate(self.blocks):
-            if i < self.history_layers:
-                tokens = block(tokens, c, joint=True, attn_mask=mask)  # one sequence of K*L tokens
+            if i < self.history_layers:  # one sequence of K*L tokens, block-causal
+                tokens = block(tokens, c, joint=True, attn_mask=mask, causal=per_step)
             else:
                 tokens = block(tokens, c)  # K independent sequences of L tokens
         return self.predict(tokens, c, steps)

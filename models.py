@@ -136,15 +136,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
+    def forward(self, x, attn_mask=None, kv_cache=None, causal_blocks=None):
         """x: (B, T, D). attn_mask: boolean (T, T_keys), True where attention is allowed.
-        kv_cache: a KVCache whose keys precede these tokens; the new keys are appended to it."""
+        kv_cache: a KVCache whose keys precede these tokens; the new keys are appended to it.
+        causal_blocks=K: the T tokens are K equal blocks and each attends to its own and the earlier blocks (the
+        block-causal mask), computed block by block without a mask, so that each call may take the flash kernel."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, T, head_dim)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if causal_blocks is not None:
+            L = T // causal_blocks
+            x = torch.cat([F.scaled_dot_product_attention(q[:, :, i * L : (i + 1) * L], k[:, :, : (i + 1) * L],
+                                                          v[:, :, : (i + 1) * L]) for i in range(causal_blocks)], dim=2)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -182,19 +189,21 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def attend(self, h, joint, attn_mask, kv_cache):
+    def attend(self, h, joint, attn_mask, kv_cache, causal):
         shape = h.shape
         if joint:
             B, K, L, D = shape
             h = h.reshape(B, K * L, D)
         else:
             h = h.reshape(-1, *shape[-2:])  # (groups, L, D)
-        return self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache).reshape(shape)
+        blocks = shape[1] if causal else None
+        return self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache, causal_blocks=blocks).reshape(shape)
 
-    def forward(self, x, c, joint=False, attn_mask=None, kv_cache=None):
+    def forward(self, x, c, joint=False, attn_mask=None, kv_cache=None, causal=False):
+        """causal=True (with joint=True): each group attends to itself and the earlier groups, without a mask."""
         mod = self.adaLN_modulation(c).unsqueeze(-2)  # (..., 1, 6D): one row per group of tokens
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attend(modulate(self.norm1(x), shift_msa, scale_msa), joint, attn_mask, kv_cache)
+        x = x + gate_msa * self.attend(modulate(self.norm1(x), shift_msa, scale_msa), joint, attn_mask, kv_cache, causal)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 

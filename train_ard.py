@@ -44,6 +44,7 @@ from ard.training import (
 )
 from ard.trajectory_store import BOUNDARY_SCHEDULES, TARGETS, TrajectoryDataset, TrajectoryStore, collate_batch, default_boundaries
 from ard.vae import load_vae, vae_decode
+from ard_models import HISTORY_ATTENTION
 from diffusion.sampling import teacher_flow, teacher_process
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
@@ -162,7 +163,7 @@ def main(args):
     config = student_config(teacher_cfg, dataset.timesteps, args.history_layers, boundaries, args.target,
                             store.manifest["teacher_sha256"], args.gan)
     torch.manual_seed(args.global_seed)
-    student = build_model(config).load_teacher(teacher.state_dict())
+    student = build_model(config, history_attention=args.history_attention).load_teacher(teacher.state_dict())
     if init is not None:
         student.load_state_dict(init["ema"])
     trainer = Trainer(student, device, args.lr, args.weight_decay, args.ema_decay, args.grad_clip, args.compile, state=ckpt,
@@ -250,6 +251,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-ckpt", type=str, required=True, help="the teacher that wrote the store")
     parser.add_argument("--history-layers", "--stack", dest="history_layers", type=non_negative_int, default=6,
                         help="N, the lowest blocks that see the history (0 = step distillation); --stack is the public code's name")
+    parser.add_argument("--history-attention", type=str, choices=list(HISTORY_ATTENTION), default="mask",
+                        help="how training computes the history blocks' block-causal attention (the same function): one "
+                             "masked attention, or one unmasked (flash-eligible on a GPU) attention per step")
     parser.add_argument("--target", type=str, choices=list(TARGETS), default="state",
                         help="history and targets: ODE states x_t, or the teacher's x0 predictions")
     parser.add_argument("--num-steps", type=positive_int, default=None, help="K, the student's steps (default 4, or as --boundaries give)")

@@ -12,7 +12,8 @@ and OUT/gpu_check.md (the table for docs/performance.md). Sections, in order:
   sampling     per-image latency of the 4-step students (N = 0, N = 6) and of the 25-step CFG teacher, at batch 1,
                8 and 256, in bf16 autocast and in TF32, eager and replayed from a CUDA graph, timed with CUDA
                events after warm-up
-  training     a distillation step (forward, backward, AdamW, EMA) at the largest power-of-two batch that fits:
+  training     a distillation step (forward, backward, AdamW, EMA), with the history attention masked and per step,
+               at the largest power-of-two batch that fits:
                trajectories per second, peak memory, achieved TFLOPs (FLOPs counted on `meta`) and share of the peak
   trajectories the teacher's trajectory writing rate (DDIM 25, CFG 1.5, bf16)
   flow         the same weights read as a flow teacher (SiT's convention): Heun-13 trajectory rate, bf16 against fp32
@@ -39,6 +40,7 @@ from ard.cost import count_flops
 from ard.fileio import write_json
 from ard.graphs import CapturedSampler
 from ard.training import Trainer
+from ard_models import HISTORY_ATTENTION
 from diffusion.sampling import TeacherSampler
 from models import randomise_weights
 
@@ -179,7 +181,6 @@ def sampling(m, teacher, students, device, clock):
                         seconds = clock(lambda: run(noise, y), repeats=2 if long else 5, warmup=1 if long else 2)
                     rows.append(dict(model=name, precision=prec, batch=batch, graph=graph, ms_per_batch=1000 * seconds,
                                      ms_per_image=1000 * seconds / batch))
-                    del run
     return rows
 
 
@@ -223,28 +224,34 @@ def dense_peak(device):
 
 
 def training(m, tcfg, students, device, clock):
-    """The distillation step at powers-of-two batches until one does not fit: trajectories/s, peak memory, TFLOPs."""
+    """The distillation step at powers-of-two batches until one does not fit, with each way of computing the history
+    attention (ard_models.HISTORY_ATTENTION): trajectories/s, peak memory, TFLOPs."""
     flops_per_traj, peak = training_flops(m, tcfg, students), dense_peak(device)
-    rows, batch = [], 8 if device.type == "cuda" else 2
-    while batch <= (1024 if device.type == "cuda" else 2):
-        student = students[m["N"]]
-        trainer = Trainer(student.train(), device, lr=1e-4, grad_clip=1.0)
-        try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            seconds = clock(train_step_fn(student, trainer, batch, m, device), repeats=5, warmup=2)
-        except torch.OutOfMemoryError:
-            rows.append(dict(batch=batch, fits=False))
-            break
-        finally:
-            del trainer
-        achieved = flops_per_traj * batch / seconds
-        rows.append(dict(batch=batch, fits=True, trajectories_per_s=batch / seconds, ms_per_step=1000 * seconds,
-                         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                         achieved_tflops=achieved / 1e12, share_of_dense_bf16_peak=achieved / peak if peak else None))
-        batch *= 2
-    students[m["N"]].eval()
+    rows = []
+    student = students[m["N"]]
+    for mode in HISTORY_ATTENTION:
+        student.history_attention = mode
+        batch = 8 if device.type == "cuda" else 2
+        while batch <= (1024 if device.type == "cuda" else 2):
+            trainer = Trainer(student.train(), device, lr=1e-4, grad_clip=1.0)
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = clock(train_step_fn(student, trainer, batch, m, device), repeats=5, warmup=2)
+            except torch.OutOfMemoryError:
+                rows.append(dict(history_attention=mode, batch=batch, fits=False))
+                break
+            finally:
+                del trainer
+            achieved = flops_per_traj * batch / seconds
+            rows.append(dict(history_attention=mode, batch=batch, fits=True, trajectories_per_s=batch / seconds,
+                             ms_per_step=1000 * seconds,
+                             peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                             achieved_tflops=achieved / 1e12, share_of_dense_bf16_peak=achieved / peak if peak else None))
+            batch *= 2
+    student.history_attention = "mask"
+    student.eval()
     return {"flops_per_trajectory": flops_per_traj, "dense_bf16_peak": peak, "batches": rows}
 
 
@@ -409,17 +416,27 @@ def compiled(m, tcfg, students, device, clock, train_batch):
         compile_s = time.time() - start
         out["forward"] = {"batch": m["batch"], "eager_ms": 1000 * clock(lambda: student(x, y)),
                           "compiled_ms": 1000 * clock(lambda: fast(x, y)), "compile_s": compile_s}
-    trainer = Trainer(student.train(), device, lr=1e-4, grad_clip=1.0, compile=True)
-    step = train_step_fn(student, trainer, train_batch, m, device)
-    start = time.time()
-    step()
-    compile_s = time.time() - start
-    seconds = clock(step, repeats=5, warmup=1)
-    flops = training_flops(m, tcfg, students)
-    peak = dense_peak(device)
-    out["train_step"] = {"batch": train_batch, "trajectories_per_s": train_batch / seconds, "ms_per_step": 1000 * seconds,
-                         "compile_s": compile_s, "achieved_tflops": flops * train_batch / seconds / 1e12,
-                         "share_of_dense_bf16_peak": flops * train_batch / seconds / peak if peak else None}
+    flops, peak = training_flops(m, tcfg, students), dense_peak(device)
+    out["train_step"] = {}
+    for mode in HISTORY_ATTENTION:
+        torch._dynamo.reset()
+        student.history_attention = mode
+        trainer = Trainer(student.train(), device, lr=1e-4, grad_clip=1.0, compile=True)
+        step = train_step_fn(student, trainer, train_batch, m, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.time()
+        step()
+        compile_s = time.time() - start
+        seconds = clock(step, repeats=5, warmup=1)
+        out["train_step"][mode] = {
+            "batch": train_batch, "trajectories_per_s": train_batch / seconds, "ms_per_step": 1000 * seconds,
+            "compile_s": compile_s, "achieved_tflops": flops * train_batch / seconds / 1e12,
+            "share_of_dense_bf16_peak": flops * train_batch / seconds / peak if peak else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+        del trainer
+    student.history_attention = "mask"
     student.eval()
     return out
 
@@ -441,14 +458,16 @@ def markdown(report):
     if "training" in report:
         t = report["training"]
         lines += [f"Training step, {t['flops_per_trajectory'] / 1e12:.3f} TFLOPs per trajectory (forward + backward):", "",
-                  "| batch | trajectories / s | ms / step | peak GiB | TFLOPs | share of dense bf16 peak |", "|---|---|---|---|---|---|"]
+                  "| history attention | batch | trajectories / s | ms / step | peak GiB | TFLOPs | share of dense bf16 peak |",
+                  "|---|---|---|---|---|---|---|"]
         for r in t["batches"]:
             if r["fits"]:
                 share = f"{100 * r['share_of_dense_bf16_peak']:.1f}%" if r["share_of_dense_bf16_peak"] else "-"
                 mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-                lines.append(f"| {r['batch']} | {r['trajectories_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem} | {r['achieved_tflops']:.1f} | {share} |")
+                lines.append(f"| {r['history_attention']} | {r['batch']} | {r['trajectories_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem} "
+                             f"| {r['achieved_tflops']:.1f} | {share} |")
             else:
-                lines.append(f"| {r['batch']} | does not fit | | | | |")
+                lines.append(f"| {r['history_attention']} | {r['batch']} | does not fit | | | | |")
         lines.append("")
     if "trajectories" in report:
         lines.append(f"Trajectory writing (DDIM 25, CFG 1.5, bf16, batch {report['trajectories']['batch']}): "
@@ -467,12 +486,15 @@ def markdown(report):
         lines.append("Scripts end to end: " + ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in report["scripts"].items()) + "\n")
     if "compile" in report:
         c = report["compile"]
-        f, t = c["forward"], c["train_step"]
-        share = f", {100 * t['share_of_dense_bf16_peak']:.1f}% of the dense bf16 peak" if t["share_of_dense_bf16_peak"] else ""
+        f = c["forward"]
         lines.append(f"torch.compile: {c['graph_breaks']} graph breaks in the student's forward; teacher-forced forward at batch "
-                     f"{f['batch']} {f['eager_ms']:.1f} -> {f['compiled_ms']:.1f} ms (compiled in {f['compile_s']:.0f} s); training "
-                     f"step at batch {t['batch']}: {t['trajectories_per_s']:.1f} trajectories/s, {t['achieved_tflops']:.1f} TFLOPs{share} "
-                     f"(compiled in {t['compile_s']:.0f} s)\n")
+                     f"{f['batch']} {f['eager_ms']:.1f} -> {f['compiled_ms']:.1f} ms (compiled in {f['compile_s']:.0f} s).\n")
+        for mode, t in c["train_step"].items():
+            share = f", {100 * t['share_of_dense_bf16_peak']:.1f}% of the dense bf16 peak" if t["share_of_dense_bf16_peak"] else ""
+            mem = f", peak {t['peak_memory_gib']:.1f} GiB" if t["peak_memory_gib"] is not None else ""
+            lines.append(f"- compiled training step, history attention {mode}, batch {t['batch']}: {t['trajectories_per_s']:.1f} "
+                         f"trajectories/s, {t['achieved_tflops']:.1f} TFLOPs{share}{mem} (compiled in {t['compile_s']:.0f} s)")
+        lines.append("")
     return "\n".join(lines)
 
 

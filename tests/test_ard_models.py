@@ -156,3 +156,34 @@ def test_efficient_forward_equals_dense_all_layers_masked_forward(per_token):
     model = student(K=4, N=2)
     x, y = torch.randn(2, 4, 3, 8, 8), torch.tensor([1, 2])
     torch.testing.assert_close(model(x, y), dense_forward(model, x, y, per_token), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("K,N,patch", [(1, 2, 2), (3, 1, 4), (4, 2, 2), (5, 3, 2)])
+def test_per_step_history_attention_is_the_masked_function_with_the_same_gradients(K, N, patch):
+    """The flash-eligible pass (each step's queries over the keys of steps <= k, no mask) against the dense masked
+    reference: outputs and every parameter's gradient, within fp32 rounding."""
+    model = student(K=K, N=N, patch=patch).train()
+    x, y = torch.randn(2, K, 3, 8, 8), torch.tensor([1, 4])
+    target = torch.randn(2, K, 3, 8, 8)
+    grads = {}
+    for mode in ("mask", "per_step"):
+        model.history_attention = mode
+        model.zero_grad()
+        out = model(x, y)
+        ((out - target) ** 2).mean().backward()
+        grads[mode] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads["per_step"][0], dense_forward(model, x, y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads["per_step"][0], grads["mask"][0], rtol=1e-5, atol=1e-6)
+    assert grads["per_step"][1].keys() == grads["mask"][1].keys()
+    for name, g in grads["mask"][1].items():
+        torch.testing.assert_close(grads["per_step"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_per_step_history_attention_is_block_causal():
+    model = student(K=4, N=3)
+    model.history_attention = "per_step"
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.tensor([2])
+    later = x.clone()
+    later[:, 2:] += 1.0  # change steps 2 and 3: steps 0 and 1 must not move
+    a, b = model(x, y), model(later, y)
+    assert torch.equal(a[:, :2], b[:, :2]) and not torch.allclose(a[:, 2:], b[:, 2:])
