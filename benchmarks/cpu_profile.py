@@ -7,7 +7,7 @@
 For the teacher's and the students' training steps: data, forward, backward, optimiser and EMA, with 1 and with
 all threads (do two processes side by side beat one after another?), and bf16 autocast against fp32; for the
 trajectory writer and the samplers: images per second with 1 and all threads; the cost of starting a script
-(importing torch). Prints a table; every figure is the median of several timed repeats after a warm-up.
+(importing torch); a student's step with the history attention masked against per step. Prints a table; every figure is the median of several timed repeats after a warm-up.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import torch
 
 from ard.cli import positive_int
 from ard.training import teacher_loss, update_ema
-from ard_models import ARD_models
+from ard_models import ARD_models, HISTORY_ATTENTION
 from diffusion import create_diffusion
 from diffusion.sampling import TeacherSampler
 from models import DiT_models
@@ -86,6 +86,24 @@ def profile_sampling(model, threads, side):
             "student 4 steps, 500 samples": timed(lambda: student.sample(noise, y), repeats=5, warmup=1)}
 
 
+def history_attention_ab(model, side, batch, rounds=12):
+    """CPU seconds of a student's forward and backward (K=4, N=3, one thread) with each way of computing the history
+    attention (ard_models.HISTORY_ATTENTION), interleaved round by round so that the machine's drift hits both;
+    the median of the rounds after the first two."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    student = ARD_models[model](timesteps=[999, 749, 500, 250], history_layers=3, input_size=side, in_channels=1, num_classes=10)
+    traj, y = torch.randn(batch, 4, 1, side, side), torch.randint(10, (batch,))
+    times = {mode: [] for mode in HISTORY_ATTENTION}
+    for r in range(rounds):
+        for mode in HISTORY_ATTENTION if r % 2 == 0 else HISTORY_ATTENTION[::-1]:
+            student.history_attention = mode
+            start = time.process_time()
+            student(traj, y).square().mean().backward()
+            times[mode].append(time.process_time() - start)
+    return {mode: statistics.median(t[2:]) for mode, t in times.items()}
+
+
 def startup():
     """Seconds to start a script that imports torch and this repository's training modules."""
     cmd = [sys.executable, "-c", "import torch, ard.training, ard.trajectory_store, ard_models"]
@@ -119,6 +137,9 @@ def main(args):
     sampling = {t: profile_sampling(args.model, t, side) for t in sorted({1, cores})}
     for name in sampling[1]:
         print(f"| {name} | " + " | ".join(f"{1000 * sampling[t][name]:.0f}" for t in sorted(sampling)) + " |")
+    ab = history_attention_ab(args.model, side, batch)
+    print(f"\nhistory attention, student forward + backward (batch {batch}, K=4, N=3, 1 thread, CPU ms, median of 10 "
+          "interleaved rounds): " + ", ".join(f"{mode} {1000 * t:.1f}" for mode, t in ab.items()))
     print(f"\nstarting a script (python, torch and this repository's modules): {startup():.2f} s")
 
 
