@@ -188,6 +188,8 @@ def finish(p, s, b, args, rows, figures_of, real, mode, draw=None):
         os.makedirs(args.assets_dir, exist_ok=True)
         draw(results)
     print(f"\nTotal wall time of this invocation: {(time.time() - start) / 60:.1f} min; stage timings in {p.timings_path}")
+    print(f"CPU time (user + system) of the stages, over every invocation that ran them: {sum(p.cpu.values()):.0f} s for "
+          f"{len(p.cpu)} of {len(p.stages)} stages; each stage's in {p.cpu_path}")
 
 
 def add_arguments(parser, default_run_dir):

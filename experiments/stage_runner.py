@@ -19,6 +19,7 @@ when it starts, are fresh processes.
 
 import json
 import os
+import resource
 import re
 import select
 import signal
@@ -49,6 +50,7 @@ class Stage:
     proc: object = None  # a subprocess.Popen, or a ForkedStage: poll(), returncode, terminate()
     log: object = None  # the stage's log, open for reading its progress
     tail: str = ""
+    cpu_seconds: float = None  # user + system CPU time of the finished stage (its own children's included)
 
 
 def _seconds(text):
@@ -134,8 +136,8 @@ def _child(request):
 
 def serve():
     """The fork server: imports PRELOAD once, then for each request read from stdin (a JSON line: id, args, env, cwd,
-    log) forks a child that runs the stage, and answers with JSON lines {id, pid} when it starts and {id, exit} when it
-    ends (the exit status as subprocess gives it: negative for a signal). Runs single-threaded (a fork copies only the
+    log) forks a child that runs the stage, and answers with JSON lines {id, pid} when it starts and {id, exit, cpu} when
+    it ends (the exit status as subprocess gives it, negative for a signal; its user + system CPU seconds). Runs single-threaded (a fork copies only the
     calling thread); ends when stdin closes, terminating the children still running."""
     import importlib
     # On Ctrl-C the runner closes stdin, and it forwards a scheduler's stop signals to the stages: the server stays
@@ -169,17 +171,17 @@ def serve():
         elif not open_:
             time.sleep(0.05)
         while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 break
-            answer({"id": children.pop(pid), "exit": os.waitstatus_to_exitcode(status)})
+            answer({"id": children.pop(pid), "exit": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime})
 
 
 class ForkedStage:
     """A stage running as a child of the fork server, with the part of subprocess.Popen's interface the runner uses."""
 
     def __init__(self):
-        self.pid, self.returncode = None, None
+        self.pid, self.returncode, self.cpu_seconds = None, None, None
         self.started = threading.Event()
 
     def poll(self):
@@ -229,6 +231,7 @@ class ForkServer:
                 stage.pid = message["pid"]
                 stage.started.set()
             else:
+                stage.cpu_seconds = message["cpu"]
                 stage.returncode = message["exit"]
         with self.lock:  # the server is gone: whatever it did not report did not finish
             for stage in self.stages.values():
@@ -250,12 +253,15 @@ class StageRunner:
         self.fork, self.server = fork and sys.platform.startswith("linux"), None  # macOS: forks of frameworks are unsafe
         # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
         self.cores = cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
-        self.stages, self.done, self.timings, self.paths = {}, set(), {}, {}
+        self.stages, self.done, self.paths = {}, set(), {}
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         self.timings_path = os.path.join(run_dir, "timings.json")
-        if os.path.isfile(self.timings_path):
-            with open(self.timings_path) as f:
-                self.timings = json.load(f)
+        self.cpu_path = os.path.join(run_dir, "cpu_seconds.json")  # each stage's CPU time (user + system)
+        self.timings, self.cpu = {}, {}
+        for attr, path in (("timings", self.timings_path), ("cpu", self.cpu_path)):
+            if os.path.isfile(path):
+                with open(path) as f:
+                    setattr(self, attr, json.load(f))
         self.tty = sys.stdout.isatty()
         self.last_report = 0.0
 
@@ -301,7 +307,7 @@ class StageRunner:
                 time.sleep(0.2)
                 for stage in running:
                     self._read(stage)
-                for stage in [s for s in running if s.proc.poll() is not None]:
+                for stage in [s for s in running if self._poll(s) is not None]:
                     running.remove(stage)
                     self._finish(stage, running)
                 self._status(running)
@@ -370,6 +376,21 @@ class StageRunner:
             if matches:
                 stage.progress = matches[-1]
 
+    @staticmethod
+    def _poll(stage):
+        """The stage's exit status, or None while it runs. A forked stage's CPU time comes from the fork server; a
+        fresh process's is what the poll that reaps it adds to this process's children's rusage."""
+        if isinstance(stage.proc, ForkedStage):
+            code = stage.proc.poll()
+            stage.cpu_seconds = stage.proc.cpu_seconds
+            return code
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        code = stage.proc.poll()
+        if code is not None and stage.cpu_seconds is None:
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            stage.cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return code
+
     def _finish(self, stage, running):
         seconds = time.time() - stage.started
         stage.log.close()
@@ -385,12 +406,16 @@ class StageRunner:
             raise SystemExit(f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of {log_path}:\n{tail}")
         self.timings[stage.name] = seconds
         write_json(self.timings_path, self.timings)
+        if stage.cpu_seconds is not None:
+            self.cpu[stage.name] = stage.cpu_seconds
+            write_json(self.cpu_path, self.cpu)
         self.done.add(stage.name)
         # The machine's speed against the reference machine's, from the long stages that ran with the threads their
         # estimates assume (heavy stages sharing the cores are slower for that reason, not for the machine's):
         if stage.estimate >= 20 and stage.threads == (self.cores if stage.heavy else 1):
             self.factor = 0.5 * self.factor + 0.5 * min(3.0, max(0.3, seconds / stage.estimate))
-        self._line(f"[{stage.name}] done in {seconds:.0f} s ({len(self.done)}/{len(self.stages)} stages)")
+        cpu = f", {stage.cpu_seconds:.0f} s of CPU" if stage.cpu_seconds is not None else ""
+        self._line(f"[{stage.name}] done in {seconds:.0f} s{cpu} ({len(self.done)}/{len(self.stages)} stages)")
 
     # Reporting ----------------------------------------------------------------------------------------------
 

@@ -151,3 +151,23 @@ def test_only_stages_with_the_threads_their_estimates_assume_rescale_the_run_est
     q.add("c", out["c"], writer(out["c"]), heavy=True, estimate=100)  # alone, with every core: 0.3 s of 100 is fast
     q.run()
     assert q.factor < 1.0
+
+
+def test_each_stage_records_its_own_cpu_time_forked_or_fresh(tmp_path):
+    """A stage that burns about 0.6 s of CPU beside one that sleeps 0.6 s, forked by the server and as fresh processes.
+    Each stage's recorded CPU time is its own, not its neighbour's."""
+    def burner(path, burn):
+        loop = "t = time.process_time()\nwhile time.process_time() - t < 0.6: pass" if burn else "time.sleep(0.6)"
+        return ["-c", f"import time\n{loop}\nopen({path!r}, 'w').write('x')"]
+
+    for fork in (True, False):
+        kind = "fork" if fork else "fresh"
+        p = StageRunner(str(tmp_path / kind), str(tmp_path), cores=2, fork=fork)
+        for name, burn in ((f"{kind}_burn", True), (f"{kind}_sleep", False)):
+            p.add(name, str(tmp_path / name), burner(str(tmp_path / name), burn))
+        p.run()
+        with open(tmp_path / kind / "cpu_seconds.json") as f:
+            cpu = json.load(f)
+        assert set(cpu) == {f"{kind}_burn", f"{kind}_sleep"}
+        assert 0.55 < cpu[f"{kind}_burn"] < 3.0, cpu  # its 0.6 s, plus starting Python (and its imports, if fresh)
+        assert cpu[f"{kind}_sleep"] < cpu[f"{kind}_burn"] - 0.4, cpu
