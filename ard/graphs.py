@@ -32,21 +32,26 @@ def _signature(tensors):
 
 class CudaGraph:
     """Records fn(*inputs) as a CUDA graph: `warmup` eager calls on a side stream first (they fill caches and let
-    cuDNN and the allocator settle, as torch.cuda.graphs asks), then the capture. Returns (replay, output)."""
+    cuDNN and the allocator settle, as torch.cuda.graphs asks), then the capture. Returns (replay, output).
+
+    Under autocast the weight casts are recorded too (autocast's cache is off while recording): a cached bf16 copy of
+    a weight would be freed when the caller's autocast block ends, and every later replay would read freed memory."""
 
     def __init__(self, warmup=2):
         self.warmup = warmup
 
     def __call__(self, fn, inputs):
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                fn(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = fn(*inputs)
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = fn(*inputs)
         return graph.replay, output
 
 

@@ -168,3 +168,20 @@ def test_a_cuda_graph_replay_equals_the_eager_sampler(name):
     for seed in (0, 1):
         noise, y = (t.cuda() for t in batch(3, seed))
         torch.testing.assert_close(captured(noise, y), fn(noise, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+def test_a_cuda_graph_recorded_under_autocast_replays_in_a_later_autocast_block():
+    """Each call in its own autocast block, as sample_ddp.py makes them: a replay must not read weight casts that
+    the first block cached and its end freed."""
+    fn, model = ard_sampler()
+    model.cuda()
+    captured = CapturedSampler(fn)
+    for seed in (0, 1, 2):
+        noise, y = (t.cuda() for t in batch(3, seed))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            replayed = captured(noise, y)
+        torch.cuda.empty_cache()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = fn(noise, y)
+        torch.testing.assert_close(replayed.float(), eager.float(), rtol=2e-2, atol=2e-2)
