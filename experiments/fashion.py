@@ -94,6 +94,9 @@ def figures(p, rows, results, args):
 def main(args):
     p = pipeline.runner(args, "fashion")
     b, est = BUDGETS["quick" if args.quick else "default"], ESTIMATES["quick" if args.quick else "default"]
+    if args.teacher_steps is not None:  # another teacher budget (its stages and everything after them change)
+        est = dict(est, teacher=est["teacher"] * args.teacher_steps / b["teacher_steps"])
+        b = dict(b, teacher_steps=args.teacher_steps)
     rows, figures_of, real = declare(p, b, est, args)
     pipeline.finish(p, FASHION, b, args, rows, figures_of, real, f"{args.seeds} seed(s)",
                     draw=lambda results: figures(p, rows, results, args))
@@ -102,6 +105,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=positive_int, default=1, help="seeds of each student (one on 2 CPU cores; three on a GPU)")
+    parser.add_argument("--teacher-steps", type=positive_int, default=None,
+                        help="the teacher's training steps (default: the budget's; a run folder holds one teacher)")
     pipeline.add_arguments(parser, "fashion")
     return parser.parse_args(argv)
 
