@@ -6,7 +6,7 @@ own scripts run it: does what the digits showed (4 tokens a step) hold with 49 t
     state students -> samples -> figures against the 10,000 test images and against the teacher's own samples, with
     the Fashion-MNIST feature network -> the history probe -> the teacher at 2 to 25 steps -> tables.
 
-    python -m experiments.fashion             # one seed of each student (about 3 hours on 2 CPU cores)
+    python -m experiments.fashion             # one seed of each student (about 2.3 hours on 2 CPU cores)
     python -m experiments.fashion --seeds 3   # three (for a GPU)
     python -m experiments.fashion --quick     # every stage with tiny budgets (a smoke test)
 
@@ -26,7 +26,7 @@ from experiments.pipeline import Setting
 BUDGETS = {
     "quick": dict(teacher_steps=20, trajectories=64, student_steps=6, samples=64, gan_steps=4, gan_warmup=2, val_count=16,
                   teacher_batch=16, student_batch=8, net_epochs=1, cost_batch=16, bootstrap=5, real_train=500, sample_batch=64),
-    "default": dict(teacher_steps=3000, trajectories=5000, student_steps=1000, samples=2000, gan_steps=100, gan_warmup=30,
+    "default": dict(teacher_steps=6000, trajectories=5000, student_steps=1000, samples=2000, gan_steps=100, gan_warmup=30,
                     val_count=500, teacher_batch=128, student_batch=32, net_epochs=8, cost_batch=200, bootstrap=100,
                     real_train=10000, sample_batch=250),
 }
@@ -42,7 +42,7 @@ TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at the
 # fast this machine turns out to be.
 ESTIMATES = {
     "quick": dict(teacher=10, net=30, reference=5, trajectories=8, student=8, gan=8, sample=5, sample_teacher25=8, eval=5, probe=6),
-    "default": dict(teacher=1400, net=600, reference=15, trajectories=340, student=1000, gan=300, sample=40,
+    "default": dict(teacher=2800, net=600, reference=15, trajectories=340, student=1000, gan=300, sample=40,
                     sample_teacher25=350, eval=40, probe=120),
 }
 
