@@ -137,8 +137,8 @@ def _child(request):
 def serve():
     """The fork server: imports PRELOAD once, then for each request read from stdin (a JSON line: id, args, env, cwd,
     log) forks a child that runs the stage, and answers with JSON lines {id, pid} when it starts and {id, exit, cpu} when
-    it ends (the exit status as subprocess gives it, negative for a signal; its user + system CPU seconds). Runs single-threaded (a fork copies only the
-    calling thread); ends when stdin closes, terminating the children still running."""
+    it ends (the exit status as subprocess gives it, negative for a signal; its user + system CPU seconds). Runs
+    single-threaded (a fork copies only the calling thread); ends when stdin closes, terminating the children still running."""
     import importlib
     # On Ctrl-C the runner closes stdin, and it forwards a scheduler's stop signals to the stages: the server stays
     # to end the children and report their exit.
