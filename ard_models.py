@@ -20,7 +20,15 @@ step distillation: every step sees only its own input.
 import torch
 import torch.nn as nn
 
-from models import DiTBackbone, FinalLayer, KVCache, StaticKVCache, init_dit_weights, registry, unpatchify
+from models import (
+    DiTBackbone,
+    FinalLayer,
+    KVCache,
+    StaticKVCache,
+    init_dit_weights,
+    registry,
+    unpatchify,
+)
 
 
 def block_causal_mask(num_steps, tokens_per_step, device=None):
@@ -43,13 +51,17 @@ class ARD(DiTBackbone):
     def __init__(self, timesteps, history_layers, history_attention="mask", **kwargs):
         super().__init__(**kwargs)
         if history_attention not in HISTORY_ATTENTION:
-            raise ValueError(f"history_attention must be one of {HISTORY_ATTENTION}, got {history_attention!r}")
+            raise ValueError(
+                f"history_attention must be one of {HISTORY_ATTENTION}, got {history_attention!r}"
+            )
         self.history_attention = history_attention
         timesteps = [float(t) for t in timesteps]
         if len(timesteps) < 1:
             raise ValueError("the student needs at least one step (one timestep)")
         if not 0 <= history_layers <= len(self.blocks):
-            raise ValueError(f"history_layers must be between 0 and the depth {len(self.blocks)}, got {history_layers}")
+            raise ValueError(
+                f"history_layers must be between 0 and the depth {len(self.blocks)}, got {history_layers}"
+            )
         self.num_steps = len(timesteps)
         self.history_layers = history_layers
         self.out_channels = self.in_channels  # the student predicts states, not noise and variance
@@ -57,7 +69,12 @@ class ARD(DiTBackbone):
         self.register_buffer("timesteps", torch.tensor(timesteps), persistent=False)
         # The label table is the teacher's (null class row included), so it loads as it is; labels are never dropped.
         hidden_size = self.pos_embed.shape[-1]
-        self.heads = nn.ModuleList([FinalLayer(hidden_size, self.patch_size, self.out_channels) for _ in range(self.num_steps)])
+        self.heads = nn.ModuleList(
+            [
+                FinalLayer(hidden_size, self.patch_size, self.out_channels)
+                for _ in range(self.num_steps)
+            ]
+        )
         init_dit_weights(self, self.heads)
         self._masks = {}
 
@@ -65,7 +82,9 @@ class ARD(DiTBackbone):
         """The block-causal mask of the history blocks, built once per device and reused."""
         key = str(device)
         if key not in self._masks:
-            self._masks[key] = block_causal_mask(self.num_steps, self.x_embedder.num_patches, device)
+            self._masks[key] = block_causal_mask(
+                self.num_steps, self.x_embedder.num_patches, device
+            )
         return self._masks[key]
 
     def conditioning(self, y, steps):
@@ -73,7 +92,9 @@ class ARD(DiTBackbone):
         embedding. The timesteps are sliced, not indexed by a list (which would copy the index to the device at every
         step, out of a captured CUDA graph's reach)."""
         first, last = steps[0], steps[-1]
-        assert list(steps) == list(range(first, last + 1)), f"steps must be consecutive, got {steps}"
+        assert list(steps) == list(range(first, last + 1)), (
+            f"steps must be consecutive, got {steps}"
+        )
         t_emb = self.t_embedder(self.timesteps[first : last + 1])  # (S, D)
         y_emb = self.y_embedder(y, train=False)  # (B, D)
         return t_emb[None] + y_emb[:, None]
@@ -95,7 +116,9 @@ class ARD(DiTBackbone):
     def forward(self, x, y):
         """Teacher-forced pass over all K steps. x: (B, K, C, H, W) = [x_{t_0}, ..., x_{t_{K-1}}], y: (B,).
         Returns (B, K, C, H, W), the predictions of [x_{t_1}, ..., x_{t_K}]."""
-        assert x.shape[1] == self.num_steps, f"expected {self.num_steps} input steps, got {x.shape[1]}"
+        assert x.shape[1] == self.num_steps, (
+            f"expected {self.num_steps} input steps, got {x.shape[1]}"
+        )
         steps = list(range(self.num_steps))
         tokens = self.embed(x)  # (B, K, L, D)
         c = self.conditioning(y, steps)  # (B, K, D)
@@ -128,7 +151,9 @@ class ARD(DiTBackbone):
             c = self.conditioning(y, [k])  # (B, 1, D)
             for i, block in enumerate(self.blocks):
                 if i < self.history_layers:
-                    tokens = block(tokens, c, joint=True, kv_cache=caches[i])  # attends to steps <= k
+                    tokens = block(
+                        tokens, c, joint=True, kv_cache=caches[i]
+                    )  # attends to steps <= k
                 else:
                     tokens = block(tokens, c)
             pred = self.predict(tokens, c, [k])[:, 0]
@@ -143,26 +168,41 @@ class ARD(DiTBackbone):
         own = self.state_dict()
         shared = {k: v for k, v in own.items() if not k.startswith("heads.")}
         missing = [k for k in shared if k not in teacher]
-        mismatched = [f"{k} {tuple(teacher[k].shape)} vs {tuple(v.shape)}" for k, v in shared.items()
-                      if k in teacher and teacher[k].shape != v.shape]
+        mismatched = [
+            f"{k} {tuple(teacher[k].shape)} vs {tuple(v.shape)}"
+            for k, v in shared.items()
+            if k in teacher and teacher[k].shape != v.shape
+        ]
         final_keys = [k for k in teacher if k.startswith("final_layer.")]
         unexpected = [k for k in teacher if k not in shared and k not in final_keys]
         if missing or mismatched or unexpected:
             raise ValueError(
                 "the teacher does not match the student's architecture: "
-                + "; ".join(f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                            for name, keys in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected))
-                            if keys)
+                + "; ".join(
+                    f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for name, keys in (
+                        ("missing", missing),
+                        ("shape mismatch", mismatched),
+                        ("unexpected", unexpected),
+                    )
+                    if keys
+                )
             )
 
         p, C = self.patch_size, self.out_channels
-        weight = teacher["final_layer.linear.weight"]  # (p*p*C_teacher, D); output rows ordered (p, q, channel)
+        weight = teacher[
+            "final_layer.linear.weight"
+        ]  # (p*p*C_teacher, D); output rows ordered (p, q, channel)
         C_teacher = weight.shape[0] // (p * p)
         if weight.shape[0] % (p * p) or C_teacher < C:
-            raise ValueError(f"the teacher's final layer has {weight.shape[0]} outputs, not p*p*C' with C' >= {C}")
+            raise ValueError(
+                f"the teacher's final layer has {weight.shape[0]} outputs, not p*p*C' with C' >= {C}"
+            )
         head = {
             "linear.weight": weight.view(p, p, C_teacher, -1)[:, :, :C].reshape(p * p * C, -1),
-            "linear.bias": teacher["final_layer.linear.bias"].view(p, p, C_teacher)[:, :, :C].reshape(-1),
+            "linear.bias": teacher["final_layer.linear.bias"]
+            .view(p, p, C_teacher)[:, :, :C]
+            .reshape(-1),
             "adaLN_modulation.1.weight": teacher["final_layer.adaLN_modulation.1.weight"],
             "adaLN_modulation.1.bias": teacher["final_layer.adaLN_modulation.1.bias"],
         }
@@ -189,13 +229,20 @@ def dense_forward(model, x, y, per_token_conditioning=False):
     B, _, _, D = tokens.shape
     if per_token_conditioning:
         # Every token is its own group of one: (B, K*L, 1, D) with a (B, K*L, D) conditioning.
-        h, c_tok = tokens.reshape(B, K * L, 1, D), c[:, :, None].expand(B, K, L, D).reshape(B, K * L, D)
+        h, c_tok = (
+            tokens.reshape(B, K * L, 1, D),
+            c[:, :, None].expand(B, K, L, D).reshape(B, K * L, D),
+        )
         for i, block in enumerate(model.blocks):
-            h = block(h, c_tok, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
+            h = block(
+                h, c_tok, joint=True, attn_mask=causal if i < model.history_layers else diagonal
+            )
         tokens = h.view(B, K, L, D)
     else:
         for i, block in enumerate(model.blocks):
-            tokens = block(tokens, c, joint=True, attn_mask=causal if i < model.history_layers else diagonal)
+            tokens = block(
+                tokens, c, joint=True, attn_mask=causal if i < model.history_layers else diagonal
+            )
     return model.predict(tokens, c, steps)
 
 

@@ -22,15 +22,20 @@ def modulate(x, shift, scale):
 #                     Embedding layers for timesteps and labels                 #
 #################################################################################
 
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches of a (C, H, W) image to tokens; the `proj` name matches timm's."""
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
-        assert input_size % patch_size == 0, f"input size {input_size} must be a multiple of the patch size {patch_size}"
+        assert input_size % patch_size == 0, (
+            f"input size {input_size} must be a multiple of the patch size {patch_size}"
+        )
         self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(
+            in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True
+        )
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
@@ -52,7 +57,9 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t, dim, max_period=10000):
         """Sinusoidal embedding of timesteps t of any shape (fractional allowed): (...,) -> (..., dim)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[..., None].float() * freqs
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -91,6 +98,7 @@ class LabelEmbedder(nn.Module):
 #                                 Core DiT Model                                #
 #################################################################################
 
+
 class KVCache:
     """Keys and values of earlier tokens for one attention layer; `append` returns everything so far."""
 
@@ -116,7 +124,10 @@ class StaticKVCache:
     def append(self, k, v):  # k, v: (B, heads, T_new, head_dim)
         if self.k is None:
             B, H, _, Dh = k.shape
-            self.k, self.v = k.new_empty(B, H, self.capacity, Dh), v.new_empty(B, H, self.capacity, Dh)
+            self.k, self.v = (
+                k.new_empty(B, H, self.capacity, Dh),
+                v.new_empty(B, H, self.capacity, Dh),
+            )
         end = self.length + k.shape[2]
         assert end <= self.capacity, f"{end} tokens exceed the cache's {self.capacity}"
         self.k[:, :, self.length : end] = k
@@ -130,7 +141,9 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
-        assert dim % num_heads == 0, f"hidden size {dim} must be divisible by the number of heads {num_heads}"
+        assert dim % num_heads == 0, (
+            f"hidden size {dim} must be divisible by the number of heads {num_heads}"
+        )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -148,8 +161,15 @@ class Attention(nn.Module):
             k, v = kv_cache.append(k, v)
         if causal_blocks is not None:
             L = T // causal_blocks
-            x = torch.cat([F.scaled_dot_product_attention(q[:, :, i * L : (i + 1) * L], k[:, :, : (i + 1) * L],
-                                                          v[:, :, : (i + 1) * L]) for i in range(causal_blocks)], dim=2)
+            x = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, i * L : (i + 1) * L], k[:, :, : (i + 1) * L], v[:, :, : (i + 1) * L]
+                    )
+                    for i in range(causal_blocks)
+                ],
+                dim=2,
+            )
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
@@ -187,7 +207,9 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True)
+        )
 
     def attend(self, h, joint, attn_mask, kv_cache, causal):
         shape = h.shape
@@ -197,13 +219,17 @@ class DiTBlock(nn.Module):
         else:
             h = h.reshape(-1, *shape[-2:])  # (groups, L, D)
         blocks = shape[1] if causal else None
-        return self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache, causal_blocks=blocks).reshape(shape)
+        return self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache, causal_blocks=blocks).reshape(
+            shape
+        )
 
     def forward(self, x, c, joint=False, attn_mask=None, kv_cache=None, causal=False):
         """causal=True (with joint=True): each group attends to itself and the earlier groups, without a mask."""
         mod = self.adaLN_modulation(c).unsqueeze(-2)  # (..., 1, 6D): one row per group of tokens
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attend(modulate(self.norm1(x), shift_msa, scale_msa), joint, attn_mask, kv_cache, causal)
+        x = x + gate_msa * self.attend(
+            modulate(self.norm1(x), shift_msa, scale_msa), joint, attn_mask, kv_cache, causal
+        )
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -215,7 +241,9 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True)
+        )
 
     def forward(self, x, c):  # x: (..., L, D), c: (..., D)
         shift, scale = self.adaLN_modulation(c).unsqueeze(-2).chunk(2, dim=-1)
@@ -294,8 +322,12 @@ class DiTBackbone(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos position embedding; a parameter (not a buffer) because official checkpoints store it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)]
+        )
 
 
 class DiT(DiTBackbone):
@@ -356,6 +388,7 @@ class DiT(DiTBackbone):
 #################################################################################
 # As in MAE and DiT. Note that the first half of the channels encodes the column (w) coordinate
 # and the second half the row (h) coordinate; official checkpoints depend on this order.
+
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
     """Returns a (grid_size * grid_size, embed_dim) float64 array."""
@@ -419,8 +452,11 @@ def model_config(key):
 
 def registry(cls):
     """{key: constructor} for every config: the config's depth, width, heads and patch size are filled in."""
-    return {f"DiT-{size}/{p}": functools.partial(cls, **model_config(f"DiT-{size}/{p}"))
-            for size in MODEL_CONFIGS for p in PATCH_SIZES[size]}
+    return {
+        f"DiT-{size}/{p}": functools.partial(cls, **model_config(f"DiT-{size}/{p}"))
+        for size in MODEL_CONFIGS
+        for p in PATCH_SIZES[size]
+    }
 
 
 DiT_models = registry(DiT)

@@ -22,7 +22,12 @@ from ard.checkpoints import load_model
 from ard.cli import UserError, check_output_path, non_negative_int, positive_int
 from ard.data import save_grid
 from ard.vae import load_vae, vae_decode
-from diffusion.sampling import add_graph_argument, add_sampler_arguments, check_graph_device, sample_fn
+from diffusion.sampling import (
+    add_graph_argument,
+    add_sampler_arguments,
+    check_graph_device,
+    sample_fn,
+)
 
 
 def grid_labels(args, num_classes):
@@ -31,7 +36,11 @@ def grid_labels(args, num_classes):
         if bad:
             raise UserError(f"--class-labels {bad} are outside the model's {num_classes} classes")
         return args.class_labels
-    return list(range(num_classes)) * args.per_class if num_classes <= 16 else list(range(0, num_classes, num_classes // 8))[:8]
+    return (
+        list(range(num_classes)) * args.per_class
+        if num_classes <= 16
+        else list(range(0, num_classes, num_classes // 8))[:8]
+    )
 
 
 def main(args):
@@ -43,13 +52,27 @@ def main(args):
     # Load model:
     model, config = load_model(args.ckpt, device)
     vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
-    generate = sample_fn(model, config, args.sampler, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
-                         args.guidance_interval, args.cuda_graph)
+    generate = sample_fn(
+        model,
+        config,
+        args.sampler,
+        args.num_sampling_steps,
+        args.cfg_scale,
+        args.legacy_cfg,
+        args.guidance_interval,
+        args.cuda_graph,
+    )
 
     # Sample:
     labels = grid_labels(args, config["num_classes"])
     generator = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(len(labels), config["in_channels"], config["input_size"], config["input_size"], generator=generator)
+    noise = torch.randn(
+        len(labels),
+        config["in_channels"],
+        config["input_size"],
+        config["input_size"],
+        generator=generator,
+    )
     start = time.time()
     with dist_util.autocast(device, args.precision):
         samples = generate(noise.to(device), torch.tensor(labels, device=device)).float()
@@ -58,24 +81,54 @@ def main(args):
     seconds = time.time() - start
 
     # Save and display images:
-    nrow = config["num_classes"] if config["num_classes"] <= 16 and not args.class_labels else min(len(labels), 8)
+    nrow = (
+        config["num_classes"]
+        if config["num_classes"] <= 16 and not args.class_labels
+        else min(len(labels), 8)
+    )
     save_grid(samples, args.out, nrow)
-    how = (f"ARD student, {model.num_steps} steps, N={model.history_layers}" if config["kind"] == "ard"
-           else f"{args.sampler}, {args.num_sampling_steps} steps, CFG {args.cfg_scale}")
-    print(f"Saved {len(labels)} samples to {args.out}: {1000 * seconds / len(labels):.1f} ms per image on {device} ({how})")
+    how = (
+        f"ARD student, {model.num_steps} steps, N={model.history_layers}"
+        if config["kind"] == "ard"
+        else f"{args.sampler}, {args.num_sampling_steps} steps, CFG {args.cfg_scale}"
+    )
+    print(
+        f"Saved {len(labels)} samples to {args.out}: {1000 * seconds / len(labels):.1f} ms per image on {device} ({how})"
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=str, required=True,
-                        help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or DiT-XL-2-256x256.pt)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ckpt",
+        type=str,
+        required=True,
+        help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or DiT-XL-2-256x256.pt)",
+    )
     add_sampler_arguments(parser, note="teachers only: ")
     add_graph_argument(parser)
-    parser.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None, help="labels to sample (default: every class)")
-    parser.add_argument("--per-class", type=positive_int, default=8, help="samples per class when the classes are few")
+    parser.add_argument(
+        "--class-labels",
+        type=non_negative_int,
+        nargs="+",
+        default=None,
+        help="labels to sample (default: every class)",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=positive_int,
+        default=8,
+        help="samples per class when the classes are few",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the grid's noise")
-    parser.add_argument("--vae", type=str, default=None, help="override the checkpoint's VAE (latent models only)")
-    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--vae", type=str, default=None, help="override the checkpoint's VAE (latent models only)"
+    )
+    parser.add_argument(
+        "--device", type=str, default=None, help="default: cuda if available, else cpu"
+    )
     dist_util.add_precision_argument(parser, default="tf32")
     parser.add_argument("--out", type=str, default="sample.png", help="the PNG to write")
     return parser.parse_args(argv)

@@ -45,22 +45,39 @@ from diffusion.sampling import teacher_process
 from models import DiT_models
 
 # Arguments that fix what is trained; a resumed run must agree with its checkpoint on them.
-RUN_DEFINING_ARGS = ("model", "objective", "data", "image_size", "vae", "global_batch_size", "global_seed",
-                     "class_dropout_prob", "learn_sigma", "ema_decay", "lr", "lr_schedule", "warmup_steps")
+RUN_DEFINING_ARGS = (
+    "model",
+    "objective",
+    "data",
+    "image_size",
+    "vae",
+    "global_batch_size",
+    "global_seed",
+    "class_dropout_prob",
+    "learn_sigma",
+    "ema_decay",
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+)
 
 
 def build_data(args):
     """(dataset, num_classes, in_channels, input_size) of --data."""
     if args.data in EMBEDDED:
         if args.vae is not None:
-            raise UserError(f"{args.data} are small grey images and have no VAE latent space: drop --vae")
+            raise UserError(
+                f"{args.data} are small grey images and have no VAE latent space: drop --vae"
+            )
         x, y = load_embedded(args.data, "train", args.image_size)
         return torch.utils.data.TensorDataset(x, y), EMBEDDED[args.data][1], 1, args.image_size
     dataset = image_folder(args.data, args.image_size)
     if args.vae is None:
         return dataset, len(dataset.classes), 3, args.image_size
     if args.image_size % VAE_DOWNSAMPLE:
-        raise UserError(f"--image-size must be a multiple of {VAE_DOWNSAMPLE} to train in VAE latent space")
+        raise UserError(
+            f"--image-size must be a multiple of {VAE_DOWNSAMPLE} to train in VAE latent space"
+        )
     return dataset, len(dataset.classes), 4, args.image_size // VAE_DOWNSAMPLE
 
 
@@ -70,39 +87,93 @@ def main(args):
     device = dist_util.setup(args.precision)
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if args.global_batch_size % world_size:
-        raise UserError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
+        raise UserError(
+            f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}"
+        )
     if args.random_flip is None:
-        args.random_flip = args.data not in EMBEDDED  # digits are not mirror-symmetric, and Fashion-MNIST's shoes all face one way
+        args.random_flip = (
+            args.data not in EMBEDDED
+        )  # digits are not mirror-symmetric, and Fashion-MNIST's shoes all face one way
     dataset, num_classes, in_channels, input_size = build_data(args)
     if len(dataset) < args.global_batch_size:
-        raise UserError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} images of --data {args.data}")
+        raise UserError(
+            f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} images of --data {args.data}"
+        )
     vae = load_vae(args.vae, device) if args.vae is not None else None
     ckpt = prepare_run(args, RUN_DEFINING_ARGS)
     run = Run(args, ckpt, args.model.replace("/", "-"))
-    run.logger.info(f"Dataset {args.data}: {len(dataset):,} images of {num_classes} classes, model input {in_channels}x{input_size}x{input_size}")
+    run.logger.info(
+        f"Dataset {args.data}: {len(dataset):,} images of {num_classes} classes, model input {in_channels}x{input_size}x{input_size}"
+    )
 
     # Setup data:
-    sampler = StepBatchSampler(len(dataset), args.global_batch_size, args.global_seed, rank, world_size,
-                               run.start_step, args.max_steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if args.data in EMBEDDED else args.num_workers,
-                                         worker_init_fn=stop.ignore_in_worker,
-                                         pin_memory=device.type == "cuda")
+    sampler = StepBatchSampler(
+        len(dataset),
+        args.global_batch_size,
+        args.global_seed,
+        rank,
+        world_size,
+        run.start_step,
+        args.max_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=0 if args.data in EMBEDDED else args.num_workers,
+        worker_init_fn=stop.ignore_in_worker,
+        pin_memory=device.type == "cuda",
+    )
 
     # Create model (the same initial weights on every rank):
-    prediction = dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE) if args.objective == "flow" else {}
-    config = teacher_config(args.model, input_size, in_channels, num_classes, args.learn_sigma,
-                            "pixel" if vae is None else "latent", args.vae, args.image_size, args.data, **prediction)
+    prediction = (
+        dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE)
+        if args.objective == "flow"
+        else {}
+    )
+    config = teacher_config(
+        args.model,
+        input_size,
+        in_channels,
+        num_classes,
+        args.learn_sigma,
+        "pixel" if vae is None else "latent",
+        args.vae,
+        args.image_size,
+        args.data,
+        **prediction,
+    )
     torch.manual_seed(args.global_seed)
-    trainer = Trainer(build_model(config, class_dropout_prob=args.class_dropout_prob), device, args.lr,
-                      ema_decay=args.ema_decay, compile=args.compile, state=ckpt,
-                      schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps), stop=stop)
-    run.logger.info(f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}")
+    trainer = Trainer(
+        build_model(config, class_dropout_prob=args.class_dropout_prob),
+        device,
+        args.lr,
+        ema_decay=args.ema_decay,
+        compile=args.compile,
+        state=ckpt,
+        schedule=lr_schedule(args.lr_schedule, args.warmup_steps, args.max_steps),
+        stop=stop,
+    )
+    run.logger.info(
+        f"{args.model} parameters: {sum(p.numel() for p in trainer.raw.parameters()):,}"
+    )
 
     def save(done):
         # The data position and the random state are functions of the step (see StepBatchSampler, ard/seeding.py).
-        run.save(done, {**trainer.state_dict(), "config": config,
-                        "data": {"epoch": done // sampler.steps_per_epoch, "batch_in_epoch": done % sampler.steps_per_epoch},
-                        "rng": {"scheme": "seeded per (global_seed, step, rank)", "global_seed": args.global_seed}})
+        run.save(
+            done,
+            {
+                **trainer.state_dict(),
+                "config": config,
+                "data": {
+                    "epoch": done // sampler.steps_per_epoch,
+                    "batch_in_epoch": done % sampler.steps_per_epoch,
+                },
+                "rng": {
+                    "scheme": "seeded per (global_seed, step, rank)",
+                    "global_seed": args.global_seed,
+                },
+            },
+        )
 
     try:
         train_loop(args, run, trainer, loader, vae, device, save, teacher_process(config))
@@ -115,21 +186,31 @@ def main(args):
 def train_loop(args, run, trainer, loader, vae, device, save, diffusion):
     """DiT's training loop: the loss of each step (of DiT's 1000-step diffusion or the flow), logging and checkpoints."""
     trainer.model.train()
-    run.logger.info(f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}")
+    run.logger.info(
+        f"Training from step {run.start_step} to {args.max_steps}, global batch {args.global_batch_size}"
+    )
     averager = MetricsAverager(device)
     bar = progress(args.max_steps, "train", initial=run.start_step)
     for step, (x, y) in enumerate(loader, start=run.start_step):
         torch.manual_seed(step_seed(args.global_seed, step, dist_util.rank()))
         with dist_util.autocast(device, args.precision):
-            loss = teacher_loss(trainer.model, diffusion, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                vae, args.random_flip)
+            loss = teacher_loss(
+                trainer.model,
+                diffusion,
+                x.to(device, non_blocking=True),
+                y.to(device, non_blocking=True),
+                vae,
+                args.random_flip,
+            )
         trainer.step(loss, step)
         averager.add([loss.item()])
         bar.update(1)
         done = step + 1
         if log_due(done, args.log_every, args.max_steps):
             (avg_loss,), steps_per_sec = averager.average()
-            run.logger.info(f"(step={done:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
+            run.logger.info(
+                f"(step={done:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}"
+            )
             run.write_metrics({"step": done, "loss": avg_loss, "steps_per_sec": steps_per_sec})
             bar.set_postfix(loss=f"{avg_loss:.4f}")
         saved = log_due(done, args.ckpt_every, args.max_steps)
@@ -140,33 +221,76 @@ def train_loop(args, run, trainer, loader, vae, device, save, diffusion):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=str, default="digits",
-                        help="'digits' (the embedded default), 'fashion' (Fashion-MNIST from its idx files) or an "
-                             "ImageFolder path (one sub-folder per class)")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="image side in pixels (default: the embedded dataset's own, 8 or 28; 256 for an ImageFolder; "
-                             "the digits resize)")
-    parser.add_argument("--vae", type=str, default=None,
-                        help="train in the latent space of this VAE: 'ema', 'mse' (the SD VAEs), a hub id or a local folder")
-    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-T/2", help="DiT config")
-    parser.add_argument("--objective", type=str, choices=["ddpm", "flow"], default="ddpm",
-                        help="ddpm: DiT's noise prediction on its 1000-step diffusion; flow: velocity prediction on the "
-                             "linear interpolant x_t = (1 - t) x + t noise (flow matching, as SiT and REPA)")
-    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
-                        help="learn the variance (DiT's hybrid loss; default for ddpm); its output channels are ignored by DDIM")
-    parser.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for classifier-free guidance")
-    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random horizontal flips (default: on for image folders, off for the embedded datasets)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        type=str,
+        default="digits",
+        help="'digits' (the embedded default), 'fashion' (Fashion-MNIST from its idx files) or an "
+        "ImageFolder path (one sub-folder per class)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="image side in pixels (default: the embedded dataset's own, 8 or 28; 256 for an ImageFolder; "
+        "the digits resize)",
+    )
+    parser.add_argument(
+        "--vae",
+        type=str,
+        default=None,
+        help="train in the latent space of this VAE: 'ema', 'mse' (the SD VAEs), a hub id or a local folder",
+    )
+    parser.add_argument(
+        "--model", type=str, choices=list(DiT_models.keys()), default="DiT-T/2", help="DiT config"
+    )
+    parser.add_argument(
+        "--objective",
+        type=str,
+        choices=["ddpm", "flow"],
+        default="ddpm",
+        help="ddpm: DiT's noise prediction on its 1000-step diffusion; flow: velocity prediction on the "
+        "linear interpolant x_t = (1 - t) x + t noise (flow matching, as SiT and REPA)",
+    )
+    parser.add_argument(
+        "--learn-sigma",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="learn the variance (DiT's hybrid loss; default for ddpm); its output channels are ignored by DDIM",
+    )
+    parser.add_argument(
+        "--class-dropout-prob",
+        type=probability,
+        default=0.1,
+        help="label dropout for classifier-free guidance",
+    )
+    parser.add_argument(
+        "--random-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on for image folders, off for the embedded datasets)",
+    )
     add_run_arguments(parser, "MODEL", "images", batch_size=128, max_steps=3000)
-    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader workers for image folders")
+    parser.add_argument(
+        "--num-workers",
+        type=non_negative_int,
+        default=4,
+        help="data loader workers for image folders",
+    )
     args = parser.parse_args(argv)
-    if args.image_size is None:  # resolved here, so that the saved arguments hold the size a resume must match
+    if (
+        args.image_size is None
+    ):  # resolved here, so that the saved arguments hold the size a resume must match
         args.image_size = EMBEDDED[args.data][2] if args.data in EMBEDDED else 256
     if args.learn_sigma is None:
         args.learn_sigma = args.objective == "ddpm"
     elif args.learn_sigma and args.objective == "flow":
-        parser.error("a flow teacher predicts a velocity and has no variance to learn: drop --learn-sigma")
+        parser.error(
+            "a flow teacher predicts a velocity and has no variance to learn: drop --learn-sigma"
+        )
     return args
 
 

@@ -26,7 +26,13 @@ import torch
 from ard import cli, dist_util
 from ard.checkpoints import find_checkpoint, load_model
 from ard.cli import UserError, check_output_path, non_negative_int, positive_int
-from ard.fileio import WriterLock, check_free_space, file_sha256, remove_stale_temporaries, start_or_resume
+from ard.fileio import (
+    WriterLock,
+    check_free_space,
+    file_sha256,
+    remove_stale_temporaries,
+    start_or_resume,
+)
 from ard.logs import progress
 from ard.preemption import Preempted, StopRequest, add_stop_argument
 from ard.trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
@@ -44,10 +50,15 @@ def parse_save_steps(spec, num_steps, default_all):
         steps = set(range(num_steps + 1))
     else:
         try:
-            steps = (set(range(0, num_steps + 1, int(spec.split(":", 1)[1]))) if spec.startswith("every:")
-                     else {int(s) for s in spec.split(",") if s.strip()})
+            steps = (
+                set(range(0, num_steps + 1, int(spec.split(":", 1)[1])))
+                if spec.startswith("every:")
+                else {int(s) for s in spec.split(",") if s.strip()}
+            )
         except ValueError:
-            raise UserError(f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1) or a list of solver steps like 0,10,25") from None
+            raise UserError(
+                f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1) or a list of solver steps like 0,10,25"
+            ) from None
     bad = sorted(s for s in steps if not 0 <= s <= num_steps)
     if bad:
         raise UserError(f"--save-steps {bad} are outside the solver's steps 0..{num_steps}")
@@ -59,13 +70,30 @@ def store_manifest(args, ckpt_path, config, sampler, save_steps):
     grid = solver_grid(sampler.diffusion)
     sha256 = dist_util.broadcast_object(file_sha256(ckpt_path) if dist_util.is_main() else None)
     return dict(
-        format=1, teacher_ckpt=os.path.basename(ckpt_path), teacher_sha256=sha256, model=config["model"],
-        shape=[config["in_channels"], config["input_size"], config["input_size"]], num_classes=config["num_classes"],
-        space=config["space"], vae=config.get("vae"), image_size=config.get("image_size"), solver=args.solver,
-        num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, legacy_cfg=args.legacy_cfg,
-        clip_denoised=sampler.clip, save_steps=save_steps, save_timesteps=[grid[s] for s in save_steps],
-        dtype=args.dtype, seed=args.global_seed, labels="index mod num_classes", count=args.num_trajectories,
-        shard_size=args.shard_size, shards=[shard_name(i) for i in range(len(shard_ranges(args.num_trajectories, args.shard_size)))],
+        format=1,
+        teacher_ckpt=os.path.basename(ckpt_path),
+        teacher_sha256=sha256,
+        model=config["model"],
+        shape=[config["in_channels"], config["input_size"], config["input_size"]],
+        num_classes=config["num_classes"],
+        space=config["space"],
+        vae=config.get("vae"),
+        image_size=config.get("image_size"),
+        solver=args.solver,
+        num_sampling_steps=args.num_sampling_steps,
+        cfg_scale=args.cfg_scale,
+        legacy_cfg=args.legacy_cfg,
+        clip_denoised=sampler.clip,
+        save_steps=save_steps,
+        save_timesteps=[grid[s] for s in save_steps],
+        dtype=args.dtype,
+        seed=args.global_seed,
+        labels="index mod num_classes",
+        count=args.num_trajectories,
+        shard_size=args.shard_size,
+        shards=[
+            shard_name(i) for i in range(len(shard_ranges(args.num_trajectories, args.shard_size)))
+        ],
         **flow_fields(config, args),
     )
 
@@ -75,16 +103,28 @@ def flow_fields(config, args):
     the model's own times, which the student embeds), and the guidance interval; a DiT teacher's store has neither."""
     if teacher_flow(config) is None:
         return {}
-    return dict(prediction="velocity", noise_at=config["noise_at"], time_scale=config["time_scale"],
-                guidance_interval=args.guidance_interval)
+    return dict(
+        prediction="velocity",
+        noise_at=config["noise_at"],
+        time_scale=config["time_scale"],
+        guidance_interval=args.guidance_interval,
+    )
 
 
 def store_bytes_missing(args, manifest):
     """The bytes the shards not yet complete will take: xt and x0 at every saved step, labels and indices."""
     complete, _ = complete_shards(args.out, manifest)
-    per_trajectory = 2 * len(manifest["save_steps"]) * int(np.prod(manifest["shape"])) * np.dtype(args.dtype).itemsize + 16
+    per_trajectory = (
+        2
+        * len(manifest["save_steps"])
+        * int(np.prod(manifest["shape"]))
+        * np.dtype(args.dtype).itemsize
+        + 16
+    )
     ranges = shard_ranges(args.num_trajectories, args.shard_size)
-    return per_trajectory * sum(stop - start for s, (start, stop) in enumerate(ranges) if s not in complete)
+    return per_trajectory * sum(
+        stop - start for s, (start, stop) in enumerate(ranges) if s not in complete
+    )
 
 
 def main(args):
@@ -97,16 +137,31 @@ def main(args):
 
     # Load the teacher and describe the run:
     model, config = load_model(ckpt_path, device, kind="dit")
-    sampler = TeacherSampler(model, config, args.solver, args.num_sampling_steps, args.cfg_scale, args.legacy_cfg,
-                             args.guidance_interval)
+    sampler = TeacherSampler(
+        model,
+        config,
+        args.solver,
+        args.num_sampling_steps,
+        args.cfg_scale,
+        args.legacy_cfg,
+        args.guidance_interval,
+    )
     tokens = (config["input_size"] // model.patch_size) ** 2
-    save_steps = parse_save_steps(args.save_steps, args.num_sampling_steps, tokens <= SMALL_MODEL_TOKENS)
+    save_steps = parse_save_steps(
+        args.save_steps, args.num_sampling_steps, tokens <= SMALL_MODEL_TOKENS
+    )
     manifest = store_manifest(args, ckpt_path, config, sampler, save_steps)
 
     # Create the store, or check that an existing one was made with the same settings and that the rest fits on the
     # disk; one writer at a time:
-    start_or_resume(os.path.join(args.out, MANIFEST), manifest, f"the trajectory store {args.out}",
-                    before_writing=lambda: check_free_space(args.out, store_bytes_missing(args, manifest), f"the store {args.out}"))
+    start_or_resume(
+        os.path.join(args.out, MANIFEST),
+        manifest,
+        f"the trajectory store {args.out}",
+        before_writing=lambda: check_free_space(
+            args.out, store_bytes_missing(args, manifest), f"the store {args.out}"
+        ),
+    )
     with WriterLock(args.out, f"the trajectory store {args.out}"):
         write_missing_shards(args, manifest, sampler, save_steps, device, stop)
     dist_util.cleanup()
@@ -126,8 +181,10 @@ def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
         dist_util.print0(f"rewriting a damaged shard: {problem}")
     dist_util.barrier()
     todo = [s for s in range(rank, len(ranges), world_size) if s not in complete]
-    dist_util.print0(f"{len(ranges)} shards of up to {args.shard_size} trajectories, {len(complete)} already complete; "
-                     f"saving solver steps {save_steps} of {args.num_sampling_steps}")
+    dist_util.print0(
+        f"{len(ranges)} shards of up to {args.shard_size} trajectories, {len(complete)} already complete; "
+        f"saving solver steps {save_steps} of {args.num_sampling_steps}"
+    )
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
     bar = progress(total, f"trajectories (rank 0 of {world_size})", unit="traj")
     shape = tuple(manifest["shape"])
@@ -140,34 +197,79 @@ def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
     def on_batch(n):
         bar.update(n)
         if stop.requested:
-            raise Preempted(f"{stop.requested}: the complete shards of {args.out} are kept; the same command writes the rest")
+            raise Preempted(
+                f"{stop.requested}: the complete shards of {args.out} are kept; the same command writes the rest"
+            )
 
     start_time, written = time.time(), 0
     for s in todo:
-        written += write_shard(args.out, s, *ranges[s], solve, shape, manifest["num_classes"], args.global_seed,
-                               args.dtype, args.batch_size, on_batch)
+        written += write_shard(
+            args.out,
+            s,
+            *ranges[s],
+            solve,
+            shape,
+            manifest["num_classes"],
+            args.global_seed,
+            args.dtype,
+            args.batch_size,
+            on_batch,
+        )
     bar.close()
     count = int(dist_util.all_reduce_sum(total, device))
     written = int(dist_util.all_reduce_sum(written, device))
     seconds = time.time() - start_time
-    dist_util.print0(f"Wrote {count:,} trajectories ({written / 2**20:.1f} MiB) to {args.out} in {seconds:.1f} s "
-                     f"({count / max(seconds, 1e-9):.1f} trajectories/s); the store holds {args.num_trajectories:,}")
+    dist_util.print0(
+        f"Wrote {count:,} trajectories ({written / 2**20:.1f} MiB) to {args.out} in {seconds:.1f} s "
+        f"({count / max(seconds, 1e-9):.1f} trajectories/s); the store holds {args.num_trajectories:,}"
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_sampler_arguments(parser, flag="--solver", choices=SOLVERS)
-    parser.add_argument("--ckpt", type=str, required=True, help="teacher checkpoint: train.py's or an official DiT one")
+    parser.add_argument(
+        "--ckpt",
+        type=str,
+        required=True,
+        help="teacher checkpoint: train.py's or an official DiT one",
+    )
     parser.add_argument("--out", type=str, required=True, help="the trajectory store folder")
-    parser.add_argument("--num-trajectories", type=positive_int, default=10_000, help="how many trajectories the store holds")
-    parser.add_argument("--save-steps", type=str, default=None,
-                        help="solver steps to save: 'all', 'every:N' or a list like 0,10,15,20,25 "
-                             f"(default: all for models of at most {SMALL_MODEL_TOKENS} tokens, else every:5); "
-                             "0 (the noise) and S (the sample) are always saved")
-    parser.add_argument("--dtype", type=str, choices=["float16", "float32"], default="float32", help="dtype of the stored arrays")
-    parser.add_argument("--batch-size", type=positive_int, default=500, help="trajectories per solver batch, per process")
-    parser.add_argument("--shard-size", type=positive_int, default=1000, help="trajectories per shard")
-    parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of every trajectory's noise")
+    parser.add_argument(
+        "--num-trajectories",
+        type=positive_int,
+        default=10_000,
+        help="how many trajectories the store holds",
+    )
+    parser.add_argument(
+        "--save-steps",
+        type=str,
+        default=None,
+        help="solver steps to save: 'all', 'every:N' or a list like 0,10,15,20,25 "
+        f"(default: all for models of at most {SMALL_MODEL_TOKENS} tokens, else every:5); "
+        "0 (the noise) and S (the sample) are always saved",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        choices=["float16", "float32"],
+        default="float32",
+        help="dtype of the stored arrays",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=500,
+        help="trajectories per solver batch, per process",
+    )
+    parser.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="trajectories per shard"
+    )
+    parser.add_argument(
+        "--global-seed", type=non_negative_int, default=0, help="seed of every trajectory's noise"
+    )
     dist_util.add_precision_argument(parser, default="fp32")
     add_stop_argument(parser)
     return parser.parse_args(argv)

@@ -18,12 +18,28 @@ from models import MODEL_CONFIGS, DiT_models
 # Official checkpoints, bare state dicts in DiT's module names, looked up under pretrained_models/ first, then
 # downloaded. SiT and REPA train SiT-XL/2, which is DiT-XL/2's architecture, as flow-matching models.
 PRETRAINED = {
-    "DiT-XL-2-256x256.pt": dict(family="dit", image_size=256, url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
-    "DiT-XL-2-512x512.pt": dict(family="dit", image_size=512, url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
-    "SiT-XL-2-256x256.pt": dict(family="sit", image_size=256, url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
-                                "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),  # SiT's download.py
-    "REPA-SiT-XL-2-256x256.pt": dict(family="repa", image_size=256, url="https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/"
-                                     "last.pt?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0"),  # REPA's 'last.pt', 4M iterations
+    "DiT-XL-2-256x256.pt": dict(
+        family="dit",
+        image_size=256,
+        url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
+    ),
+    "DiT-XL-2-512x512.pt": dict(
+        family="dit",
+        image_size=512,
+        url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
+    ),
+    "SiT-XL-2-256x256.pt": dict(
+        family="sit",
+        image_size=256,
+        url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
+        "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
+    ),  # SiT's download.py
+    "REPA-SiT-XL-2-256x256.pt": dict(
+        family="repa",
+        image_size=256,
+        url="https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/"
+        "last.pt?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0",
+    ),  # REPA's 'last.pt', 4M iterations
 }
 PRETRAINED_DIR = "pretrained_models"
 # What each family's network predicts and how its time input reads (diffusion/flow.py): DiT predicts noise (and a
@@ -42,11 +58,18 @@ KINDS = {"dit": "a DiT teacher", "ard": "an ARD student"}
 #                                  File I/O                                     #
 #################################################################################
 
+
 def non_finite_tensors(state):
     """The names of the floating-point tensors holding a NaN or an infinity, anywhere in a nested state."""
     if isinstance(state, torch.Tensor):
         return [""] if state.is_floating_point() and not torch.isfinite(state).all() else []
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    items = (
+        state.items()
+        if isinstance(state, dict)
+        else enumerate(state)
+        if isinstance(state, (list, tuple))
+        else []
+    )
     return [f"{k}.{name}".rstrip(".") for k, v in items for name in non_finite_tensors(v)]
 
 
@@ -55,7 +78,9 @@ def save_checkpoint(path, state):
     non-finite weight is never written: it raises instead."""
     bad = non_finite_tensors({k: state[k] for k in ("model", "ema", "disc") if k in state})
     if bad:
-        raise FloatingPointError(f"not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
+        raise FloatingPointError(
+            f"not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})"
+        )
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -65,7 +90,9 @@ def load_checkpoint(path):
         raise MissingFileError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends: the message names the offending global
+    except (
+        Exception
+    ) as e:  # pickle.UnpicklingError and friends: the message names the offending global
         raise UserError(f"{path} is not a checkpoint that loads with weights_only=True: {e}") from e
 
 
@@ -73,8 +100,10 @@ def check_finite(state_dict, path):
     """Refuses weights holding NaN or inf: a run that diverged must not feed the next stage."""
     bad = non_finite_tensors(state_dict)
     if bad:
-        raise UserError(f"{path} holds non-finite weights ({len(bad)} tensors with NaN or inf, e.g. {bad[0]}): "
-                        f"use an earlier checkpoint of that run")
+        raise UserError(
+            f"{path} holds non-finite weights ({len(bad)} tensors with NaN or inf, e.g. {bad[0]}): "
+            f"use an earlier checkpoint of that run"
+        )
 
 
 def find_checkpoint(name_or_path):
@@ -83,7 +112,11 @@ def find_checkpoint(name_or_path):
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path not in PRETRAINED:
-        hint = f"; official names, without a folder: {', '.join(PRETRAINED)}" if os.path.basename(name_or_path) in PRETRAINED else ""
+        hint = (
+            f"; official names, without a folder: {', '.join(PRETRAINED)}"
+            if os.path.basename(name_or_path) in PRETRAINED
+            else ""
+        )
         raise MissingFileError(f"checkpoint {name_or_path} does not exist{hint}")
     local, url = os.path.join(PRETRAINED_DIR, name_or_path), PRETRAINED[name_or_path]["url"]
     if not os.path.isfile(local):
@@ -106,11 +139,22 @@ def verify_official(path, name):
     has the official XL/2 config of its family at its image size, and holds only finite weights."""
     official = PRETRAINED[name]
     state_dict = load_checkpoint(path)
-    config = infer_dit_config({k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)})
-    expected = dict(model="DiT-XL/2", input_size=official["image_size"] // 8, in_channels=4, num_classes=1000,
-                    learn_sigma=official["family"] != "repa")
-    if config != expected or (official["family"] == "repa") != any(k.startswith(REPA_PROJECTORS) for k in state_dict):
-        raise UserError(f"the download {path} is not the official {name} (it has {config}); remove it and try again")
+    config = infer_dit_config(
+        {k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)}
+    )
+    expected = dict(
+        model="DiT-XL/2",
+        input_size=official["image_size"] // 8,
+        in_channels=4,
+        num_classes=1000,
+        learn_sigma=official["family"] != "repa",
+    )
+    if config != expected or (official["family"] == "repa") != any(
+        k.startswith(REPA_PROJECTORS) for k in state_dict
+    ):
+        raise UserError(
+            f"the download {path} is not the official {name} (it has {config}); remove it and try again"
+        )
     check_finite(state_dict, path)
 
 
@@ -127,25 +171,63 @@ def bare_family(state_dict, path):
 #                                The config schema                              #
 #################################################################################
 
-def teacher_config(model, input_size, in_channels, num_classes, learn_sigma, space, vae, image_size, data,
-                   prediction="eps", noise_at=None, time_scale=None):
+
+def teacher_config(
+    model,
+    input_size,
+    in_channels,
+    num_classes,
+    learn_sigma,
+    space,
+    vae,
+    image_size,
+    data,
+    prediction="eps",
+    noise_at=None,
+    time_scale=None,
+):
     """What a teacher checkpoint says about its model: the DiT_models key and its constructor arguments,
     the space it works in ('pixel' or 'latent', with the VAE), the image size and the data it learnt, and what
     it predicts: 'eps' (DiT) or 'velocity' (a flow, with its time convention: the end of t in [0, 1] that is
     noise, and the factor its time embedding is fed t with; see diffusion/flow.py)."""
-    return dict(kind="dit", model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                learn_sigma=learn_sigma, space=space, vae=vae, image_size=image_size, data=data,
-                prediction=prediction, noise_at=noise_at, time_scale=time_scale)
+    return dict(
+        kind="dit",
+        model=model,
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+        space=space,
+        vae=vae,
+        image_size=image_size,
+        data=data,
+        prediction=prediction,
+        noise_at=noise_at,
+        time_scale=time_scale,
+    )
 
 
 def student_config(teacher, timesteps, history_layers, boundaries, target, teacher_sha256, gan):
     """What a student checkpoint says: its teacher's shapes and space, the input timestep of each step,
     N, the solver steps it was distilled between, the target, the teacher's hash, and the stage."""
-    return dict(kind="ard", model=teacher["model"], input_size=teacher["input_size"], in_channels=teacher["in_channels"],
-                num_classes=teacher["num_classes"], timesteps=list(timesteps), history_layers=history_layers,
-                boundaries=list(boundaries), target=target, space=teacher["space"], vae=teacher.get("vae"),
-                image_size=teacher.get("image_size"), data=teacher.get("data"), teacher_sha256=teacher_sha256, gan=gan,
-                teacher_prediction=teacher.get("prediction", "eps"))
+    return dict(
+        kind="ard",
+        model=teacher["model"],
+        input_size=teacher["input_size"],
+        in_channels=teacher["in_channels"],
+        num_classes=teacher["num_classes"],
+        timesteps=list(timesteps),
+        history_layers=history_layers,
+        boundaries=list(boundaries),
+        target=target,
+        space=teacher["space"],
+        vae=teacher.get("vae"),
+        image_size=teacher.get("image_size"),
+        data=teacher.get("data"),
+        teacher_sha256=teacher_sha256,
+        gan=gan,
+        teacher_prediction=teacher.get("prediction", "eps"),
+    )
 
 
 def infer_dit_config(state_dict):
@@ -153,7 +235,10 @@ def infer_dit_config(state_dict):
     proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    size = next((s for s, c in MODEL_CONFIGS.items() if c["depth"] == depth and c["hidden_size"] == hidden), None)
+    size = next(
+        (s for s, c in MODEL_CONFIGS.items() if c["depth"] == depth and c["hidden_size"] == hidden),
+        None,
+    )
     if size is None:
         raise UserError(f"no DiT config has depth {depth} and width {hidden}")
     num_patches = state_dict["pos_embed"].shape[1]
@@ -173,15 +258,25 @@ def bare_weights_and_config(state_dict, family):
     (4 channels, 8x downsampling). REPA's projector weights are dropped, and said so."""
     projectors = [k for k in state_dict if k.startswith(REPA_PROJECTORS)]
     if projectors:
-        print(f"dropping REPA's {len(projectors)} projector tensors ({REPA_PROJECTORS}*): they align features in training "
-              f"and take no part in sampling")
+        print(
+            f"dropping REPA's {len(projectors)} projector tensors ({REPA_PROJECTORS}*): they align features in training "
+            f"and take no part in sampling"
+        )
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)}
     inferred = infer_dit_config(state_dict)
     if inferred["in_channels"] != 4:
-        raise UserError(f"a bare state dict with {inferred['in_channels']} input channels is not an official DiT, SiT or REPA "
-                        f"checkpoint, whose space is unknown: save it in train.py's format, with its config")
-    return state_dict, teacher_config(**inferred, space="latent", vae="ema", image_size=inferred["input_size"] * 8, data=None,
-                                      **FAMILIES[family])
+        raise UserError(
+            f"a bare state dict with {inferred['in_channels']} input channels is not an official DiT, SiT or REPA "
+            f"checkpoint, whose space is unknown: save it in train.py's format, with its config"
+        )
+    return state_dict, teacher_config(
+        **inferred,
+        space="latent",
+        vae="ema",
+        image_size=inferred["input_size"] * 8,
+        data=None,
+        **FAMILIES[family],
+    )
 
 
 def weights_and_config(ckpt, path=""):
@@ -191,24 +286,35 @@ def weights_and_config(ckpt, path=""):
         return ckpt["ema"], ckpt["config"]
     if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:
         return bare_weights_and_config(ckpt, bare_family(ckpt, path))
-    raise UserError("not a checkpoint of this repository nor an official DiT, SiT or REPA state dict")
+    raise UserError(
+        "not a checkpoint of this repository nor an official DiT, SiT or REPA state dict"
+    )
 
 
 #################################################################################
 #                           Models from their configs                           #
 #################################################################################
 
+
 def build_model(config, **kwargs):
     """A freshly initialised model of a config (teacher or student); kwargs go to the constructor
     (e.g. class_dropout_prob). Build it under `with torch.device("meta"):` to count FLOPs."""
-    shapes = dict(input_size=config["input_size"], in_channels=config["in_channels"], num_classes=config["num_classes"])
+    shapes = dict(
+        input_size=config["input_size"],
+        in_channels=config["in_channels"],
+        num_classes=config["num_classes"],
+    )
     if config["kind"] == "dit":
         return DiT_models[config["model"]](**shapes, learn_sigma=config["learn_sigma"], **kwargs)
     if config["kind"] == "ard":
         from ard_models import ARD_models
 
-        return ARD_models[config["model"]](timesteps=config["timesteps"], history_layers=config["history_layers"],
-                                           **shapes, **kwargs)
+        return ARD_models[config["model"]](
+            timesteps=config["timesteps"],
+            history_layers=config["history_layers"],
+            **shapes,
+            **kwargs,
+        )
     raise UserError(f"unknown model kind {config['kind']!r}")
 
 
@@ -218,13 +324,17 @@ def load_model(name_or_path, device="cpu", kind=None):
     path = find_checkpoint(name_or_path)
     state_dict, config = weights_and_config(load_checkpoint(path), path)
     if kind is not None and config["kind"] != kind:
-        raise UserError(f"{name_or_path} holds {KINDS.get(config['kind'], config['kind'])}, not {KINDS[kind]}")
+        raise UserError(
+            f"{name_or_path} holds {KINDS.get(config['kind'], config['kind'])}, not {KINDS[kind]}"
+        )
     check_finite(state_dict, path)
     model = build_model(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not match the model its config describes ({str(e).splitlines()[0]})") from e
+        raise UserError(
+            f"{path}: the weights do not match the model its config describes ({str(e).splitlines()[0]})"
+        ) from e
     return model.to(device).eval(), config
 
 

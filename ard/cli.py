@@ -68,7 +68,9 @@ non_negative_float = _typed(float, lambda v: v >= 0, "a non-negative number")
 probability = _typed(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 unit_float = _typed(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 decay = unit_float
-diffusion_steps = _typed(int, lambda v: 1 <= v <= 1000, "between 1 and 1000 (DiT's diffusion has 1000 steps)")
+diffusion_steps = _typed(
+    int, lambda v: 1 <= v <= 1000, "between 1 and 1000 (DiT's diffusion has 1000 steps)"
+)
 
 
 def check_output_path(path, what, folder=False):
@@ -76,7 +78,9 @@ def check_output_path(path, what, folder=False):
     reverse), or a location under a file or in a folder this user cannot write to."""
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}: give a {'folder' if folder else 'file'} path")
+        raise UserError(
+            f"{what} {path} is {'a file' if folder else 'a folder'}: give a {'folder' if folder else 'file'} path"
+        )
     parent = path if folder else os.path.dirname(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

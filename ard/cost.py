@@ -46,7 +46,9 @@ def best_time(fn, repeats=3, enough=6.0):
 
 def _noise_and_labels(config, batch):
     shape = (batch, config["in_channels"], config["input_size"], config["input_size"])
-    return torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.arange(batch) % config["num_classes"]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.arange(
+        batch
+    ) % config["num_classes"]
 
 
 def sampling_cost(model, config, steps=25, cfg_scale=1.5, batch=500, sampler="ddim"):
@@ -54,11 +56,19 @@ def sampling_cost(model, config, steps=25, cfg_scale=1.5, batch=500, sampler="dd
     (two model calls per evaluation unless cfg_scale is 1), or a student's K steps."""
     with torch.device("meta"):
         meta = build_model(config)
-        x, y = torch.randn(2, config["in_channels"], config["input_size"], config["input_size"]), torch.zeros(2, dtype=torch.long)
+        x, y = (
+            torch.randn(2, config["in_channels"], config["input_size"], config["input_size"]),
+            torch.zeros(2, dtype=torch.long),
+        )
         if config["kind"] == "ard":
             flops = count_flops(lambda: meta.sample(x[:1], y[:1]))
         else:
-            flops = count_flops(lambda: meta(x, y, y)) / 2 * model_evaluations(sampler, steps) * (2 if cfg_scale != 1.0 else 1)
+            flops = (
+                count_flops(lambda: meta(x, y, y))
+                / 2
+                * model_evaluations(sampler, steps)
+                * (2 if cfg_scale != 1.0 else 1)
+            )
     noise, labels = _noise_and_labels(config, batch)
     if config["kind"] == "ard":
         return flops, best_time(lambda: model.sample(noise, labels)) / batch

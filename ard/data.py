@@ -21,6 +21,7 @@ DIGITS_HELD_OUT = 360  # real digits never used for training: the reference set 
 #                          The embedded default: digits                         #
 #################################################################################
 
+
 def load_digits(split="train", image_size=8):
     """scikit-learn's handwritten digits (1,797 real 8x8 grey images of 10 classes) as
     ((N, 1, S, S) float32 in [-1, 1], (N,) int64). 'train' and 'test' are a fixed stratified split
@@ -34,11 +35,15 @@ def load_digits(split="train", image_size=8):
     if split != "all":
         if split not in ("train", "test"):
             raise UserError(f"unknown digits split {split!r}: use train, test or all")
-        parts = train_test_split(images, labels, test_size=DIGITS_HELD_OUT, stratify=labels, random_state=0)
+        parts = train_test_split(
+            images, labels, test_size=DIGITS_HELD_OUT, stratify=labels, random_state=0
+        )
         images, labels = (parts[0], parts[2]) if split == "train" else (parts[1], parts[3])
     x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
     if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )
         x = x.clamp(-1, 1)
     return x, torch.from_numpy(np.ascontiguousarray(labels))
 
@@ -48,8 +53,10 @@ def load_digits(split="train", image_size=8):
 #################################################################################
 
 FASHION_CLASSES = 10
-FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 # Where the four idx files are looked for (each as it is or gzipped): the folder FASHION_MNIST_DIR names if it is set,
 # then this repository's data/ folder, the layout torchvision's FashionMNIST downloads to, and Debian's
 # dataset-fashion-mnist package.
@@ -59,13 +66,17 @@ FASHION_DIRS = ("data/fashion-mnist", "data/FashionMNIST/raw", "/usr/share/datas
 def find_fashion_mnist(dirs=None):
     """The first folder that holds all four Fashion-MNIST idx files, or one sentence saying how to get them."""
     if dirs is None:
-        dirs = ((os.environ["FASHION_MNIST_DIR"],) if os.environ.get("FASHION_MNIST_DIR") else ()) + FASHION_DIRS
+        dirs = (
+            (os.environ["FASHION_MNIST_DIR"],) if os.environ.get("FASHION_MNIST_DIR") else ()
+        ) + FASHION_DIRS
     for folder in dirs:
         if all(_idx_path(folder, name) for pair in FASHION_FILES.values() for name in pair):
             return folder
-    raise MissingFileError(f"Fashion-MNIST's idx files are in none of {', '.join(dirs)}: install them with "
-                           f"'apt-get install dataset-fashion-mnist' (Debian), or download the four "
-                           f"*-ubyte.gz files of github.com/zalandoresearch/fashion-mnist into data/fashion-mnist/")
+    raise MissingFileError(
+        f"Fashion-MNIST's idx files are in none of {', '.join(dirs)}: install them with "
+        f"'apt-get install dataset-fashion-mnist' (Debian), or download the four "
+        f"*-ubyte.gz files of github.com/zalandoresearch/fashion-mnist into data/fashion-mnist/"
+    )
 
 
 def _idx_path(folder, name):
@@ -100,18 +111,28 @@ def load_fashion_mnist(split="train", dirs=None):
     folder = find_fashion_mnist(dirs)
     images_file, labels_file = (_idx_path(folder, name) for name in FASHION_FILES[split])
     try:
-        images, labels = _read_idx(images_file, read_image_file), _read_idx(labels_file, read_label_file)
+        images, labels = (
+            _read_idx(images_file, read_image_file),
+            _read_idx(labels_file, read_label_file),
+        )
     except (AssertionError, OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{images_file} or {labels_file} is not a readable idx file ({e}): the files are damaged") from e
+        raise UserError(
+            f"{images_file} or {labels_file} is not a readable idx file ({e}): the files are damaged"
+        ) from e
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
-        raise UserError(f"{images_file} holds images of shape {tuple(images.shape)} and {labels_file} {len(labels)} labels: "
-                        f"not Fashion-MNIST")
+        raise UserError(
+            f"{images_file} holds images of shape {tuple(images.shape)} and {labels_file} {len(labels)} labels: "
+            f"not Fashion-MNIST"
+        )
     x = images.to(torch.float32).div(127.5).sub(1.0).unsqueeze(1)  # 0..255 -> [-1, 1]
     return x, labels.to(torch.int64)
 
 
 #: The embedded datasets, pixel space, one grey channel: name -> (loader(split), classes, image side).
-EMBEDDED = {"digits": (load_digits, DIGITS_CLASSES, 8), "fashion": (load_fashion_mnist, FASHION_CLASSES, 28)}
+EMBEDDED = {
+    "digits": (load_digits, DIGITS_CLASSES, 8),
+    "fashion": (load_fashion_mnist, FASHION_CLASSES, 28),
+}
 
 
 def find_embedded(name):
@@ -136,13 +157,16 @@ def load_embedded(name, split, image_size=None):
 #                          ImageFolder with ADM's centre crop               #
 #################################################################################
 
+
 def center_crop_arr(pil_image, image_size):
     """ADM's centre crop: halve with a box filter while the image is at least twice the target, resize the
     short side to image_size with bicubic, then crop the centre square."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    pil_image = pil_image.resize(
+        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
+    )
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
@@ -155,18 +179,25 @@ def image_folder(path, image_size):
     from torchvision import datasets, transforms
 
     if not os.path.isdir(path):
-        raise MissingFileError(f"data folder {path} does not exist (expected one sub-folder of images per class)")
-    transform = transforms.Compose([
-        transforms.Lambda(lambda pil_image: center_crop_arr(pil_image.convert("RGB"), image_size)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True),
-    ])
+        raise MissingFileError(
+            f"data folder {path} does not exist (expected one sub-folder of images per class)"
+        )
+    transform = transforms.Compose(
+        [
+            transforms.Lambda(
+                lambda pil_image: center_crop_arr(pil_image.convert("RGB"), image_size)
+            ),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True),
+        ]
+    )
     return datasets.ImageFolder(path, transform=transform)
 
 
 #################################################################################
 #                                  Images out                                   #
 #################################################################################
+
 
 def to_uint8(x):
     """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, 3), quantised as DiT's sample_ddp.py does;

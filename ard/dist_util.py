@@ -10,7 +10,11 @@ import os
 import torch
 import torch.distributed as dist
 
-PRECISIONS = ("fp32", "tf32", "bf16")  # on GPU: full fp32, TF32 matmuls and convolutions, or bf16 autocast (with TF32)
+PRECISIONS = (
+    "fp32",
+    "tf32",
+    "bf16",
+)  # on GPU: full fp32, TF32 matmuls and convolutions, or bf16 autocast (with TF32)
 
 
 def setup(precision="fp32", device=None):
@@ -100,9 +104,16 @@ def wrap_ddp(module, device):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def add_precision_argument(parser, default):
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default=default,
-                        help="on GPU: fp32, TF32 matmuls (faster, slightly less exact), or bf16 autocast (with TF32)")
+    parser.add_argument(
+        "--precision",
+        type=str,
+        choices=PRECISIONS,
+        default=default,
+        help="on GPU: fp32, TF32 matmuls (faster, slightly less exact), or bf16 autocast (with TF32)",
+    )

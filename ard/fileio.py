@@ -53,8 +53,10 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def no_space_error(path, error):
     """The UserError for a write that ran out of disk space (or quota): nothing half-written is left in place."""
-    return UserError(f"no space left to write {path} ({os.strerror(error.errno)}): it was not written and the files "
-                     f"written before it are intact; free space on that filesystem, or write elsewhere, and run again")
+    return UserError(
+        f"no space left to write {path} ({os.strerror(error.errno)}): it was not written and the files "
+        f"written before it are intact; free space on that filesystem, or write elsewhere, and run again"
+    )
 
 
 def atomic_write(path, write, mode="wb"):
@@ -86,8 +88,10 @@ def check_free_space(path, need_bytes, what):
         folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     if need_bytes > free:
-        raise UserError(f"{what} needs about {need_bytes / 2**30:.2f} GiB more and the filesystem of {folder} has "
-                        f"{free / 2**30:.2f} GiB free: free space there, or write elsewhere")
+        raise UserError(
+            f"{what} needs about {need_bytes / 2**30:.2f} GiB more and the filesystem of {folder} has "
+            f"{free / 2**30:.2f} GiB free: free space there, or write elsewhere"
+        )
 
 
 def write_json(path, obj):
@@ -140,11 +144,17 @@ class WriterLock:
                 except (OSError, ValueError):
                     owner = {}
                 pid = owner.get("pid")
-                if owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+                if (
+                    owner.get("host") == socket.gethostname()
+                    and isinstance(pid, int)
+                    and not _alive(pid)
+                ):
                     os.remove(self.path)  # left by a dead process of this host
                     continue
-                return (f"another process (pid {owner.get('pid')} on {owner.get('host')}) is writing {self.what}; wait for it "
-                        f"to finish, or remove {self.path} if that process is gone")
+                return (
+                    f"another process (pid {owner.get('pid')} on {owner.get('host')}) is writing {self.what}; wait for it "
+                    f"to finish, or remove {self.path} if that process is gone"
+                )
             with os.fdopen(fd, "w") as f:
                 json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
             self.held = True
@@ -184,8 +194,14 @@ def check_same_settings(path, settings, what):
         return
     with open(path) as f:
         existing = json.load(f)
-    diffs = [f"{k}: {existing.get(k)!r} there, {v!r} now" for k, v in settings.items() if existing.get(k) != v]
+    diffs = [
+        f"{k}: {existing.get(k)!r} there, {v!r} now"
+        for k, v in settings.items()
+        if existing.get(k) != v
+    ]
     diffs += [f"{k}: {existing[k]!r} there, absent now" for k in existing if k not in settings]
     if diffs:
-        raise UserError(f"{what} holds results made with other settings ({'; '.join(diffs)}); "
-                         f"use a new output path, or remove it to start over")
+        raise UserError(
+            f"{what} holds results made with other settings ({'; '.join(diffs)}); "
+            f"use a new output path, or remove it to start over"
+        )

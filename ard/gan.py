@@ -55,7 +55,9 @@ class DiscriminatorHead(nn.Module):
 
     def forward(self, tokens, y):  # tokens: (N, T, D), y: (N,)
         h = F.silu(self.proj(self.norm(tokens)))  # (N, T, W)
-        logits = self.out(h).squeeze(-1) + self.scale * (h * self.class_embed(y)[:, None]).sum(-1)  # (N, T)
+        logits = self.out(h).squeeze(-1) + self.scale * (h * self.class_embed(y)[:, None]).sum(
+            -1
+        )  # (N, T)
         return logits.mean(dim=1)  # (N,)
 
 
@@ -70,7 +72,9 @@ class FeatureDiscriminator(nn.Module):
         self.blocks = sorted(blocks)
         bad = [b for b in self.blocks if not 0 <= b < len(teacher.blocks)]
         if bad:
-            raise UserError(f"discriminator blocks {bad} are outside the teacher's {len(teacher.blocks)} blocks")
+            raise UserError(
+                f"discriminator blocks {bad} are outside the teacher's {len(teacher.blocks)} blocks"
+            )
         self.heads = nn.ModuleList([DiscriminatorHead(hidden, num_classes) for _ in self.blocks])
         self._teacher = [teacher]  # a list keeps it out of parameters(), state_dict() and .to()
 
@@ -118,20 +122,42 @@ def translate(x, max_shift):
     n, _, h, w = x.shape
     padded = F.pad(x, [max_shift] * 4, value=-1.0)
     dy, dx = (torch.randint(-max_shift, max_shift + 1, (n,), device=x.device) for _ in range(2))
-    rows = (torch.arange(h, device=x.device)[None, :] + max_shift - dy[:, None])  # (n, h)
-    cols = (torch.arange(w, device=x.device)[None, :] + max_shift - dx[:, None])  # (n, w)
+    rows = torch.arange(h, device=x.device)[None, :] + max_shift - dy[:, None]  # (n, h)
+    cols = torch.arange(w, device=x.device)[None, :] + max_shift - dx[:, None]  # (n, w)
     idx = torch.arange(n, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def real_images(data, image_size, global_batch, seed, rank, world_size, start_step, max_steps, num_workers, worker_init_fn=None):
+def real_images(
+    data,
+    image_size,
+    global_batch,
+    seed,
+    rank,
+    world_size,
+    start_step,
+    max_steps,
+    num_workers,
+    worker_init_fn=None,
+):
     """An iterator over the real (x, y) batches of each step, for the discriminator: an embedded dataset or
     an ImageFolder, in the same step-indexed order on resume."""
-    dataset = (torch.utils.data.TensorDataset(*load_embedded(data, "train", image_size)) if data in EMBEDDED
-               else image_folder(data, image_size))
-    sampler = StepBatchSampler(len(dataset), global_batch, seed, rank, world_size, start_step, max_steps)
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0 if data in EMBEDDED else num_workers,
-                                            worker_init_fn=worker_init_fn))
+    dataset = (
+        torch.utils.data.TensorDataset(*load_embedded(data, "train", image_size))
+        if data in EMBEDDED
+        else image_folder(data, image_size)
+    )
+    sampler = StepBatchSampler(
+        len(dataset), global_batch, seed, rank, world_size, start_step, max_steps
+    )
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=0 if data in EMBEDDED else num_workers,
+            worker_init_fn=worker_init_fn,
+        )
+    )
 
 
 class GANStage:
@@ -139,27 +165,72 @@ class GANStage:
     trains the discriminator on a real batch and the detached fake, and returns the generator's loss
     L_reg + lambda * L_GAN with the figures to log."""
 
-    FIGURES = ("d_loss", "gan_weight", "grad_reg", "grad_gan", "d_real", "d_fake", "fake_min", "fake_max")
+    FIGURES = (
+        "d_loss",
+        "gan_weight",
+        "grad_reg",
+        "grad_gan",
+        "d_real",
+        "d_fake",
+        "fake_min",
+        "fake_max",
+    )
 
-    def __init__(self, teacher, num_classes, blocks, device, real_batches, vae=None, disc_lr=2e-4, scale=0.5,
-                 max_weight=10.0, warmup=100, max_t=300, augment=0, flip=False, dequantize=0.0, precision="fp32", state=None,
-                 weight=None, process=None):
-        self.diffusion = process if process is not None else create_diffusion("")  # the teacher's (teacher_process)
-        self.raw_disc = FeatureDiscriminator(teacher, self.diffusion, blocks, num_classes).to(device)
+    def __init__(
+        self,
+        teacher,
+        num_classes,
+        blocks,
+        device,
+        real_batches,
+        vae=None,
+        disc_lr=2e-4,
+        scale=0.5,
+        max_weight=10.0,
+        warmup=100,
+        max_t=300,
+        augment=0,
+        flip=False,
+        dequantize=0.0,
+        precision="fp32",
+        state=None,
+        weight=None,
+        process=None,
+    ):
+        self.diffusion = (
+            process if process is not None else create_diffusion("")
+        )  # the teacher's (teacher_process)
+        self.raw_disc = FeatureDiscriminator(teacher, self.diffusion, blocks, num_classes).to(
+            device
+        )
         self.disc_opt = torch.optim.AdamW(self.raw_disc.parameters(), lr=disc_lr, weight_decay=0)
         if state is not None:
             self.raw_disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
         self.disc = dist_util.wrap_ddp(self.raw_disc, device)
-        self.real_batches, self.vae, self.device, self.precision = real_batches, vae, device, precision
+        self.real_batches, self.vae, self.device, self.precision = (
+            real_batches,
+            vae,
+            device,
+            precision,
+        )
         self.scale, self.max_weight, self.warmup, self.max_t = scale, max_weight, warmup, max_t
-        self.augment, self.flip, self.dequantize, self.fixed_weight = augment, flip, dequantize, weight
+        self.augment, self.flip, self.dequantize, self.fixed_weight = (
+            augment,
+            flip,
+            dequantize,
+            weight,
+        )
 
     def real(self):
         x, y = next(self.real_batches)
         x, y = x.to(self.device), y.to(self.device)
-        if self.flip:  # image folders: random horizontal flips, drawn from the step's seeded generator
-            x = torch.where((torch.rand(len(x), device=x.device) < 0.5)[:, None, None, None], x.flip(-1), x)
+        if (
+            self.flip
+        ):  # image folders: random horizontal flips, drawn from the step's seeded generator
+            x = torch.where(
+                (torch.rand(len(x), device=x.device) < 0.5)[:, None, None, None], x.flip(-1), x
+            )
         if self.dequantize:  # real images take a few grey levels, the student's any value: hide the levels from the heads
             x = x + self.dequantize * (torch.rand_like(x) - 0.5)
         return (vae_encode(self.vae, x) if self.vae is not None else x), y
@@ -177,14 +248,26 @@ class GANStage:
         # Discriminator step on the detached fake and a real batch:
         x_real, y_real = self.real()
         with dist_util.autocast(self.device, self.precision):
-            logits = self.logits(self.disc, torch.cat([x_real, fake.detach()]), torch.cat([y_real, y]))
-            d_loss = hinge_d_loss(logits[: len(x_real)], logits[len(x_real):])
+            logits = self.logits(
+                self.disc, torch.cat([x_real, fake.detach()]), torch.cat([y_real, y])
+            )
+            d_loss = hinge_d_loss(logits[: len(x_real)], logits[len(x_real) :])
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         self.disc_opt.step()
-        self.disc_opt.zero_grad(set_to_none=True)  # any gradient a head holds from here on would be the generator's
-        figures = [d_loss.item(), 0.0, 0.0, 0.0, logits[: len(x_real)].mean().item(), logits[len(x_real):].mean().item(),
-                   fake.min().item(), fake.max().item()]
+        self.disc_opt.zero_grad(
+            set_to_none=True
+        )  # any gradient a head holds from here on would be the generator's
+        figures = [
+            d_loss.item(),
+            0.0,
+            0.0,
+            0.0,
+            logits[: len(x_real)].mean().item(),
+            logits[len(x_real) :].mean().item(),
+            fake.min().item(),
+            fake.max().item(),
+        ]
         if not adversarial:
             return loss_reg, figures
         # Generator: regression plus the adaptively weighted adversarial loss; the heads are frozen for it.
@@ -193,11 +276,21 @@ class GANStage:
             g_loss = generator_loss(self.logits(self.raw_disc, fake.float(), y))
         requires_grad(self.raw_disc, True)
         reg_norm, gan_norm = gradient_norms(loss_reg, g_loss, last_layer)
-        reg_norm, gan_norm = (torch.tensor(v, device=self.device) for v in dist_util.all_reduce_mean([reg_norm.item(), gan_norm.item()], self.device))
-        weight = (adaptive_weight(reg_norm, gan_norm, self.scale, self.max_weight) if self.fixed_weight is None
-                  else torch.tensor(self.fixed_weight, device=self.device))
+        reg_norm, gan_norm = (
+            torch.tensor(v, device=self.device)
+            for v in dist_util.all_reduce_mean([reg_norm.item(), gan_norm.item()], self.device)
+        )
+        weight = (
+            adaptive_weight(reg_norm, gan_norm, self.scale, self.max_weight)
+            if self.fixed_weight is None
+            else torch.tensor(self.fixed_weight, device=self.device)
+        )
         figures[1:4] = [weight.item(), reg_norm.item(), gan_norm.item()]
         return loss_reg + weight * g_loss, figures
 
     def state_dict(self):
-        return {"disc": self.raw_disc.state_dict(), "disc_opt": self.disc_opt.state_dict(), "disc_blocks": self.raw_disc.blocks}
+        return {
+            "disc": self.raw_disc.state_dict(),
+            "disc_opt": self.disc_opt.state_dict(),
+            "disc_blocks": self.raw_disc.blocks,
+        }

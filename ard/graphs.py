@@ -27,7 +27,9 @@ def _signature(tensors):
     device_type = tensors[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (
-        autocast, torch.get_autocast_dtype(device_type) if autocast else None)
+        autocast,
+        torch.get_autocast_dtype(device_type) if autocast else None,
+    )
 
 
 class CudaGraph:
@@ -100,7 +102,9 @@ class _Hazards(TorchDispatchMode):
             self.found.append(f"{func}: a device value read on the host (.item(), float(), bool())")
         elif on_device and any(t.dim() > 0 for t in host):
             shapes = ", ".join(f"{t.device.type} {tuple(t.shape)}" for t in tensors)
-            self.found.append(f"{func} takes a host tensor into device work ({shapes}): a host-to-device copy")
+            self.found.append(
+                f"{func} takes a host tensor into device work ({shapes}): a host-to-device copy"
+            )
         return out
 
 
@@ -115,7 +119,10 @@ def capture_hazards(fn, *tensors):
         fn(*meta)
         with mode, _watch_host_data(mode.found):
             fn(*meta)
-    except (RuntimeError, NotImplementedError) as err:  # .item() on meta, or an op whose shape depends on data
+    except (
+        RuntimeError,
+        NotImplementedError,
+    ) as err:  # .item() on meta, or an op whose shape depends on data
         mode.found.append(f"{type(err).__name__}: {err}")
     return mode.found
 
@@ -131,14 +138,19 @@ def _watch_host_data(found):
         def constructor(data, *args, **kwargs):
             out = originals[name](data, *args, **kwargs)
             if out.device.type != "cpu" and out.dim() > 0 and not isinstance(data, torch.Tensor):
-                found.append(f"torch.{name} of host data on {out.device.type} {tuple(out.shape)}: a host-to-device copy")
+                found.append(
+                    f"torch.{name} of host data on {out.device.type} {tuple(out.shape)}: a host-to-device copy"
+                )
             return out
+
         return constructor
 
     def watched_getitem(self, index):
         parts = index if isinstance(index, tuple) else (index,)
         if self.device.type != "cpu" and any(isinstance(p, list) for p in parts):
-            found.append(f"indexing a {self.device.type} tensor by a Python list: a host-to-device copy of the index")
+            found.append(
+                f"indexing a {self.device.type} tensor by a Python list: a host-to-device copy of the index"
+            )
         return getitem(self, index)
 
     try:

@@ -32,8 +32,14 @@ def create_logger(logging_dir):
         logger.setLevel(logging.INFO)
         stream = logging.StreamHandler(sys.stdout)
         for handler in (stream, logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
-            stamp = "\033[34m%(asctime)s\033[0m" if handler is stream and is_terminal(sys.stdout) else "%(asctime)s"
-            handler.setFormatter(logging.Formatter(f"[{stamp}] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+            stamp = (
+                "\033[34m%(asctime)s\033[0m"
+                if handler is stream and is_terminal(sys.stdout)
+                else "%(asctime)s"
+            )
+            handler.setFormatter(
+                logging.Formatter(f"[{stamp}] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+            )
             logger.addHandler(handler)
     else:
         logger.addHandler(logging.NullHandler())
@@ -69,8 +75,11 @@ class LineProgress:
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         left = _clock((self.total - self.n) / rate) if rate > 0 and self.total else "?"
         postfix = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc} {self.n}/{self.total} [{_clock(elapsed)}<{left}, {rate:.2f}{self.unit}/s{postfix}]",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc} {self.n}/{self.total} [{_clock(elapsed)}<{left}, {rate:.2f}{self.unit}/s{postfix}]",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self):
         self._print()
@@ -93,4 +102,6 @@ def progress(total, desc, initial=0, unit="it", disable=False):
         return _Silent()
     if is_terminal(sys.stderr):
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-    return LineProgress(total, initial, desc, unit, every=float(os.environ.get(PROGRESS_SECONDS, 30)))
+    return LineProgress(
+        total, initial, desc, unit, every=float(os.environ.get(PROGRESS_SECONDS, 30))
+    )

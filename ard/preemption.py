@@ -54,6 +54,12 @@ class StopRequest:
 
 
 def add_stop_argument(parser):
-    parser.add_argument("--stop-signals", nargs="+", choices=STOP_SIGNALS, default=["TERM", "USR1"], metavar="SIGNAL",
-                        help="signals that stop the job cleanly (saving the work in flight, exit status "
-                             f"{EXIT_PREEMPTED}); a second one exits at once; one or more of {', '.join(STOP_SIGNALS)}")
+    parser.add_argument(
+        "--stop-signals",
+        nargs="+",
+        choices=STOP_SIGNALS,
+        default=["TERM", "USR1"],
+        metavar="SIGNAL",
+        help="signals that stop the job cleanly (saving the work in flight, exit status "
+        f"{EXIT_PREEMPTED}); a second one exits at once; one or more of {', '.join(STOP_SIGNALS)}",
+    )

@@ -38,7 +38,9 @@ def sample_generator(seed, index, stream):
 
 def epoch_permutation(num_items, seed, epoch):
     """The order in which epoch `epoch` visits a dataset of num_items."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(
+        num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    )
 
 
 def rank_seed(seed, rank):
@@ -58,6 +60,8 @@ def per_index_noise(seed, indices, shape, stream, num_classes=None, label_seed=N
         if num_classes is not None:
             labels[n] = torch.randint(num_classes, (1,), generator=gen)
             if label_seed is not None and label_seed != seed:
-                labels[n] = torch.randint(num_classes, (1,), generator=sample_generator(label_seed, i, stream))
+                labels[n] = torch.randint(
+                    num_classes, (1,), generator=sample_generator(label_seed, i, stream)
+                )
         noise[n] = torch.randn(shape, generator=gen)
     return (labels, noise) if num_classes is not None else noise

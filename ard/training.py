@@ -20,7 +20,15 @@ import torch
 
 from ard import dist_util
 from ard.checkpoints import check_finite, load_checkpoint, save_checkpoint
-from ard.cli import NothingToDo, UserError, check_output_path, decay, non_negative_int, positive_float, positive_int
+from ard.cli import (
+    NothingToDo,
+    UserError,
+    check_output_path,
+    decay,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from ard.fileio import remove_stale_temporaries, write_json
 from ard.logs import create_logger
 from ard.preemption import Preempted, add_stop_argument
@@ -54,10 +62,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_items, global_batch, seed, rank, world_size, start_step, num_steps):
-        assert global_batch % world_size == 0, "the global batch size must be divisible by the world size"
+        assert global_batch % world_size == 0, (
+            "the global batch size must be divisible by the world size"
+        )
         self.steps_per_epoch = num_items // global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"the global batch size {global_batch} exceeds the {num_items} items there are to draw from: use a smaller one")
+            raise UserError(
+                f"the global batch size {global_batch} exceeds the {num_items} items there are to draw from: use a smaller one"
+            )
         self.num_items, self.global_batch = num_items, global_batch
         self.seed, self.rank, self.local_batch = seed, rank, global_batch // world_size
         self.start_step, self.num_steps = start_step, num_steps
@@ -96,7 +108,12 @@ def teacher_loss(model, diffusion, x, y, vae=None, random_flip=False):
 
 # Run-defining flags added after runs were already trained, with the value that keeps what those runs did: a
 # checkpoint whose saved arguments lack one was trained that way, and resumes.
-ADDED_LATER = {"objective": "ddpm", "lr_schedule": "constant", "warmup_steps": 0, "boundary_schedule": "t"}
+ADDED_LATER = {
+    "objective": "ddpm",
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "boundary_schedule": "t",
+}
 
 
 def prepare_run(args, run_defining_args):
@@ -118,28 +135,39 @@ def prepare_run(args, run_defining_args):
         return None
     ckpt = load_checkpoint(args.resume)
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= set(ckpt):
-        raise UserError(f"--resume {args.resume} is not a training checkpoint of this script (it has no optimiser state)")
+        raise UserError(
+            f"--resume {args.resume} is not a training checkpoint of this script (it has no optimiser state)"
+        )
     check_finite({k: ckpt[k] for k in ("model", "ema")}, args.resume)
     diffs = setting_differences(ckpt["args"], args, run_defining_args)
     if diffs:
-        raise UserError(f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}")
+        raise UserError(
+            f"{args.resume} was trained with other settings; pass the same ones to resume: {', '.join(diffs)}"
+        )
     if ckpt["step"] >= args.max_steps:
-        raise UserError(f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further")
+        raise UserError(
+            f"{args.resume} is already at step {ckpt['step']}; pass a larger --max-steps to train further"
+        )
     return ckpt
 
 
 def setting_differences(saved, args, run_defining_args):
     """'--flag saved (now current)' for each run-defining argument on which the saved arguments and args differ."""
     saved = {**ADDED_LATER, **saved}
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-            for k in run_defining_args if saved.get(k) != getattr(args, k)]
+    return [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
+        for k in run_defining_args
+        if saved.get(k) != getattr(args, k)
+    ]
 
 
 def last_checkpoint(checkpoint_dir):
     """(step, path) of the newest checkpoint in a run's checkpoints/ (written atomically: complete if present), or None."""
     if not os.path.isdir(checkpoint_dir):
         return None
-    steps = [int(f[:-3]) for f in os.listdir(checkpoint_dir) if f.endswith(".pt") and f[:-3].isdigit()]
+    steps = [
+        int(f[:-3]) for f in os.listdir(checkpoint_dir) if f.endswith(".pt") and f[:-3].isdigit()
+    ]
     return (max(steps), os.path.join(checkpoint_dir, f"{max(steps):07d}.pt")) if steps else None
 
 
@@ -154,31 +182,43 @@ def auto_resume(args, run_defining_args):
     if not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return None
     if not os.path.isfile(os.path.join(run_dir, "args.json")):
-        return UserError(f"--run-dir {run_dir} holds files but no run (no args.json): pick a new --run-dir")
+        return UserError(
+            f"--run-dir {run_dir} holds files but no run (no args.json): pick a new --run-dir"
+        )
     with open(os.path.join(run_dir, "args.json")) as f:
         diffs = setting_differences(json.load(f), args, run_defining_args)
     if diffs:
-        return UserError(f"--run-dir {run_dir} holds a run of other settings ({', '.join(diffs)}): pass the same ones, "
-                         f"or another --run-dir")
+        return UserError(
+            f"--run-dir {run_dir} holds a run of other settings ({', '.join(diffs)}): pass the same ones, "
+            f"or another --run-dir"
+        )
     last = last_checkpoint(os.path.join(run_dir, "checkpoints"))
     if last is None:
         args.replace = True  # nothing to continue from: the run starts over in its folder
         return None
     if last[0] >= args.max_steps:
-        return NothingToDo(f"{run_dir} has reached step {last[0]} of --max-steps {args.max_steps} ({last[1]})")
+        return NothingToDo(
+            f"{run_dir} has reached step {last[0]} of --max-steps {args.max_steps} ({last[1]})"
+        )
     return last[1]
 
 
 def check_new_run_dir(args):
     """The one-sentence reason a new run cannot start in its folder, or None."""
     try:
-        check_output_path(args.run_dir or args.results_dir, "--run-dir" if args.run_dir else "--results-dir", folder=True)
+        check_output_path(
+            args.run_dir or args.results_dir,
+            "--run-dir" if args.run_dir else "--results-dir",
+            folder=True,
+        )
     except UserError as e:
         return str(e)
     if args.run_dir and os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
         if not args.replace:
-            return (f"--run-dir {args.run_dir} already holds a run: pass --resume with one of its checkpoints to continue it, "
-                    f"--replace to start it over, or another --run-dir")
+            return (
+                f"--run-dir {args.run_dir} already holds a run: pass --resume with one of its checkpoints to continue it, "
+                f"--replace to start it over, or another --run-dir"
+            )
         if not os.path.exists(os.path.join(args.run_dir, "args.json")):
             return f"--replace deletes a run folder, and {args.run_dir} holds files but no run (no args.json): pick a new --run-dir"
     return None
@@ -204,7 +244,9 @@ class Run:
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         if dist_util.is_main():
             if ckpt is None and os.path.isdir(self.dir):
-                shutil.rmtree(self.dir)  # --replace (prepare_run refused a non-empty folder without it)
+                shutil.rmtree(
+                    self.dir
+                )  # --replace (prepare_run refused a non-empty folder without it)
             for folder in (self.checkpoint_dir, *(os.path.join(self.dir, s) for s in subfolders)):
                 os.makedirs(folder, exist_ok=True)
             stale = remove_stale_temporaries(self.checkpoint_dir)
@@ -222,7 +264,11 @@ class Run:
         run_dir = None
         if dist_util.is_main():
             os.makedirs(results_dir, exist_ok=True)
-            numbers = [int(entry.split("-", 1)[0]) for entry in os.listdir(results_dir) if entry.split("-", 1)[0].isdigit()]
+            numbers = [
+                int(entry.split("-", 1)[0])
+                for entry in os.listdir(results_dir)
+                if entry.split("-", 1)[0].isdigit()
+            ]
             run_dir = os.path.join(results_dir, f"{max(numbers, default=-1) + 1:03d}-{name}")
         return dist_util.broadcast_object(run_dir)
 
@@ -260,6 +306,7 @@ class Run:
 #                         The model being optimised                             #
 #################################################################################
 
+
 def optimizer_to(opt, device):
     """Moves an optimiser's state (loaded on the CPU) to the device; step counters stay where they are."""
     for state in opt.state.values():
@@ -274,9 +321,26 @@ class Trainer:
     the optimiser touches the weights. With a StopRequest `stop`, `stop_requested` says after each step whether
     any rank has been asked to stop (see stop_if_requested): every rank reads the same answer at the same step."""
 
-    def __init__(self, model, device, lr, weight_decay=0.0, ema_decay=0.9999, grad_clip=None, compile=False, state=None,
-                 schedule=None, stop=None):
-        self.raw, self.lr, self.schedule, self.stop, self.stop_requested = model, lr, schedule, stop, False
+    def __init__(
+        self,
+        model,
+        device,
+        lr,
+        weight_decay=0.0,
+        ema_decay=0.9999,
+        grad_clip=None,
+        compile=False,
+        state=None,
+        schedule=None,
+        stop=None,
+    ):
+        self.raw, self.lr, self.schedule, self.stop, self.stop_requested = (
+            model,
+            lr,
+            schedule,
+            stop,
+            False,
+        )
         self.ema = deepcopy(model)
         requires_grad(self.ema, False)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -292,7 +356,9 @@ class Trainer:
         if state is None:
             update_ema(self.ema, self.raw, decay=0)  # the EMA starts from the initial weights
         self.device, self.ema_decay = device, ema_decay
-        self.grad_clip = grad_clip if grad_clip is not None else math.inf  # inf: the norm is measured, nothing is clipped
+        self.grad_clip = (
+            grad_clip if grad_clip is not None else math.inf
+        )  # inf: the norm is measured, nothing is clipped
 
     def load_optimizer(self, state, lr, weight_decay):
         """Continues from another run's optimiser state (its moments), with this run's learning rate and decay."""
@@ -311,8 +377,13 @@ class Trainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
         # One reduction for both questions every rank must answer alike: is everything finite, is anyone stopping?
-        finite, stop = dist_util.all_reduce_mean([float(math.isfinite(loss.item()) and math.isfinite(grad_norm.item())),
-                                                  float(self.stop is not None and self.stop.requested is not None)], self.device)
+        finite, stop = dist_util.all_reduce_mean(
+            [
+                float(math.isfinite(loss.item()) and math.isfinite(grad_norm.item())),
+                float(self.stop is not None and self.stop.requested is not None),
+            ],
+            self.device,
+        )
         self.stop_requested = stop > 0
         if finite < 1.0:
             raise NonFiniteError(f"the loss or gradient became infinite or NaN at step {step + 1}")
@@ -321,7 +392,11 @@ class Trainer:
         return grad_norm.item()
 
     def state_dict(self):
-        return {"model": self.raw.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+        return {
+            "model": self.raw.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+        }
 
 
 def lr_schedule(name, warmup_steps, max_steps):
@@ -336,7 +411,10 @@ def lr_schedule(name, warmup_steps, max_steps):
             return (step + 1) / warmup_steps
         if name == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, max_steps - warmup_steps)))
+        return 0.5 * (
+            1 + math.cos(math.pi * (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        )
+
     return factor
 
 
@@ -376,8 +454,10 @@ def stop_if_requested(trainer, run, done, max_steps, saved, save):
     if not saved:
         save(done)
     why = trainer.stop.requested if trainer.stop.requested else "a signal to another rank"
-    message = (f"{why} at step {done}: its checkpoint is {run.checkpoint_dir}/{done:07d}.pt; the same command with "
-               f"--resume auto --run-dir {run.dir} continues it")
+    message = (
+        f"{why} at step {done}: its checkpoint is {run.checkpoint_dir}/{done:07d}.pt; the same command with "
+        f"--resume auto --run-dir {run.dir} continues it"
+    )
     run.logger.info(f"Stopping: {message}")
     raise Preempted(message)
 
@@ -385,30 +465,93 @@ def stop_if_requested(trainer, run, done, max_steps, saved, save):
 def stop_on_nonfinite(run, error):
     """A UserError for a NonFiniteError, naming the last good checkpoint (none is written after the fault)."""
     last = run.last_checkpoint_step()
-    where = f"step {last} in {run.checkpoint_dir}" if last is not None else f"none (nothing was saved in {run.checkpoint_dir})"
-    return UserError(f"{error}; stopping. The last good checkpoint is {where}; lower --lr or check the data, then resume from it")
+    where = (
+        f"step {last} in {run.checkpoint_dir}"
+        if last is not None
+        else f"none (nothing was saved in {run.checkpoint_dir})"
+    )
+    return UserError(
+        f"{error}; stopping. The last good checkpoint is {where}; lower --lr or check the data, then resume from it"
+    )
 
 
 def add_run_arguments(parser, name, unit, batch_size, max_steps, lr=1e-4, ema_decay=0.9999):
     """The flags both trainers share: the run folder and resume, the budget, the optimiser, logging and precision.
     `name` is the run folder's pattern and `unit` what a batch holds, for the help texts."""
-    parser.add_argument("--results-dir", type=str, default="results", help=f"new runs go to RESULTS_DIR/NNN-{name}")
-    parser.add_argument("--run-dir", type=str, default=None, help="use this run folder instead of a new numbered one")
-    parser.add_argument("--replace", action=argparse.BooleanOptionalAction, default=False,
-                        help="start over in a --run-dir that already holds a run, deleting it (without this, it is refused)")
-    parser.add_argument("--resume", type=str, default=None,
-                        help="a checkpoint of this script to continue from, or 'auto': the newest in --run-dir, a new run "
-                             "if there is none, nothing if it is finished (the same command can be submitted again and again)")
-    parser.add_argument("--max-steps", type=positive_int, default=max_steps, help="total optimiser steps (including resumed ones)")
-    parser.add_argument("--global-batch-size", type=positive_int, default=batch_size, help=f"{unit} per step over all processes")
-    parser.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of the initial weights, the data order and every step")
-    parser.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate (the peak, with a schedule)")
-    parser.add_argument("--lr-schedule", type=str, choices=["constant", "cosine"], default="constant",
-                        help="the learning rate over the run: constant (DiT's), or a cosine decay to 0 at --max-steps")
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear learning-rate warm-up over these steps")
+    parser.add_argument(
+        "--results-dir", type=str, default="results", help=f"new runs go to RESULTS_DIR/NNN-{name}"
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=str,
+        default=None,
+        help="use this run folder instead of a new numbered one",
+    )
+    parser.add_argument(
+        "--replace",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="start over in a --run-dir that already holds a run, deleting it (without this, it is refused)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=str,
+        default=None,
+        help="a checkpoint of this script to continue from, or 'auto': the newest in --run-dir, a new run "
+        "if there is none, nothing if it is finished (the same command can be submitted again and again)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=max_steps,
+        help="total optimiser steps (including resumed ones)",
+    )
+    parser.add_argument(
+        "--global-batch-size",
+        type=positive_int,
+        default=batch_size,
+        help=f"{unit} per step over all processes",
+    )
+    parser.add_argument(
+        "--global-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the initial weights, the data order and every step",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=lr,
+        help="AdamW learning rate (the peak, with a schedule)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        type=str,
+        choices=["constant", "cosine"],
+        default="constant",
+        help="the learning rate over the run: constant (DiT's), or a cosine decay to 0 at --max-steps",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=non_negative_int,
+        default=0,
+        help="linear learning-rate warm-up over these steps",
+    )
     parser.add_argument("--ema-decay", type=decay, default=ema_decay, help="EMA decay per step")
-    parser.add_argument("--log-every", type=positive_int, default=100, help="log the losses every this many steps")
-    parser.add_argument("--ckpt-every", type=positive_int, default=50_000, help="write a checkpoint every this many steps (and at the end)")
+    parser.add_argument(
+        "--log-every", type=positive_int, default=100, help="log the losses every this many steps"
+    )
+    parser.add_argument(
+        "--ckpt-every",
+        type=positive_int,
+        default=50_000,
+        help="write a checkpoint every this many steps (and at the end)",
+    )
     dist_util.add_precision_argument(parser, default="tf32")
     add_stop_argument(parser)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model",
+    )

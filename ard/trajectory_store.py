@@ -34,7 +34,18 @@ from diffusion.flow import log_snr as flow_log_snr
 MANIFEST = "manifest.json"
 ARRAYS = ("xt", "x0", "y", "index")
 TARGETS = ("state", "x0")
-REQUIRED = ("count", "shard_size", "shape", "num_classes", "model", "save_steps", "save_timesteps", "dtype", "shards", "teacher_sha256")
+REQUIRED = (
+    "count",
+    "shard_size",
+    "shape",
+    "num_classes",
+    "model",
+    "save_steps",
+    "save_timesteps",
+    "dtype",
+    "shards",
+    "teacher_sha256",
+)
 
 
 def shard_name(i):
@@ -54,7 +65,13 @@ def complete_shards(store_dir, manifest):
         folder = os.path.join(store_dir, shard_name(s))
         if os.path.isdir(folder):
             try:
-                open_shard(folder, start, stop, (stop - start, len(manifest["save_steps"]), *manifest["shape"]), manifest["dtype"])
+                open_shard(
+                    folder,
+                    start,
+                    stop,
+                    (stop - start, len(manifest["save_steps"]), *manifest["shape"]),
+                    manifest["dtype"],
+                )
                 complete.add(s)
             except UserError as e:
                 damaged.append(str(e))
@@ -71,7 +88,9 @@ def trajectory_labels(indices, num_classes):
     return torch.as_tensor(np.asarray(indices, dtype=np.int64) % num_classes)
 
 
-def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch=None):
+def write_shard(
+    store_dir, shard, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch=None
+):
     """Writes trajectories [start, stop) as one shard: solve(noise, y) -> (xt, x0), each (n, J, C, H, W), runs
     batch by batch into memory-mapped arrays of a temporary folder, renamed into place when complete.
     Returns the shard's size in bytes."""
@@ -82,7 +101,9 @@ def write_shard(store_dir, shard, start, stop, solve, shape, num_classes, seed, 
     os.makedirs(tmp)
     try:
         _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch)
-    except BaseException as e:  # a full disk, a stop request, anything: no partial shard is left behind
+    except (
+        BaseException
+    ) as e:  # a full disk, a stop request, anything: no partial shard is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in NO_SPACE:
             raise no_space_error(final, e) from e
@@ -103,7 +124,9 @@ def _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_
         for name, value in (("xt", xt), ("x0", x0)):
             if name not in arrays:
                 path = os.path.join(tmp, f"{name}.npy")
-                arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(len(indices), *value.shape[1:]))
+                arrays[name] = np.lib.format.open_memmap(
+                    path, mode="w+", dtype=np.dtype(dtype), shape=(len(indices), *value.shape[1:])
+                )
                 reserve(path)
             arrays[name][b : b + len(batch)] = value.cpu().numpy().astype(dtype)
         if on_batch is not None:
@@ -113,7 +136,9 @@ def _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_
     del arrays
     np.save(os.path.join(tmp, "y.npy"), labels.numpy())
     np.save(os.path.join(tmp, "index.npy"), indices)
-    open_shard(tmp, start, stop, (len(indices), *xt.shape[1:]), dtype)  # verify before it counts as complete
+    open_shard(
+        tmp, start, stop, (len(indices), *xt.shape[1:]), dtype
+    )  # verify before it counts as complete
 
 
 def reserve(path):
@@ -134,18 +159,26 @@ def read_manifest(path):
     """The manifest of the store at `path`, with every field a reader needs, or one clear error."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise MissingFileError(f"{path} is not a trajectory store: it has no {MANIFEST} (make one with train_teacher_traj.py)")
+        raise MissingFileError(
+            f"{path} is not a trajectory store: it has no {MANIFEST} (make one with train_teacher_traj.py)"
+        )
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except ValueError as e:
-        raise UserError(f"{manifest_path} is not valid JSON ({e}): the store is damaged; write it again with train_teacher_traj.py") from e
+        raise UserError(
+            f"{manifest_path} is not valid JSON ({e}): the store is damaged; write it again with train_teacher_traj.py"
+        ) from e
     missing = [k for k in REQUIRED if not isinstance(manifest, dict) or k not in manifest]
     if missing:
-        raise UserError(f"{manifest_path} lacks {', '.join(missing)}: the store is damaged or not a trajectory store")
+        raise UserError(
+            f"{manifest_path} lacks {', '.join(missing)}: the store is damaged or not a trajectory store"
+        )
     expected = [shard_name(i) for i in range(len(manifest["shards"]))]
     if manifest["shards"] != expected:
-        raise UserError(f"{manifest_path} lists shards {manifest['shards'][:3]}..., not {expected[:3]}...: the store is damaged")
+        raise UserError(
+            f"{manifest_path} lists shards {manifest['shards'][:3]}..., not {expected[:3]}...: the store is damaged"
+        )
     return manifest
 
 
@@ -159,18 +192,33 @@ def open_shard(folder, start, stop, state_shape, dtype):
         try:
             arrays[a] = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise UserError(f"{path} cannot be read ({e}): the shard is damaged; remove {folder} and run the same "
-                            f"train_teacher_traj.py command again to rewrite it") from e
+            raise UserError(
+                f"{path} cannot be read ({e}): the shard is damaged; remove {folder} and run the same "
+                f"train_teacher_traj.py command again to rewrite it"
+            ) from e
     n = stop - start
-    problems = [f"{a}.npy has shape {arrays[a].shape}, not {tuple(state_shape)}" for a in ("xt", "x0")
-                if arrays[a].shape != tuple(state_shape)]
-    problems += [f"{a}.npy has dtype {arrays[a].dtype}, not {np.dtype(dtype)}" for a in ("xt", "x0") if arrays[a].dtype != np.dtype(dtype)]
-    problems += [f"{a}.npy has shape {arrays[a].shape}, not ({n},)" for a in ("y", "index") if arrays[a].shape != (n,)]
+    problems = [
+        f"{a}.npy has shape {arrays[a].shape}, not {tuple(state_shape)}"
+        for a in ("xt", "x0")
+        if arrays[a].shape != tuple(state_shape)
+    ]
+    problems += [
+        f"{a}.npy has dtype {arrays[a].dtype}, not {np.dtype(dtype)}"
+        for a in ("xt", "x0")
+        if arrays[a].dtype != np.dtype(dtype)
+    ]
+    problems += [
+        f"{a}.npy has shape {arrays[a].shape}, not ({n},)"
+        for a in ("y", "index")
+        if arrays[a].shape != (n,)
+    ]
     if not problems and not np.array_equal(arrays["index"], np.arange(start, stop)):
         problems.append(f"index.npy does not hold the indices {start}..{stop - 1}")
     if problems:
-        raise UserError(f"{folder} is damaged ({'; '.join(problems)}): remove it and run the same train_teacher_traj.py "
-                        f"command again to rewrite it")
+        raise UserError(
+            f"{folder} is damaged ({'; '.join(problems)}): remove it and run the same train_teacher_traj.py "
+            f"command again to rewrite it"
+        )
     return arrays
 
 
@@ -182,7 +230,10 @@ def log_snr(t):
     return float(np.log(alpha_bar / (1.0 - alpha_bar)))
 
 
-BOUNDARY_SCHEDULES = ("t", "logsnr")  # evenly spaced in the noise level, or in log-SNR (more content per step)
+BOUNDARY_SCHEDULES = (
+    "t",
+    "logsnr",
+)  # evenly spaced in the noise level, or in log-SNR (more content per step)
 
 
 def schedule_coordinate(schedule, flow=None):
@@ -191,7 +242,9 @@ def schedule_coordinate(schedule, flow=None):
     ('logsnr': 999, 708, 291, 42 on DiT's 25-step grid). For a flow (diffusion/flow.py): the noise level s, or
     2 log((1 - s) / s) (K = 4 on a 25-step grid: s = 1, 0.84, 0.48, 0.16)."""
     if schedule not in BOUNDARY_SCHEDULES:
-        raise UserError(f"unknown boundary schedule {schedule!r}: use one of {', '.join(BOUNDARY_SCHEDULES)}")
+        raise UserError(
+            f"unknown boundary schedule {schedule!r}: use one of {', '.join(BOUNDARY_SCHEDULES)}"
+        )
     if flow is None:
         return float if schedule == "t" else log_snr
     if schedule == "t":
@@ -217,7 +270,9 @@ def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t", fl
         target = start + (end - start) * k / num_steps
         candidates = [(abs(u - target), s) for s, u in inner if s > boundaries[-1]]
         if not candidates:
-            raise UserError(f"the store saved too few steps ({len(saved_steps)}) for a {num_steps}-step student")
+            raise UserError(
+                f"the store saved too few steps ({len(saved_steps)}) for a {num_steps}-step student"
+            )
         boundaries.append(min(candidates)[1])
     return boundaries + [last]
 
@@ -231,17 +286,27 @@ class TrajectoryStore:
         self.saved_steps = list(self.manifest["save_steps"])
         self.saved_timesteps = list(self.manifest["save_timesteps"])
         self.shards, self.starts = [], []
-        missing = [name for name in self.manifest["shards"] if not os.path.isdir(os.path.join(path, name))]
+        missing = [
+            name for name in self.manifest["shards"] if not os.path.isdir(os.path.join(path, name))
+        ]
         if missing:
-            raise UserError(f"{path} is incomplete ({len(missing)} of {len(self.manifest['shards'])} shards missing, "
-                            f"e.g. {missing[0]}): run the same train_teacher_traj.py command again to finish it")
+            raise UserError(
+                f"{path} is incomplete ({len(missing)} of {len(self.manifest['shards'])} shards missing, "
+                f"e.g. {missing[0]}): run the same train_teacher_traj.py command again to finish it"
+            )
         ranges = shard_ranges(self.manifest["count"], self.manifest["shard_size"])
         if len(ranges) != len(self.manifest["shards"]):
-            raise UserError(f"{path}: the manifest lists {len(self.manifest['shards'])} shards for {self.manifest['count']} "
-                            f"trajectories in shards of {self.manifest['shard_size']}: the store is damaged")
+            raise UserError(
+                f"{path}: the manifest lists {len(self.manifest['shards'])} shards for {self.manifest['count']} "
+                f"trajectories in shards of {self.manifest['shard_size']}: the store is damaged"
+            )
         for name, (start, stop) in zip(self.manifest["shards"], ranges):
             state_shape = (stop - start, len(self.saved_steps), *self.manifest["shape"])
-            self.shards.append(open_shard(os.path.join(path, name), start, stop, state_shape, self.manifest["dtype"]))
+            self.shards.append(
+                open_shard(
+                    os.path.join(path, name), start, stop, state_shape, self.manifest["dtype"]
+                )
+            )
             self.starts.append(start)
 
     def __len__(self):
@@ -264,11 +329,18 @@ class TrajectoryStore:
         (each rank then touches only its own files), otherwise every world_size-th index."""
         allowed = set(indices)
         if len(self.shards) >= world_size:
-            mine = [i for s in range(rank, len(self.shards), world_size) for i in self.shard_indices(s) if i in allowed]
+            mine = [
+                i
+                for s in range(rank, len(self.shards), world_size)
+                for i in self.shard_indices(s)
+                if i in allowed
+            ]
         else:
             mine = [i for n, i in enumerate(sorted(allowed)) if n % world_size == rank]
         if not mine:
-            raise UserError(f"rank {rank} has no training trajectories: use fewer processes or a larger store")
+            raise UserError(
+                f"rank {rank} has no training trajectories: use fewer processes or a larger store"
+            )
         return mine
 
     def positions(self, steps):
@@ -288,12 +360,18 @@ class TrajectoryStore:
         """Stops with a clear message when the store was written for another model shape or class count."""
         m = self.manifest
         if shape is not None and tuple(shape) != self.shape:
-            raise UserError(f"the store {self.path} holds {'x'.join(map(str, self.shape))} trajectories "
-                             f"but the model expects {'x'.join(map(str, shape))}: use a store made by a teacher of this shape")
+            raise UserError(
+                f"the store {self.path} holds {'x'.join(map(str, self.shape))} trajectories "
+                f"but the model expects {'x'.join(map(str, shape))}: use a store made by a teacher of this shape"
+            )
         if num_classes is not None and num_classes != m["num_classes"]:
-            raise UserError(f"the store {self.path} has {m['num_classes']} classes but the model has {num_classes}")
+            raise UserError(
+                f"the store {self.path} has {m['num_classes']} classes but the model has {num_classes}"
+            )
         if model is not None and model != m["model"]:
-            raise UserError(f"the store {self.path} was written by a {m['model']} teacher, not {model}")
+            raise UserError(
+                f"the store {self.path} was written by a {m['model']} teacher, not {model}"
+            )
 
     def read(self, indices, steps, arrays=("xt", "x0")):
         """For sample indices (any order) and solver steps: {array: (len(indices), len(steps), C, H, W), 'y': (n,)},
@@ -311,7 +389,7 @@ class TrajectoryStore:
         for s, items in by_shard.items():
             order = sorted(items, key=lambda item: item[1])  # read each shard in file order
             rows = np.array([n for n, _ in order])
-            local = np.array([l for _, l in order])
+            local = np.array([position for _, position in order])
             for a in arrays:  # index both axes at once: only the requested steps are read from disk
                 out[a][rows] = self.shards[s][a][local[:, None], np.asarray(pos)[None, :]]
             y[rows] = self.shards[s]["y"][local]
@@ -331,14 +409,20 @@ class TrajectoryDataset(torch.utils.data.Dataset):
         if target not in TARGETS:
             raise UserError(f"unknown target {target!r}: use one of {TARGETS}")
         if list(boundaries) != sorted(set(boundaries)) or len(boundaries) < 2:
-            raise UserError(f"boundaries must be at least two increasing solver steps, got {boundaries}")
+            raise UserError(
+                f"boundaries must be at least two increasing solver steps, got {boundaries}"
+            )
         if boundaries[0] != store.saved_steps[0] or boundaries[-1] != store.saved_steps[-1]:
-            raise UserError(f"boundaries must start at the noise (step {store.saved_steps[0]}) and end at the sample "
-                             f"(step {store.saved_steps[-1]}), got {boundaries}")
+            raise UserError(
+                f"boundaries must start at the noise (step {store.saved_steps[0]}) and end at the sample "
+                f"(step {store.saved_steps[-1]}), got {boundaries}"
+            )
         store.positions(boundaries)  # every boundary must have been saved
         self.store, self.boundaries, self.target = store, list(boundaries), target
         self.indices = list(range(len(store))) if indices is None else list(indices)
-        self.timesteps = store.timesteps(self.boundaries[:-1])  # the student's input timesteps t_0 .. t_{K-1}
+        self.timesteps = store.timesteps(
+            self.boundaries[:-1]
+        )  # the student's input timesteps t_0 .. t_{K-1}
 
     def __len__(self):
         return len(self.indices)
@@ -351,7 +435,9 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             xt = torch.from_numpy(data["xt"]).float()
             inputs, targets = xt[:, :-1], xt[:, 1:]
         else:
-            noise = torch.from_numpy(self.store.read(indices, self.boundaries[:1], arrays=("xt",))["xt"]).float()
+            noise = torch.from_numpy(
+                self.store.read(indices, self.boundaries[:1], arrays=("xt",))["xt"]
+            ).float()
             data = self.store.read(indices, self.boundaries[1:], arrays=("x0",))
             x0 = torch.from_numpy(data["x0"]).float()
             inputs, targets = torch.cat([noise, x0[:, :-1]], dim=1), x0

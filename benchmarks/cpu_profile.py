@@ -20,11 +20,10 @@ import torch
 
 from ard.cli import positive_int
 from ard.training import teacher_loss, update_ema
-from ard_models import ARD_models, HISTORY_ATTENTION
+from ard_models import HISTORY_ATTENTION, ARD_models
 from diffusion import create_diffusion
 from diffusion.sampling import TeacherSampler
 from models import DiT_models
-
 
 SIDES = {"digits": 8, "fashion": 28}
 STUDENT_BATCH = {"digits": 64, "fashion": 32}
@@ -64,14 +63,36 @@ def training_parts(model, ema, loss_fn, bf16=False):
 def profile_training(model, threads, side, student_batch, bf16=False):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    teacher, teacher_ema = (DiT_models[model](input_size=side, in_channels=1, num_classes=10) for _ in range(2))
-    diffusion, x, y = create_diffusion(""), torch.randn(128, 1, side, side), torch.randint(10, (128,))
-    student, student_ema = (ARD_models[model](timesteps=[999, 749, 500, 250], history_layers=3, input_size=side, in_channels=1,
-                                                  num_classes=10) for _ in range(2))
+    teacher, teacher_ema = (
+        DiT_models[model](input_size=side, in_channels=1, num_classes=10) for _ in range(2)
+    )
+    diffusion, x, y = (
+        create_diffusion(""),
+        torch.randn(128, 1, side, side),
+        torch.randint(10, (128,)),
+    )
+    student, student_ema = (
+        ARD_models[model](
+            timesteps=[999, 749, 500, 250],
+            history_layers=3,
+            input_size=side,
+            in_channels=1,
+            num_classes=10,
+        )
+        for _ in range(2)
+    )
     traj = torch.randn(student_batch, 4, 1, side, side)
-    return {"teacher step (batch 128)": training_parts(teacher, teacher_ema, lambda: teacher_loss(teacher, diffusion, x, y), bf16),
-            f"student step (batch {student_batch}, K=4, N=3)":
-                training_parts(student, student_ema, lambda: (student(traj, y[:student_batch]).float() - traj).square().mean(), bf16)}
+    return {
+        "teacher step (batch 128)": training_parts(
+            teacher, teacher_ema, lambda: teacher_loss(teacher, diffusion, x, y), bf16
+        ),
+        f"student step (batch {student_batch}, K=4, N=3)": training_parts(
+            student,
+            student_ema,
+            lambda: (student(traj, y[:student_batch]).float() - traj).square().mean(),
+            bf16,
+        ),
+    }
 
 
 @torch.no_grad()
@@ -79,11 +100,23 @@ def profile_sampling(model, threads, side):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     teacher = DiT_models[model](input_size=side, in_channels=1, num_classes=10).eval()
-    student = ARD_models[model](timesteps=[999, 749, 500, 250], history_layers=3, input_size=side, in_channels=1, num_classes=10).eval()
+    student = ARD_models[model](
+        timesteps=[999, 749, 500, 250],
+        history_layers=3,
+        input_size=side,
+        in_channels=1,
+        num_classes=10,
+    ).eval()
     noise, y = torch.randn(500, 1, side, side), torch.arange(500) % 10
     sampler = TeacherSampler(teacher, dict(space="pixel"), "ddim", 25, 1.5)
-    return {"teacher DDIM 25 + CFG, 500 trajectories": timed(lambda: sampler.trajectory(noise, y), repeats=3, warmup=1),
-            "student 4 steps, 500 samples": timed(lambda: student.sample(noise, y), repeats=5, warmup=1)}
+    return {
+        "teacher DDIM 25 + CFG, 500 trajectories": timed(
+            lambda: sampler.trajectory(noise, y), repeats=3, warmup=1
+        ),
+        "student 4 steps, 500 samples": timed(
+            lambda: student.sample(noise, y), repeats=5, warmup=1
+        ),
+    }
 
 
 def history_attention_ab(model, side, batch, rounds=12):
@@ -92,7 +125,13 @@ def history_attention_ab(model, side, batch, rounds=12):
     the median of the rounds after the first two."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    student = ARD_models[model](timesteps=[999, 749, 500, 250], history_layers=3, input_size=side, in_channels=1, num_classes=10)
+    student = ARD_models[model](
+        timesteps=[999, 749, 500, 250],
+        history_layers=3,
+        input_size=side,
+        in_channels=1,
+        num_classes=10,
+    )
     traj, y = torch.randn(batch, 4, 1, side, side), torch.randint(10, (batch,))
     times = {mode: [] for mode in HISTORY_ATTENTION}
     for r in range(rounds):
@@ -111,19 +150,36 @@ def startup():
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=[k for k in DiT_models if k.startswith("DiT-T/")], default="DiT-T/4",
-                        help="the tiny config to profile (both experiments use DiT-T/4)")
-    parser.add_argument("--data", choices=list(SIDES), default="digits", help="the embedded dataset whose image size to use")
-    parser.add_argument("--student-batch", type=positive_int, default=None,
-                        help="the students' batch (default: each experiment's own, digits 64, fashion 32)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        choices=[k for k in DiT_models if k.startswith("DiT-T/")],
+        default="DiT-T/4",
+        help="the tiny config to profile (both experiments use DiT-T/4)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=list(SIDES),
+        default="digits",
+        help="the embedded dataset whose image size to use",
+    )
+    parser.add_argument(
+        "--student-batch",
+        type=positive_int,
+        default=None,
+        help="the students' batch (default: each experiment's own, digits 64, fashion 32)",
+    )
     return parser.parse_args(argv)
 
 
 def main(args):
     cores, side = torch.get_num_threads(), SIDES[args.data]
     batch = args.student_batch or STUDENT_BATCH[args.data]
-    print(f"== CPU: {cores} threads available, {args.model} on {side}x{side} {args.data}; milliseconds, median of repeats")
+    print(
+        f"== CPU: {cores} threads available, {args.model} on {side}x{side} {args.data}; milliseconds, median of repeats"
+    )
     rows = {}
     for threads in sorted({1, cores}):
         for name, parts in profile_training(args.model, threads, side, batch).items():
@@ -132,14 +188,27 @@ def main(args):
         rows[f"{name}, {cores} thread(s), bf16 autocast"] = parts
     print("| step | forward | backward | AdamW | EMA |\n|---|---|---|---|---|")
     for name, p in rows.items():
-        print(f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['AdamW']:.1f} | {1000 * p['EMA']:.1f} |")
-    print("\n| sampling | " + " | ".join(f"{t} thread(s)" for t in sorted({1, cores})) + " |\n|---|" + "---|" * len({1, cores}))
+        print(
+            f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['AdamW']:.1f} | {1000 * p['EMA']:.1f} |"
+        )
+    print(
+        "\n| sampling | "
+        + " | ".join(f"{t} thread(s)" for t in sorted({1, cores}))
+        + " |\n|---|"
+        + "---|" * len({1, cores})
+    )
     sampling = {t: profile_sampling(args.model, t, side) for t in sorted({1, cores})}
     for name in sampling[1]:
-        print(f"| {name} | " + " | ".join(f"{1000 * sampling[t][name]:.0f}" for t in sorted(sampling)) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{1000 * sampling[t][name]:.0f}" for t in sorted(sampling))
+            + " |"
+        )
     ab = history_attention_ab(args.model, side, batch)
-    print(f"\nhistory attention, student forward + backward (batch {batch}, K=4, N=3, 1 thread, CPU ms, median of 10 "
-          "interleaved rounds): " + ", ".join(f"{mode} {1000 * t:.1f}" for mode, t in ab.items()))
+    print(
+        f"\nhistory attention, student forward + backward (batch {batch}, K=4, N=3, 1 thread, CPU ms, median of 10 "
+        "interleaved rounds): " + ", ".join(f"{mode} {1000 * t:.1f}" for mode, t in ab.items())
+    )
     print(f"\nstarting a script (python, torch and this repository's modules): {startup():.2f} s")
 
 

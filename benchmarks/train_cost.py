@@ -43,25 +43,51 @@ def build(key, input_size, channels, classes, K, N, device):
     timesteps = torch.linspace(999, 999 / K, K).round().tolist()
     with torch.device(device):
         teacher = DiT_models[key](input_size=input_size, in_channels=channels, num_classes=classes)
-        student = ARD_models[key](timesteps=timesteps, history_layers=N, input_size=input_size, in_channels=channels,
-                                  num_classes=classes)
+        student = ARD_models[key](
+            timesteps=timesteps,
+            history_layers=N,
+            input_size=input_size,
+            in_channels=channels,
+            num_classes=classes,
+        )
     return teacher, student
 
 
 def batches(B, K, C, S, classes, device):
     y = torch.randint(classes, (B,), device=device)
-    return (torch.randn(B, C, S, S, device=device), y), (torch.randn(B, K, C, S, S, device=device),
-                                                         torch.randn(B, K, C, S, S, device=device), y)
+    return (torch.randn(B, C, S, S, device=device), y), (
+        torch.randn(B, K, C, S, S, device=device),
+        torch.randn(B, K, C, S, S, device=device),
+        y,
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=positive_int, default=4, help="K, the student's steps")
-    parser.add_argument("--xl-history-layers", type=non_negative_int, default=6, help="N of the DiT-XL/2 student (FLOPs on meta)")
-    parser.add_argument("--xl-batch", type=positive_int, default=1, help="batch of the DiT-XL/2 FLOP counts")
-    parser.add_argument("--digits-history-layers", type=non_negative_int, default=3, help="N of the digits student (timed on the CPU)")
-    parser.add_argument("--digits-batch", type=positive_int, default=64, help="batch of the digits timings")
-    parser.add_argument("--repeats", type=positive_int, default=30, help="timed steps of each model")
+    parser.add_argument(
+        "--xl-history-layers",
+        type=non_negative_int,
+        default=6,
+        help="N of the DiT-XL/2 student (FLOPs on meta)",
+    )
+    parser.add_argument(
+        "--xl-batch", type=positive_int, default=1, help="batch of the DiT-XL/2 FLOP counts"
+    )
+    parser.add_argument(
+        "--digits-history-layers",
+        type=non_negative_int,
+        default=3,
+        help="N of the digits student (timed on the CPU)",
+    )
+    parser.add_argument(
+        "--digits-batch", type=positive_int, default=64, help="batch of the digits timings"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=30, help="timed steps of each model"
+    )
     return parser.parse_args(argv)
 
 
@@ -74,23 +100,35 @@ def main(args):
     f_student = count_flops(lambda: student_step(student, s_batch))
     print(f"== FLOPs per training step, DiT-XL/2 at 256x256, batch {args.xl_batch} (meta device)")
     print(f"teacher (DiT) step:           {f_teacher / 1e12:.3f} TFLOPs")
-    print(f"ARD student step (K={K}, N={args.xl_history_layers}): {f_student / 1e12:.3f} TFLOPs   ratio {f_student / f_teacher:.2f}")
+    print(
+        f"ARD student step (K={K}, N={args.xl_history_layers}): {f_student / 1e12:.3f} TFLOPs   ratio {f_student / f_teacher:.2f}"
+    )
 
     torch.manual_seed(0)
     teacher, student = build("DiT-T/2", 8, 1, 10, K, args.digits_history_layers, "cpu")
     t_batch, s_batch = batches(args.digits_batch, K, 1, 8, 10, "cpu")
-    t_opt, s_opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4), torch.optim.AdamW(student.parameters(), lr=1e-4)
+    t_opt, s_opt = (
+        torch.optim.AdamW(teacher.parameters(), lr=1e-4),
+        torch.optim.AdamW(student.parameters(), lr=1e-4),
+    )
     rates = []
-    for fn in (lambda: teacher_step(teacher, diffusion, t_batch, t_opt), lambda: student_step(student, s_batch, s_opt)):
+    for fn in (
+        lambda: teacher_step(teacher, diffusion, t_batch, t_opt),
+        lambda: student_step(student, s_batch, s_opt),
+    ):
         for _ in range(3):
             fn()
         start = time.perf_counter()
         for _ in range(args.repeats):
             fn()
         rates.append(args.repeats / (time.perf_counter() - start))
-    print(f"== CPU steps per second, DiT-T/2 on 8x8 digits, batch {args.digits_batch}, {torch.get_num_threads()} threads")
-    print(f"teacher step: {rates[0]:.2f} steps/s   ARD student step (K={K}, N={args.digits_history_layers}): {rates[1]:.2f} steps/s "
-          f"(student / teacher time {rates[0] / rates[1]:.2f})")
+    print(
+        f"== CPU steps per second, DiT-T/2 on 8x8 digits, batch {args.digits_batch}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"teacher step: {rates[0]:.2f} steps/s   ARD student step (K={K}, N={args.digits_history_layers}): {rates[1]:.2f} steps/s "
+        f"(student / teacher time {rates[0] / rates[1]:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ import torch
 
 from ard.cli import positive_int
 from ard.fileio import write_json
-from ard.trajectory_store import MANIFEST, TrajectoryStore, default_boundaries, shard_name, shard_ranges
+from ard.trajectory_store import (
+    MANIFEST,
+    TrajectoryStore,
+    default_boundaries,
+    shard_name,
+    shard_ranges,
+)
 from diffusion import create_diffusion
 from diffusion.ode import solver_grid
 
@@ -43,11 +49,27 @@ def build_store(root, count, steps, shape, shard_size, dtype, rng):
             np.save(os.path.join(folder, f"{name}.npy"), array)
         for j in range(n):
             for k in range(steps):
-                np.savez(os.path.join(per_sample, f"{start + j:07d}_{k:02d}.npz"), xt=xt[j, k], x0=x0[j, k], y=y[j])
-    write_json(os.path.join(root, "store", MANIFEST), dict(
-        count=count, shard_size=shard_size, dtype=np.dtype(dtype).name, shape=list(shape), save_steps=list(range(steps)),
-        save_timesteps=timesteps, shards=[shard_name(s) for s in range(len(ranges))], num_classes=1000, model="random",
-        teacher_sha256=None))
+                np.savez(
+                    os.path.join(per_sample, f"{start + j:07d}_{k:02d}.npz"),
+                    xt=xt[j, k],
+                    x0=x0[j, k],
+                    y=y[j],
+                )
+    write_json(
+        os.path.join(root, "store", MANIFEST),
+        dict(
+            count=count,
+            shard_size=shard_size,
+            dtype=np.dtype(dtype).name,
+            shape=list(shape),
+            save_steps=list(range(steps)),
+            save_timesteps=timesteps,
+            shards=[shard_name(s) for s in range(len(ranges))],
+            num_classes=1000,
+            model="random",
+            teacher_sha256=None,
+        ),
+    )
     return per_sample
 
 
@@ -60,7 +82,9 @@ def read_per_sample(folder, indices, steps):
                 xt.append(f["xt"])
                 x0.append(f["x0"])
     shape = (len(indices), len(steps), *xt[0].shape)
-    return torch.from_numpy(np.stack(xt).reshape(shape)).float(), torch.from_numpy(np.stack(x0).reshape(shape)).float()
+    return torch.from_numpy(np.stack(xt).reshape(shape)).float(), torch.from_numpy(
+        np.stack(x0).reshape(shape)
+    ).float()
 
 
 def throughput(read, count, batch, repeats, rng):
@@ -72,12 +96,31 @@ def throughput(read, count, batch, repeats, rng):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=positive_int, default=2000, help="random trajectories written in both layouts")
-    parser.add_argument("--steps", type=positive_int, default=26, help="saved solver steps per trajectory (J)")
-    parser.add_argument("--shape", type=positive_int, nargs=3, default=[4, 32, 32], help="C H W of a state (SD-VAE latents of 256x256)")
-    parser.add_argument("--shard-size", type=positive_int, default=1000, help="trajectories per shard of the store")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="trajectories per random batch read")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--count",
+        type=positive_int,
+        default=2000,
+        help="random trajectories written in both layouts",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=26, help="saved solver steps per trajectory (J)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=positive_int,
+        nargs=3,
+        default=[4, 32, 32],
+        help="C H W of a state (SD-VAE latents of 256x256)",
+    )
+    parser.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="trajectories per shard of the store"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=256, help="trajectories per random batch read"
+    )
     parser.add_argument("--repeats", type=positive_int, default=10, help="batches read per layout")
     return parser.parse_args(argv)
 
@@ -86,24 +129,45 @@ def main(args):
     rng = np.random.default_rng(0)
     root = tempfile.mkdtemp(prefix="traj_read_")
     try:
-        print(f"Writing {args.count} random trajectories of {args.steps} steps of {'x'.join(map(str, args.shape))} float16 "
-              f"in both layouts to {root} ...", flush=True)
-        per_sample = build_store(root, args.count, args.steps, args.shape, args.shard_size, np.float16, rng)
+        print(
+            f"Writing {args.count} random trajectories of {args.steps} steps of {'x'.join(map(str, args.shape))} float16 "
+            f"in both layouts to {root} ...",
+            flush=True,
+        )
+        per_sample = build_store(
+            root, args.count, args.steps, args.shape, args.shard_size, np.float16, rng
+        )
         store = TrajectoryStore(os.path.join(root, "store"))
         bounds = default_boundaries(store.saved_steps, store.saved_timesteps, 4)
-        ours = throughput(lambda idx: {k: torch.from_numpy(v).float() for k, v in store.read(idx, bounds).items()},
-                          args.count, args.batch_size, args.repeats, rng)
-        theirs = throughput(lambda idx: read_per_sample(per_sample, idx, bounds), args.count, args.batch_size,
-                            max(2, args.repeats // 5), rng)
+        ours = throughput(
+            lambda idx: {
+                k: torch.from_numpy(v).float() for k, v in store.read(idx, bounds).items()
+            },
+            args.count,
+            args.batch_size,
+            args.repeats,
+            rng,
+        )
+        theirs = throughput(
+            lambda idx: read_per_sample(per_sample, idx, bounds),
+            args.count,
+            args.batch_size,
+            max(2, args.repeats // 5),
+            rng,
+        )
         n_files = sum(len(files) for _, _, files in os.walk(os.path.join(root, "store")))
         print(f"random batches of {args.batch_size} at boundaries {bounds}, warm page cache:")
         print(f"  trajectory store ({n_files} files):                 {ours:10.0f} trajectories/s")
-        print(f"  one .npz per sample per step ({len(os.listdir(per_sample))} files): {theirs:10.0f} trajectories/s")
+        print(
+            f"  one .npz per sample per step ({len(os.listdir(per_sample))} files): {theirs:10.0f} trajectories/s"
+        )
         print(f"  ratio: {ours / theirs:.1f}x")
         imagenet = 1_281_167
         shards = -(-imagenet // args.shard_size)
-        print(f"files for {imagenet:,} ImageNet trajectories: store {4 * shards + 1:,} (shards of {args.shard_size}); "
-              f"per-sample-per-step {imagenet * 5:,} at 5 saved steps, {imagenet * 26:,} at 26")
+        print(
+            f"files for {imagenet:,} ImageNet trajectories: store {4 * shards + 1:,} (shards of {args.shard_size}); "
+            f"per-sample-per-step {imagenet * 5:,} at 5 saved steps, {imagenet * 26:,} at 26"
+        )
     finally:
         shutil.rmtree(root)
 

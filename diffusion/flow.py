@@ -44,7 +44,11 @@ class FlowMatching:
         self.num_timesteps = num_steps
         # The noise level of each solver state, as host floats (torch.linspace's float64 values): a sampler's steps
         # read them without touching a tensor.
-        self.levels = None if num_steps is None else torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+        self.levels = (
+            None
+            if num_steps is None
+            else torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+        )
 
     # The model's time and the noise level:
     def model_time(self, s):
@@ -72,8 +76,12 @@ class FlowMatching:
         """dx/ds of the model at state x and noise level s (a float): the first C output channels, in our sign."""
         time = float(self.model_time(s))
         t = torch.full((x.shape[0],), time, device=x.device, dtype=x.dtype)
-        if hasattr(model_fn, "at_time"):  # see guided_model_fn: the time as t holds it, rounded on the host
-            model_fn = model_fn.at_time(float(np.float32(time)) if t.dtype == torch.float32 else time)
+        if hasattr(
+            model_fn, "at_time"
+        ):  # see guided_model_fn: the time as t holds it, rounded on the host
+            model_fn = model_fn.at_time(
+                float(np.float32(time)) if t.dtype == torch.float32 else time
+            )
         out = model_fn(x, t, **model_kwargs)[:, : x.shape[1]]
         return out if self.noise_at == 1.0 else -out
 

@@ -52,7 +52,10 @@ def get_beta_schedule(beta_schedule, *, beta_start, beta_end, num_diffusion_time
     if beta_schedule == "linear":
         betas = np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)
     elif beta_schedule == "quad":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_diffusion_timesteps, dtype=np.float64) ** 2
+        betas = (
+            np.linspace(beta_start**0.5, beta_end**0.5, num_diffusion_timesteps, dtype=np.float64)
+            ** 2
+        )
     elif beta_schedule == "const":
         betas = beta_end * np.ones(num_diffusion_timesteps, dtype=np.float64)
     else:
@@ -67,10 +70,15 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return get_beta_schedule(
-            "linear", beta_start=scale * 0.0001, beta_end=scale * 0.02, num_diffusion_timesteps=num_diffusion_timesteps
+            "linear",
+            beta_start=scale * 0.0001,
+            beta_end=scale * 0.02,
+            num_diffusion_timesteps=num_diffusion_timesteps,
         )
     if schedule_name == "squaredcos_cap_v2":
-        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+        return betas_for_alpha_bar(
+            num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        )
     raise ValueError(f"unknown beta schedule: {schedule_name}")
 
 
@@ -139,7 +147,9 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
         # Calculations for the posterior q(x_{t-1} | x_t, x_0):
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
         # The log is clipped because the posterior variance is 0 at the start of the chain.
         self.posterior_log_variance_clipped = (
             np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
@@ -150,8 +160,12 @@ class GaussianDiffusion:
         self.log_betas = np.log(betas)
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
-        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
 
     def q_mean_variance(self, x_start, t):
         """The distribution q(x_t | x_0): mean, variance, log variance."""
@@ -178,7 +192,9 @@ class GaussianDiffusion:
             + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
         )
         posterior_variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        posterior_log_variance_clipped = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        posterior_log_variance_clipped = _extract_into_tensor(
+            self.posterior_log_variance_clipped, t, x_t.shape
+        )
         return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
@@ -209,8 +225,14 @@ class GaussianDiffusion:
         else:
             model_variance, model_log_variance = {
                 # For FIXED_LARGE, the initial (log-)variance is set like so to get a better decoder log likelihood.
-                ModelVarType.FIXED_LARGE: (self.fixed_large_variance, self.fixed_large_log_variance),
-                ModelVarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
+                ModelVarType.FIXED_LARGE: (
+                    self.fixed_large_variance,
+                    self.fixed_large_log_variance,
+                ),
+                ModelVarType.FIXED_SMALL: (
+                    self.posterior_variance,
+                    self.posterior_log_variance_clipped,
+                ),
             }[self.model_var_type]
             model_variance = _extract_into_tensor(model_variance, t, x.shape)
             model_log_variance = _extract_into_tensor(model_log_variance, t, x.shape)
@@ -225,7 +247,9 @@ class GaussianDiffusion:
         if self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = process_xstart(model_output)
         else:
-            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+            pred_xstart = process_xstart(
+                self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+            )
         model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
 
         assert model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
@@ -251,28 +275,63 @@ class GaussianDiffusion:
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
         """One ancestral step: a sample of x_{t-1} from the model at timestep t."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+        )
         noise = torch.randn_like(x)
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))  # no noise when t == 0
+        nonzero_mask = (
+            (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
+        )  # no noise when t == 0
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                      device=None, progress=False):
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
         """Ancestral sampling from the model; returns the final (N, C, H, W) sample."""
         final = None
         for sample in self.p_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress,
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
         ):
             final = sample
         return final["sample"]
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  model_kwargs=None, device=None, progress=False):
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
         """Yields the dict of p_sample after every step, from t = T - 1 down to 0."""
         if device is None:
-            device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+            device = (
+                next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+            )
         img = noise if noise is not None else torch.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
@@ -282,42 +341,94 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.tensor([i] * shape[0], device=device)
             with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+                out = self.p_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    model_kwargs=model_kwargs,
+                )
                 yield out
                 img = out["sample"]
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+    def ddim_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
+    ):
         """One DDIM step from timestep t to the previous one; eta = 0 is the deterministic (ODE) step."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+        )
         # Recompute eps from the (possibly clipped) x_0 prediction, so that the step is consistent with it.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        mean_pred = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
+            + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        )
         sample = mean_pred
         if eta > 0:
             nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
             sample = sample + nonzero_mask * sigma * torch.randn_like(x)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                         device=None, progress=False, eta=0.0):
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
         """DDIM sampling; returns the final (N, C, H, W) sample."""
         final = None
         for sample in self.ddim_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            eta=eta,
         ):
             final = sample
         return final["sample"]
 
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     model_kwargs=None, device=None, progress=False, eta=0.0):
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
         """Yields {'sample', 'pred_xstart'} after every DDIM step: the new state and the x_0 prediction
         made at the state before it. With eta = 0 this walks the probability-flow ODE's trajectory."""
         if device is None:
-            device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+            device = (
+                next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+            )
         img = noise if noise is not None else torch.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
@@ -327,19 +438,32 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.tensor([i] * shape[0], device=device)
             with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                       model_kwargs=model_kwargs, eta=eta)
+                out = self.ddim_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    model_kwargs=model_kwargs,
+                    eta=eta,
+                )
                 yield out
                 img = out["sample"]
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
         """The variational bound term of timestep t, in bits per dimension: the KL to the true posterior,
         or the decoder NLL at t = 0."""
-        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
+            x_start=x_start, x_t=x_t, t=t
+        )
+        out = self.p_mean_variance(
+            model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / np.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
         assert decoder_nll.shape == x_start.shape
         decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
         output = torch.where((t == 0), decoder_nll, kl)
@@ -356,7 +480,9 @@ class GaussianDiffusion:
 
         terms = {}
         if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["output"]
+            terms["loss"] = self._vb_terms_bpd(
+                model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs
+            )["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] *= self.num_timesteps
         elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
@@ -369,13 +495,19 @@ class GaussianDiffusion:
                 # does not pull on it.
                 frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
                 terms["vb"] = self._vb_terms_bpd(
-                    model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
+                    model=lambda *args, r=frozen_out: r,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t,
+                    clip_denoised=False,
                 )["output"]
                 if self.loss_type == LossType.RESCALED_MSE:
                     # Divide by 1000 for equivalence with the initial implementation.
                     terms["vb"] *= self.num_timesteps / 1000.0
             target = {
-                ModelMeanType.PREVIOUS_X: self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0],
+                ModelMeanType.PREVIOUS_X: self.q_posterior_mean_variance(
+                    x_start=x_start, x_t=x_t, t=t
+                )[0],
                 ModelMeanType.START_X: x_start,
                 ModelMeanType.EPSILON: noise,
             }[self.model_mean_type]

@@ -18,7 +18,9 @@ al., 2022), Heun its second-order trapezoidal correction.
 import numpy as np
 import torch
 
-FINAL_TIMESTEP = -1  # the timestep recorded for the final (clean) sample, which the model never sees
+FINAL_TIMESTEP = (
+    -1
+)  # the timestep recorded for the final (clean) sample, which the model never sees
 
 
 def model_timesteps(diffusion):
@@ -38,7 +40,9 @@ def solver_grid(diffusion):
 def _denoise(diffusion, model, x, i, model_kwargs, clip_denoised):
     """x0 prediction and the noise consistent with it, at respaced index i."""
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    x0 = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)["pred_xstart"]
+    x0 = diffusion.p_mean_variance(
+        model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+    )["pred_xstart"]
     return x0, diffusion._predict_eps_from_xstart(x, t, x0)
 
 
@@ -82,7 +86,9 @@ def sample_heun(diffusion, model, noise, model_kwargs=None, clip_denoised=False,
         if i > 0:
             x_next = x_bar_next / float(np.sqrt(1 + sigma_next**2))
             _, eps_next = _denoise(diffusion, model, x_next, i - 1, model_kwargs, clip_denoised)
-            x_bar_next = x * float(np.sqrt(1 + sigma**2)) + (sigma_next - sigma) * 0.5 * (eps + eps_next)
+            x_bar_next = x * float(np.sqrt(1 + sigma**2)) + (sigma_next - sigma) * 0.5 * (
+                eps + eps_next
+            )
         return x_bar_next / float(np.sqrt(1 + sigma_next**2))
 
     return _integrate(diffusion, model, noise, model_kwargs, clip_denoised, callback, update)
@@ -100,7 +106,14 @@ def trajectory(solver, diffusion, model, noise, model_kwargs=None, clip_denoised
             states[info["step"]] = info["x"]
             denoised[info["step"]] = info["denoised"]
 
-    solver(diffusion, model, noise, model_kwargs=model_kwargs, clip_denoised=clip_denoised, callback=keep)
+    solver(
+        diffusion,
+        model,
+        noise,
+        model_kwargs=model_kwargs,
+        clip_denoised=clip_denoised,
+        callback=keep,
+    )
     xt = torch.stack([states[s] for s in steps], dim=1)
     x0 = torch.stack([denoised[s] for s in steps], dim=1)
     return xt, x0

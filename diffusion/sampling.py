@@ -17,16 +17,27 @@ from .ode import sample_ddim, sample_heun, trajectory
 SPACES = ("pixel", "latent")
 
 
-PREDICTIONS = ("eps", "velocity")  # DiT's noise prediction (learned sigma or not); a flow's velocity
+PREDICTIONS = (
+    "eps",
+    "velocity",
+)  # DiT's noise prediction (learned sigma or not); a flow's velocity
 
 
 def teacher_flow(config, num_steps=None):
     """The linear flow, in its time convention and over S uniform solver steps, of a velocity teacher's config (a
     checkpoint's, or a store's manifest); None for a noise-predicting (DiT) teacher."""
-    prediction = config.get("prediction", "eps")  # checkpoints written before flow teachers predict noise
+    prediction = config.get(
+        "prediction", "eps"
+    )  # checkpoints written before flow teachers predict noise
     if prediction not in PREDICTIONS:
-        raise UserError(f"unknown prediction type {prediction!r} in the checkpoint config: use one of {PREDICTIONS}")
-    return FlowMatching(num_steps, config["noise_at"], config["time_scale"]) if prediction == "velocity" else None
+        raise UserError(
+            f"unknown prediction type {prediction!r} in the checkpoint config: use one of {PREDICTIONS}"
+        )
+    return (
+        FlowMatching(num_steps, config["noise_at"], config["time_scale"])
+        if prediction == "velocity"
+        else None
+    )
 
 
 def teacher_process(config, num_steps=None):
@@ -35,7 +46,9 @@ def teacher_process(config, num_steps=None):
     flow = teacher_flow(config, num_steps)
     if flow is not None:
         return flow
-    return create_diffusion("" if num_steps is None else str(num_steps), learn_sigma=config.get("learn_sigma", True))
+    return create_diffusion(
+        "" if num_steps is None else str(num_steps), learn_sigma=config.get("learn_sigma", True)
+    )
 
 
 def model_evaluations(sampler, num_steps):
@@ -56,7 +69,9 @@ def guided_model_fn(model, cfg_scale, legacy_cfg=False, active=None):
 
     def guided(x, t, y):
         y_null = torch.full_like(y, model.num_classes)
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale, legacy_cfg)
+        out = model.forward_with_cfg(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale, legacy_cfg
+        )
         return out[: len(x)]
 
     if active is None:
@@ -74,9 +89,17 @@ def sample_ddpm(diffusion, model, noise, model_kwargs=None, clip_denoised=False,
     """Ancestral (DDPM) sampling, ADM's p_sample_loop, behind the solvers' signature. It is stochastic:
     its noise comes from the global generator, and it exposes no trajectory."""
     if callback is not None:
-        raise UserError("ancestral sampling is not an ODE solver and exposes no trajectory: use ddim or heun")
-    return diffusion.p_sample_loop(model, noise.shape, noise=noise, clip_denoised=clip_denoised,
-                                   model_kwargs=model_kwargs, device=noise.device)
+        raise UserError(
+            "ancestral sampling is not an ODE solver and exposes no trajectory: use ddim or heun"
+        )
+    return diffusion.p_sample_loop(
+        model,
+        noise.shape,
+        noise=noise,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        device=noise.device,
+    )
 
 
 # Deterministic solvers can write trajectories. DDIM (eta 0) is Euler's method on the ODE of either process
@@ -100,7 +123,16 @@ class TeacherSampler:
     Calling it maps noise (N, C, H, W) and labels (N,) to samples; `trajectory` returns the states and x0
     predictions at chosen solver steps."""
 
-    def __init__(self, model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False, guidance_interval=None):
+    def __init__(
+        self,
+        model,
+        config,
+        sampler="ddim",
+        num_steps=25,
+        cfg_scale=1.5,
+        legacy_cfg=False,
+        guidance_interval=None,
+    ):
         self.diffusion = teacher_process(config, num_steps)
         flow = isinstance(self.diffusion, FlowMatching)
         solvers = FLOW_SOLVERS if flow else SAMPLERS
@@ -111,62 +143,121 @@ class TeacherSampler:
         active = None
         if guidance_interval is not None:
             if not flow:
-                raise UserError("--guidance-interval is defined on a flow teacher's noise levels: drop it for a DiT teacher")
+                raise UserError(
+                    "--guidance-interval is defined on a flow teacher's noise levels: drop it for a DiT teacher"
+                )
             low, high = guidance_interval
             if low > high:
-                raise UserError(f"--guidance-interval {low} {high} is empty: give the lower noise level first")
-            active = lambda t: low <= self.diffusion.noise_level(t) <= high
+                raise UserError(
+                    f"--guidance-interval {low} {high} is empty: give the lower noise level first"
+                )
+
+            def active(t):
+                return low <= self.diffusion.noise_level(t) <= high
+
         self.model_fn = guided_model_fn(model, cfg_scale, legacy_cfg, active)
         self.clip = clip_denoised(config["space"])
 
     @torch.no_grad()
     def __call__(self, noise, y):
-        return self.solver(self.diffusion, self.model_fn, noise, model_kwargs=dict(y=y), clip_denoised=self.clip)
+        return self.solver(
+            self.diffusion, self.model_fn, noise, model_kwargs=dict(y=y), clip_denoised=self.clip
+        )
 
     def trajectory(self, noise, y, steps=None):
         """(xt, x0), each (N, J, C, H, W), at the solver steps listed (default all), noise first."""
-        return trajectory(self.solver, self.diffusion, self.model_fn, noise, dict(y=y), clip_denoised=self.clip, steps=steps)
+        return trajectory(
+            self.solver,
+            self.diffusion,
+            self.model_fn,
+            noise,
+            dict(y=y),
+            clip_denoised=self.clip,
+            steps=steps,
+        )
 
 
-def sample_fn(model, config, sampler="ddim", num_steps=25, cfg_scale=1.5, legacy_cfg=False, guidance_interval=None,
-              cuda_graph=False):
+def sample_fn(
+    model,
+    config,
+    sampler="ddim",
+    num_steps=25,
+    cfg_scale=1.5,
+    legacy_cfg=False,
+    guidance_interval=None,
+    cuda_graph=False,
+):
     """noise, y -> samples for a model loaded with checkpoints.load_model: a teacher samples with the given
     sampler and guidance, a student in its own K steps (the other arguments do not apply to it). cuda_graph=True
     replays the whole sampler as a CUDA graph recorded per batch shape (ard.graphs.CapturedSampler)."""
     if config["kind"] == "ard":
         fn = lambda noise, y: model.sample(noise, y)[:, -1]  # noqa: E731
     else:
-        fn = TeacherSampler(model, config, sampler, num_steps, cfg_scale, legacy_cfg, guidance_interval)
+        fn = TeacherSampler(
+            model, config, sampler, num_steps, cfg_scale, legacy_cfg, guidance_interval
+        )
         if cuda_graph and sampler == "ddpm":
-            raise UserError("ancestral (ddpm) sampling draws new noise at every step, which a replayed graph would "
-                            "repeat: drop --cuda-graph or use ddim or heun")
+            raise UserError(
+                "ancestral (ddpm) sampling draws new noise at every step, which a replayed graph would "
+                "repeat: drop --cuda-graph or use ddim or heun"
+            )
     return CapturedSampler(fn) if cuda_graph else fn
 
 
 def add_graph_argument(parser):
     """--cuda-graph, for the sampling scripts."""
-    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-                        help="record the sampler once per batch shape as a CUDA graph and replay it (GPU only; the same "
-                             "kernels without a Python launch each, for small batches)")
+    parser.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="record the sampler once per batch shape as a CUDA graph and replay it (GPU only; the same "
+        "kernels without a Python launch each, for small batches)",
+    )
 
 
 def check_graph_device(args, device):
     """One sentence, before any model is loaded, when --cuda-graph cannot run on the device."""
     if args.cuda_graph and device.type != "cuda":
-        raise UserError(f"--cuda-graph replays CUDA graphs and needs a CUDA device, not {device.type}: drop it")
+        raise UserError(
+            f"--cuda-graph replays CUDA graphs and needs a CUDA device, not {device.type}: drop it"
+        )
 
 
 def add_sampler_arguments(parser, flag="--sampler", choices=SAMPLERS, note=""):
     """The teacher-sampling flags every sampling script takes: the sampler (--solver where only ODE solvers
     will do), S, the guidance scale and official DiT's legacy guidance. `note` prefixes their help."""
-    parser.add_argument(flag, type=str, choices=list(choices), default="ddim",
-                        help=f"{note}deterministic DDIM (eta 0; for a flow teacher the same as euler), Heun on the same ODE"
-                             + (", or ancestral DDPM (DiT teachers)" if "ddpm" in choices else ""))
-    parser.add_argument("--num-sampling-steps", type=diffusion_steps, default=25,
-                        help=f"{note}S, the steps of DiT's respaced grid (a flow teacher's: uniform in t)")
-    parser.add_argument("--cfg-scale", type=non_negative_float, default=1.5, help=f"{note}classifier-free guidance scale (1: none)")
-    parser.add_argument("--legacy-cfg", action=argparse.BooleanOptionalAction, default=False,
-                        help=f"{note}guide only the first 3 noise channels, as official DiT (and SiT) does")
-    parser.add_argument("--guidance-interval", type=unit_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                        help=f"{note}flow teachers: guide only at noise levels in [LOW, HIGH] (0 data, 1 noise); "
-                             "REPA's --guidance-high 0.7 is 0 0.7")
+    parser.add_argument(
+        flag,
+        type=str,
+        choices=list(choices),
+        default="ddim",
+        help=f"{note}deterministic DDIM (eta 0; for a flow teacher the same as euler), Heun on the same ODE"
+        + (", or ancestral DDPM (DiT teachers)" if "ddpm" in choices else ""),
+    )
+    parser.add_argument(
+        "--num-sampling-steps",
+        type=diffusion_steps,
+        default=25,
+        help=f"{note}S, the steps of DiT's respaced grid (a flow teacher's: uniform in t)",
+    )
+    parser.add_argument(
+        "--cfg-scale",
+        type=non_negative_float,
+        default=1.5,
+        help=f"{note}classifier-free guidance scale (1: none)",
+    )
+    parser.add_argument(
+        "--legacy-cfg",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=f"{note}guide only the first 3 noise channels, as official DiT (and SiT) does",
+    )
+    parser.add_argument(
+        "--guidance-interval",
+        type=unit_float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help=f"{note}flow teachers: guide only at noise levels in [LOW, HIGH] (0 data, 1 noise); "
+        "REPA's --guidance-high 0.7 is 0 0.7",
+    )

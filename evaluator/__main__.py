@@ -17,7 +17,13 @@ from ard import cli
 from ard.cli import MissingFileError, UserError, check_output_path, non_negative_int
 from ard.fileio import write_json
 from evaluator.feature_net import NETS as EMBEDDED_NETS
-from evaluator.metrics import feature_statistics, frechet_distance, inception_score, precision_recall, two_set_figures
+from evaluator.metrics import (
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    two_set_figures,
+)
 
 
 def load_batch(path):
@@ -33,12 +39,16 @@ def load_batch(path):
     if "arr_0" in batch:
         images = batch["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise UserError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+            raise UserError(
+                f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}"
+            )
         if "arr_1" in batch:
             labels = batch["arr_1"]
             if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
-                raise UserError(f"{path}: arr_1 must hold one integer label per image, shape ({len(images)},), "
-                                f"got {labels.dtype} {labels.shape}")
+                raise UserError(
+                    f"{path}: arr_1 must hold one integer label per image, shape ({len(images)},), "
+                    f"got {labels.dtype} {labels.shape}"
+                )
     elif "mu" not in batch:
         raise UserError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
     return batch
@@ -51,7 +61,9 @@ def evaluate_inception(ref, sample, weights=None, device="cpu"):
     fake = net(sample["arr_0"])
     real = net(ref["arr_0"]) if "arr_0" in ref else None
     mu, sigma = (ref["mu"], ref["sigma"]) if "mu" in ref else feature_statistics(real["pool"])
-    mu_s, sigma_s = (ref["mu_s"], ref["sigma_s"]) if "mu_s" in ref else feature_statistics(real["spatial"])
+    mu_s, sigma_s = (
+        (ref["mu_s"], ref["sigma_s"]) if "mu_s" in ref else feature_statistics(real["spatial"])
+    )
     results = {
         "inception_score": inception_score(fake["logits"], split_size=5000),
         "fid": frechet_distance(*feature_statistics(fake["pool"]), mu, sigma),
@@ -69,8 +81,10 @@ def evaluate_embedded(ref, sample, net_path, data, teacher_ref=None, bootstrap=0
 
     net, net_data = load_feature_net(net_path)
     if net_data != data:
-        raise UserError(f"{net_path} is the feature network of {net_data}, not of {data}: pass --features {net_data} or "
-                        f"another --feature-net")
+        raise UserError(
+            f"{net_path} is the feature network of {net_data}, not of {data}: pass --features {net_data} or "
+            f"another --feature-net"
+        )
     if "arr_0" not in ref:
         raise UserError(f"the {data} reference batch must hold its images (arr_0)")
     real_f, _ = features(net, ref["arr_0"])
@@ -81,37 +95,69 @@ def evaluate_embedded(ref, sample, net_path, data, teacher_ref=None, bootstrap=0
         results["class_accuracy"] = float((fake_logits.argmax(1) == sample["arr_1"]).mean())
     if teacher_ref is not None:
         teacher_f, _ = features(net, teacher_ref["arr_0"])
-        results.update({f"teacher_{k}": v for k, v in two_set_figures(teacher_f, fake_f, bootstrap).items()})
+        results.update(
+            {f"teacher_{k}": v for k, v in two_set_figures(teacher_f, fake_f, bootstrap).items()}
+        )
     return results
 
 
-NAMES = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
-         ("recall", "Recall"), ("class_accuracy", "Class accuracy"), ("teacher_fid", "FID against the teacher's samples"),
-         ("teacher_precision", "Precision against the teacher's samples"), ("teacher_recall", "Recall against the teacher's samples")]
+NAMES = [
+    ("inception_score", "Inception Score"),
+    ("fid", "FID"),
+    ("sfid", "sFID"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+    ("class_accuracy", "Class accuracy"),
+    ("teacher_fid", "FID against the teacher's samples"),
+    ("teacher_precision", "Precision against the teacher's samples"),
+    ("teacher_recall", "Recall against the teacher's samples"),
+]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("ref_batch", help="reference batch (.npz)")
     parser.add_argument("sample_batch", help="sample batch (.npz)")
-    parser.add_argument("--features", choices=["inception", *EMBEDDED_NETS], default="inception",
-                        help="the feature network: ADM's Inception (ImageNet-scale images), or the network of an embedded "
-                             "dataset (8x8 digits, 28x28 Fashion-MNIST)")
-    parser.add_argument("--inception-weights", default=None, help="path to weights-inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--feature-net", default=None,
-                        help="with --features digits or fashion: the feature network, made by "
-                             "python -m evaluator.train_feature_net --data DATA --out PATH")
+    parser.add_argument(
+        "--features",
+        choices=["inception", *EMBEDDED_NETS],
+        default="inception",
+        help="the feature network: ADM's Inception (ImageNet-scale images), or the network of an embedded "
+        "dataset (8x8 digits, 28x28 Fashion-MNIST)",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        help="path to weights-inception-2015-12-05-6726825d.pth",
+    )
+    parser.add_argument(
+        "--feature-net",
+        default=None,
+        help="with --features digits or fashion: the feature network, made by "
+        "python -m evaluator.train_feature_net --data DATA --out PATH",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--teacher-ref", default=None,
-                        help="embedded datasets: also the figures against this batch, the teacher's samples of the same "
-                             "noises and labels")
-    parser.add_argument("--bootstrap", type=non_negative_int, default=0,
-                        help="embedded datasets: 95%% intervals of FID, precision and recall over this many resamples of the samples")
+    parser.add_argument(
+        "--teacher-ref",
+        default=None,
+        help="embedded datasets: also the figures against this batch, the teacher's samples of the same "
+        "noises and labels",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=non_negative_int,
+        default=0,
+        help="embedded datasets: 95%% intervals of FID, precision and recall over this many resamples of the samples",
+    )
     args = parser.parse_args(argv)
     if args.features != "inception" and args.feature_net is None:
-        parser.error(f"--features {args.features} needs --feature-net PATH (train one with python -m evaluator.train_feature_net "
-                     f"--data {args.features} --out PATH)")
+        parser.error(
+            f"--features {args.features} needs --feature-net PATH (train one with python -m evaluator.train_feature_net "
+            f"--data {args.features} --out PATH)"
+        )
     return args
 
 
@@ -123,10 +169,16 @@ def main(args):
         raise UserError(f"{args.sample_batch} holds no images (arr_0)")
     if args.features != "inception":
         teacher_ref = load_batch(args.teacher_ref) if args.teacher_ref else None
-        if teacher_ref is not None and not np.array_equal(teacher_ref.get("arr_1"), sample.get("arr_1")):
-            raise UserError(f"--teacher-ref {args.teacher_ref} holds other labels than {args.sample_batch}: "
-                            f"sample both with the same --global-seed and --num-samples")
-        results = evaluate_embedded(ref, sample, args.feature_net, args.features, teacher_ref, args.bootstrap)
+        if teacher_ref is not None and not np.array_equal(
+            teacher_ref.get("arr_1"), sample.get("arr_1")
+        ):
+            raise UserError(
+                f"--teacher-ref {args.teacher_ref} holds other labels than {args.sample_batch}: "
+                f"sample both with the same --global-seed and --num-samples"
+            )
+        results = evaluate_embedded(
+            ref, sample, args.feature_net, args.features, teacher_ref, args.bootstrap
+        )
     else:
         import torch
 
@@ -134,11 +186,23 @@ def main(args):
         results = evaluate_inception(ref, sample, args.inception_weights, device)
     for key, name in NAMES:
         if key in results:
-            interval = f" (95% interval {results[key + '_ci'][0]:.4g} to {results[key + '_ci'][1]:.4g})" if key + "_ci" in results else ""
+            interval = (
+                f" (95% interval {results[key + '_ci'][0]:.4g} to {results[key + '_ci'][1]:.4g})"
+                if key + "_ci" in results
+                else ""
+            )
             print(f"{name}: {results[key]}{interval}")
     if args.json:
-        write_json(args.json, dict(results, ref=args.ref_batch, sample=args.sample_batch, features=args.features,
-                                   num_samples=int(len(sample["arr_0"]))))
+        write_json(
+            args.json,
+            dict(
+                results,
+                ref=args.ref_batch,
+                sample=args.sample_batch,
+                features=args.features,
+                num_samples=int(len(sample["arr_0"])),
+            ),
+        )
 
 
 if __name__ == "__main__":

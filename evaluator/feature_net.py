@@ -46,10 +46,15 @@ class FeatureNet(nn.Module):
         return features, self.fc2(features)
 
 
-NETS = {"digits": dict(side=8, classes=EMBEDDED["digits"][1], pools=1),
-        "fashion": dict(side=28, classes=EMBEDDED["fashion"][1], pools=2)}
+NETS = {
+    "digits": dict(side=8, classes=EMBEDDED["digits"][1], pools=1),
+    "fashion": dict(side=28, classes=EMBEDDED["fashion"][1], pools=2),
+}
 # Training: epochs, batch size, the largest random shift in pixels (shape, not exact position, should make a feature).
-TRAINING = {"digits": dict(epochs=40, batch_size=64, shift=1), "fashion": dict(epochs=8, batch_size=128, shift=2)}
+TRAINING = {
+    "digits": dict(epochs=40, batch_size=64, shift=1),
+    "fashion": dict(epochs=8, batch_size=128, shift=2),
+}
 
 
 def uint8_to_input(images, side):
@@ -81,7 +86,13 @@ def train_feature_net(data="digits", epochs=None, seed=0):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(data, epochs or TRAINING[data]["epochs"], TRAINING[data]["batch_size"], TRAINING[data]["shift"], seed)
+        return _train(
+            data,
+            epochs or TRAINING[data]["epochs"],
+            TRAINING[data]["batch_size"],
+            TRAINING[data]["shift"],
+            seed,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -116,11 +127,15 @@ def load_feature_net(path):
     """(network, the dataset it was trained on) of a checkpoint of train_feature_net; a file without its dataset
     is a digits network of an earlier version (float32, which loads as it is)."""
     if not os.path.isfile(path):
-        raise MissingFileError(f"no feature network at {path}: train one with python -m evaluator.train_feature_net --out {path}")
+        raise MissingFileError(
+            f"no feature network at {path}: train one with python -m evaluator.train_feature_net --out {path}"
+        )
     ckpt = load_checkpoint(path)
     data = ckpt.get("data", "digits")
     if data not in NETS:
-        raise UserError(f"{path} is a feature network of {data!r}, which this version does not know")
+        raise UserError(
+            f"{path} is a feature network of {data!r}, which this version does not know"
+        )
     net = FeatureNet(**NETS[data]).double()
     net.load_state_dict(ckpt["model"])
     return net.eval(), data

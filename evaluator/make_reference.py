@@ -20,11 +20,25 @@ from ard.fileio import save_npz
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="'digits', 'fashion' or an ImageFolder path")
-    parser.add_argument("--split", default="test", choices=["train", "test", "all"], help="split of an embedded dataset")
-    parser.add_argument("--image-size", type=positive_int, default=256, help="image folders: centre-crop size")
-    parser.add_argument("--num", type=positive_int, default=None, help="at most this many images (a seeded random subset)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "test", "all"],
+        help="split of an embedded dataset",
+    )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=256, help="image folders: centre-crop size"
+    )
+    parser.add_argument(
+        "--num",
+        type=positive_int,
+        default=None,
+        help="at most this many images (a seeded random subset)",
+    )
     parser.add_argument("--out", required=True, help="the .npz to write")
     return parser.parse_args(argv)
 

@@ -28,9 +28,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     imaginary parts of the matrix square root beyond 1e-3 are an error, smaller ones are dropped.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    sigma1, sigma2 = (
+        np.atleast_2d(sigma1).astype(np.float64),
+        np.atleast_2d(sigma2).astype(np.float64),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise UserError(f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+        raise UserError(
+            f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}"
+        )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -39,7 +44,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root")
+            raise ValueError(
+                f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root"
+            )
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -71,7 +78,9 @@ def _knn_radii(features, k, block):
     radii = np.empty(len(features))
     for start in range(0, len(features), block):
         d = _pairwise_sq_distances(features[start : start + block], features)
-        radii[start : start + block] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+        radii[start : start + block] = np.partition(d, k, axis=1)[
+            :, k
+        ]  # index 0 is the point itself
     return radii
 
 
@@ -115,13 +124,17 @@ def _resampled_precision_recall(real, fake, k, near=64):
     # one's time at 2,000 points: the order among equal distances may differ from a full sort's, but no radius
     # depends on it.
     nearest = np.argpartition(fake_fake, near - 1, axis=1)[:, :near]
-    order = np.take_along_axis(nearest, np.argsort(np.take_along_axis(fake_fake, nearest, axis=1), axis=1), axis=1)
+    order = np.take_along_axis(
+        nearest, np.argsort(np.take_along_axis(fake_fake, nearest, axis=1), axis=1), axis=1
+    )
     near_d = np.take_along_axis(fake_fake, order, axis=1)
 
     def figures(idx):
         counts = np.bincount(idx, minlength=len(fake))
         drawn = np.flatnonzero(counts)
-        reached = np.cumsum(counts[order[drawn]], axis=1)  # draws among each drawn point's nearest, cumulated
+        reached = np.cumsum(
+            counts[order[drawn]], axis=1
+        )  # draws among each drawn point's nearest, cumulated
         pos = (reached <= k).sum(axis=1)  # the first neighbour at which k + 1 draws are reached
         radii = np.empty(len(drawn))
         found = pos < near
@@ -130,6 +143,7 @@ def _resampled_precision_recall(real, fake, k, near=64):
             radii[j] = np.partition(fake_fake[drawn[j], idx], k)[k]
         recall = float((fake_real[drawn] <= radii[:, None]).any(axis=0).mean())
         return float(in_real[idx].mean()), recall
+
     return figures
 
 
@@ -148,7 +162,9 @@ def two_set_figures(real, fake, bootstrap=0, seed=0, k=3):
         draws = []
         for _ in range(bootstrap):
             idx = rng.integers(0, len(fake), len(fake))
-            draws.append((frechet_distance(*feature_statistics(fake[idx]), *real_stats), *resampled_pr(idx)))
+            draws.append(
+                (frechet_distance(*feature_statistics(fake[idx]), *real_stats), *resampled_pr(idx))
+            )
         errors = np.array(draws).std(axis=0, ddof=1)
         for name, error in zip(("fid", "precision", "recall"), errors):
             out[f"{name}_ci"] = [float(out[name] - 1.96 * error), float(out[name] + 1.96 * error)]

@@ -29,8 +29,14 @@ def paired_ratios(real, teacher, floor, n0, ard, resamples, seed=0):
     real_stats, teacher_stats = feature_statistics(real), feature_statistics(teacher)
 
     def ratios(idx):
-        fid_real = {k: frechet_distance(*feature_statistics(f[idx]), *real_stats) for k, f in (("t", teacher), ("n0", n0), ("ard", ard))}
-        fid_teacher = {k: frechet_distance(*feature_statistics(f[idx]), *teacher_stats) for k, f in (("t", floor), ("n0", n0), ("ard", ard))}
+        fid_real = {
+            k: frechet_distance(*feature_statistics(f[idx]), *real_stats)
+            for k, f in (("t", teacher), ("n0", n0), ("ard", ard))
+        }
+        fid_teacher = {
+            k: frechet_distance(*feature_statistics(f[idx]), *teacher_stats)
+            for k, f in (("t", floor), ("n0", n0), ("ard", ard))
+        }
         return [(d["n0"] - d["t"]) / (d["ard"] - d["t"]) for d in (fid_real, fid_teacher)]
 
     n = len(n0)
@@ -40,12 +46,27 @@ def paired_ratios(real, teacher, floor, n0, ard, resamples, seed=0):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, help="the run folder of python -m experiments.digits or experiments.fashion")
-    parser.add_argument("--data", choices=list(NETS), required=True, help="the run's embedded dataset")
-    parser.add_argument("--target", default="state", choices=["state", "x0", "short"], help="which students: the state or x0 target, or the headroom rows")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--run-dir",
+        required=True,
+        help="the run folder of python -m experiments.digits or experiments.fashion",
+    )
+    parser.add_argument(
+        "--data", choices=list(NETS), required=True, help="the run's embedded dataset"
+    )
+    parser.add_argument(
+        "--target",
+        default="state",
+        choices=["state", "x0", "short"],
+        help="which students: the state or x0 target, or the headroom rows",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="the students' seed")
-    parser.add_argument("--history-layers", type=positive_int, default=3, help="ARD's N in the run's row names")
+    parser.add_argument(
+        "--history-layers", type=positive_int, default=3, help="ARD's N in the run's row names"
+    )
     parser.add_argument("--resamples", type=positive_int, default=500, help="bootstrap resamples")
     parser.add_argument("--json", default=None, help="also write the figures here")
     return parser.parse_args(argv)
@@ -55,24 +76,42 @@ def main(args):
     if args.json:
         check_output_path(args.json, "--json")
     run = args.run_dir
-    net_path = os.path.join(run, "digits_net.pt" if args.data == "digits" else f"{args.data}_net.pt")
+    net_path = os.path.join(
+        run, "digits_net.pt" if args.data == "digits" else f"{args.data}_net.pt"
+    )
     prefix, target = ("short_", "state") if args.target == "short" else ("", args.target)
-    names = {"teacher": "teacher_ddim25", "floor": "teacher_ddim25_s1", "n0": f"{prefix}k4_n0_{target}_s{args.seed}",
-             "ard": f"{prefix}k4_n{args.history_layers}_{target}_s{args.seed}"}
+    names = {
+        "teacher": "teacher_ddim25",
+        "floor": "teacher_ddim25_s1",
+        "n0": f"{prefix}k4_n0_{target}_s{args.seed}",
+        "ard": f"{prefix}k4_n{args.history_layers}_{target}_s{args.seed}",
+    }
     paths = {k: os.path.join(run, "samples", f"{v}.npz") for k, v in names.items()}
-    missing = [p for p in (net_path, os.path.join(run, "ref_test.npz"), *paths.values()) if not os.path.isfile(p)]
+    missing = [
+        p
+        for p in (net_path, os.path.join(run, "ref_test.npz"), *paths.values())
+        if not os.path.isfile(p)
+    ]
     if missing:
         raise MissingFileError(f"{missing[0]} does not exist: run the experiment into {run} first")
     net, _ = load_feature_net(net_path)
     real = features(net, load_batch(os.path.join(run, "ref_test.npz"))["arr_0"])[0]
     feats = {k: features(net, load_batch(p)["arr_0"])[0] for k, p in paths.items()}
-    point, draws = paired_ratios(real, feats["teacher"], feats["floor"], feats["n0"], feats["ard"], args.resamples, args.seed)
+    point, draws = paired_ratios(
+        real, feats["teacher"], feats["floor"], feats["n0"], feats["ard"], args.resamples, args.seed
+    )
     out = {"names": names, "resamples": args.resamples}
     for i, against in enumerate(("real", "teacher")):
         lo, hi = np.percentile(draws[:, i], [2.5, 97.5])
-        out[against] = {"ratio": point[i], "ci95": [float(lo), float(hi)], "bootstrap_std": float(draws[:, i].std(ddof=1))}
-        print(f"degradation ratio against the {'real test images' if against == 'real' else 'teacher' + chr(39) + 's samples'}: "
-              f"{point[i]:.2f}, 95% paired-bootstrap interval [{lo:.2f}, {hi:.2f}] ({args.resamples} resamples)")
+        out[against] = {
+            "ratio": point[i],
+            "ci95": [float(lo), float(hi)],
+            "bootstrap_std": float(draws[:, i].std(ddof=1)),
+        }
+        print(
+            f"degradation ratio against the {'real test images' if against == 'real' else 'teacher' + chr(39) + 's samples'}: "
+            f"{point[i]:.2f}, 95% paired-bootstrap interval [{lo:.2f}, {hi:.2f}] ({args.resamples} resamples)"
+        )
     if args.json:
         write_json(args.json, out)
 

@@ -32,27 +32,81 @@ from experiments.report import FLOW_SOLVER, FLOW_STEPS, FLOW_TEACHER
 
 BUDGETS = {
     # teacher steps, trajectories, student steps, samples per model, GAN steps
-    "quick": dict(teacher_steps=40, trajectories=128, student_steps=12, samples=100, gan_steps=6, gan_warmup=3, headroom_steps=6,
-                  val_count=32, teacher_batch=32, student_batch=16, net_epochs=2, cost_batch=20, bootstrap=10),
-    "default": dict(teacher_steps=1400, trajectories=6000, student_steps=800, samples=2000, gan_steps=120,
-                    gan_warmup=40, headroom_steps=400, val_count=500, teacher_batch=128, student_batch=64, net_epochs=40, cost_batch=500,
-                    bootstrap=100),
+    "quick": dict(
+        teacher_steps=40,
+        trajectories=128,
+        student_steps=12,
+        samples=100,
+        gan_steps=6,
+        gan_warmup=3,
+        headroom_steps=6,
+        val_count=32,
+        teacher_batch=32,
+        student_batch=16,
+        net_epochs=2,
+        cost_batch=20,
+        bootstrap=10,
+    ),
+    "default": dict(
+        teacher_steps=1400,
+        trajectories=6000,
+        student_steps=800,
+        samples=2000,
+        gan_steps=120,
+        gan_warmup=40,
+        headroom_steps=400,
+        val_count=500,
+        teacher_batch=128,
+        student_batch=64,
+        net_epochs=40,
+        cost_batch=500,
+        bootstrap=100,
+    ),
 }
 # The tiny teacher: DiT-T (depth 6, width 128) with 4x4 patches, four tokens per 8x8 digit. It reaches a better FID
 # than 2x2 patches (16 tokens) at the same 1,400 steps, and every stage after it runs 2.5-4x faster. N = 3 of its 6
 # blocks see the history; the students' learning rate is constant (the headroom rows read a checkpoint half-way).
 DIGITS_MODEL = "DiT-T/4"
-DIGITS = Setting(data="digits", model=DIGITS_MODEL, history_layers=3, teacher_lr=2e-3, teacher_ema=0.99, student_lr=3e-3,
-                 real="the 360 held-out real digits", real_train="Real digits, training split (reference floor)", net="digits_net")
+DIGITS = Setting(
+    data="digits",
+    model=DIGITS_MODEL,
+    history_layers=3,
+    teacher_lr=2e-3,
+    teacher_ema=0.99,
+    student_lr=3e-3,
+    real="the 360 held-out real digits",
+    real_train="Real digits, training split (reference floor)",
+    net="digits_net",
+)
 HISTORY_LAYERS = DIGITS.history_layers
 
 # Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
 # fast this machine turns out to be.
 ESTIMATES = {
-    "quick": dict(teacher=8, net=6, reference=3, trajectories=7, student=8, gan=8, sample=4, sample_teacher25=6, eval=3,
-                  probe=5),
-    "default": dict(teacher=130, net=30, reference=5, trajectories=55, student=180, gan=70, sample=6,
-                    sample_teacher25=32, eval=8, probe=35),
+    "quick": dict(
+        teacher=8,
+        net=6,
+        reference=3,
+        trajectories=7,
+        student=8,
+        gan=8,
+        sample=4,
+        sample_teacher25=6,
+        eval=3,
+        probe=5,
+    ),
+    "default": dict(
+        teacher=130,
+        net=30,
+        reference=5,
+        trajectories=55,
+        student=180,
+        gan=70,
+        sample=6,
+        sample_teacher25=32,
+        eval=8,
+        probe=35,
+    ),
 }
 
 
@@ -62,33 +116,72 @@ def flow_rows(p, b, est, seeds):
     s = DIGITS
     teacher = pipeline.train_teacher(p, s, b, est, "flow_teacher", "flow")
     traj = p.path("traj_flow")
-    p.add("flow_trajectories", os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)), [
-        "train_teacher_traj.py", "--ckpt", teacher, "--out", traj, "--num-trajectories", str(b["trajectories"]),
-        "--solver", FLOW_SOLVER, "--num-sampling-steps", str(FLOW_STEPS), "--cfg-scale", str(s.cfg)],
-        after=["flow_teacher"], heavy=True, estimate=est["trajectories"])
-    samplers = [(FLOW_SOLVER, FLOW_STEPS)] if len(seeds) == 1 else [("heun", 2), ("heun", 4), (FLOW_SOLVER, FLOW_STEPS), ("euler", 25)]
-    rows = [(f"flow_teacher_{sampler}{n}", n, "teacher", teacher, f"flow_teacher_{sampler}{n}") for sampler, n in samplers]
+    p.add(
+        "flow_trajectories",
+        os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)),
+        [
+            "train_teacher_traj.py",
+            "--ckpt",
+            teacher,
+            "--out",
+            traj,
+            "--num-trajectories",
+            str(b["trajectories"]),
+            "--solver",
+            FLOW_SOLVER,
+            "--num-sampling-steps",
+            str(FLOW_STEPS),
+            "--cfg-scale",
+            str(s.cfg),
+        ],
+        after=["flow_teacher"],
+        heavy=True,
+        estimate=est["trajectories"],
+    )
+    samplers = (
+        [(FLOW_SOLVER, FLOW_STEPS)]
+        if len(seeds) == 1
+        else [("heun", 2), ("heun", 4), (FLOW_SOLVER, FLOW_STEPS), ("euler", 25)]
+    )
+    rows = [
+        (f"flow_teacher_{sampler}{n}", n, "teacher", teacher, f"flow_teacher_{sampler}{n}")
+        for sampler, n in samplers
+    ]
     rows.append((f"{FLOW_TEACHER}_s1", FLOW_STEPS, "teacher", teacher, f"{FLOW_TEACHER}_s1"))
     for seed in seeds:
         for n in (0, HISTORY_LAYERS):
             name = f"flow_k4_n{n}_state_s{seed}"
-            rows.append((name, 4, "student", pipeline.student_stage(p, s, b, est, name, traj, teacher, n, seed, after="flow_trajectories"),
-                         f"flow_k4_n{n}_state"))
+            rows.append(
+                (
+                    name,
+                    4,
+                    "student",
+                    pipeline.student_stage(
+                        p, s, b, est, name, traj, teacher, n, seed, after="flow_trajectories"
+                    ),
+                    f"flow_k4_n{n}_state",
+                )
+            )
     return rows
 
 
 def distil(p, b, args, teacher, traj, est):
     """Every student of the mode; returns the rows (label, steps, kind, checkpoint, group) of the table's students."""
+
     def student(name, history_layers, seed=0, target="state", num_steps=4, steps=None):
-        return pipeline.student_stage(p, DIGITS, b, est, name, traj, teacher, history_layers, seed, target, num_steps, steps)
+        return pipeline.student_stage(
+            p, DIGITS, b, est, name, traj, teacher, history_layers, seed, target, num_steps, steps
+        )
 
     rows = []
     seeds = [0, 1, 2] if args.full else [0]
-    for target in (["state", "x0"] if args.full else ["state"]):
+    for target in ["state", "x0"] if args.full else ["state"]:
         for seed in seeds:
             for n in (0, HISTORY_LAYERS):
                 name = f"k4_n{n}_{target}_s{seed}"
-                rows.append((name, 4, "student", student(name, n, seed, target), f"k4_n{n}_{target}"))
+                rows.append(
+                    (name, 4, "student", student(name, n, seed, target), f"k4_n{n}_{target}")
+                )
     if args.full or args.headroom:
         # The setting with headroom: the same students after headroom_steps of their steps, where step distillation
         # still falls short of its teacher. A constant learning rate makes that checkpoint the same as a run of
@@ -103,13 +196,22 @@ def distil(p, b, args, teacher, traj, est):
     for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
         for n in (0, HISTORY_LAYERS):
             name = f"k4_n{n}_state_s{seed}"
-            rows.append((f"gan_{name}", 4, "student", pipeline.gan_stage(p, DIGITS, b, est, name, traj, teacher, n, seed),
-                         f"k4_n{n}_state_gan"))
+            rows.append(
+                (
+                    f"gan_{name}",
+                    4,
+                    "student",
+                    pipeline.gan_stage(p, DIGITS, b, est, name, traj, teacher, n, seed),
+                    f"k4_n{n}_state_gan",
+                )
+            )
     if args.full:
         for k in (2, 3, 5):
             for n in (0, HISTORY_LAYERS):
                 name = f"k{k}_n{n}_state_s0"
-                rows.append((name, k, "student", student(name, n, 0, "state", k), f"k{k}_n{n}_state"))
+                rows.append(
+                    (name, k, "student", student(name, n, 0, "state", k), f"k{k}_n{n}_state")
+                )
     return rows
 
 
@@ -118,16 +220,31 @@ def declare(p, b, est, args):
     real training digits' figures' path)."""
     teacher, ref, net, traj = pipeline.prepare(p, DIGITS, b, est)
     rows = distil(p, b, args, teacher, traj, est)
-    ddim_steps = [2, 3, 4, 5, 8, 16, 25] if args.full else [2, 3, 4, 25] if args.flow else [4, 25]  # --flow: the steps each teacher needs
+    ddim_steps = (
+        [2, 3, 4, 5, 8, 16, 25] if args.full else [2, 3, 4, 25] if args.flow else [4, 25]
+    )  # --flow: the steps each teacher needs
     rows += [(f"teacher_ddim{n}", n, "teacher", teacher, f"teacher_ddim{n}") for n in ddim_steps]
-    rows.append(("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1"))  # other noises: the teacher-fidelity floor
+    rows.append(
+        ("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1")
+    )  # other noises: the teacher-fidelity floor
     if args.full or args.flow:
         rows += flow_rows(p, b, est, seeds=(0,) if args.quick else (0, 1, 2))
     figures_of = pipeline.evaluate(p, DIGITS, b, rows, ref, net, est)
     real = pipeline.evaluate_real_train(p, DIGITS, ref, net, est)
-    for prefix, suffix in [("", "")] + ([("short_", "_short")] if args.full or args.headroom else []):
-        pipeline.history_probe(p, DIGITS, b, est, rows, traj, os.path.join(args.assets_dir, f"digits_history_probe{suffix}.png"),
-                               prefix, suffix)
+    for prefix, suffix in [("", "")] + (
+        [("short_", "_short")] if args.full or args.headroom else []
+    ):
+        pipeline.history_probe(
+            p,
+            DIGITS,
+            b,
+            est,
+            rows,
+            traj,
+            os.path.join(args.assets_dir, f"digits_history_probe{suffix}.png"),
+            prefix,
+            suffix,
+        )
     return rows, figures_of, real
 
 
@@ -138,39 +255,79 @@ def figures(p, rows, results, args):
 
     matplotlib.use("Agg")
     s, n = DIGITS, HISTORY_LAYERS
-    shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
-             ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
-             (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps")]
+    shown = [
+        ("teacher_ddim25", "Teacher, DDIM 25 steps"),
+        ("teacher_ddim4", "Teacher, DDIM 4 steps"),
+        ("k4_n0_state_s0", "Step distillation, 4 steps"),
+        (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
+        (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps"),
+    ]
     report.samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), shown)
     if any(name.startswith("flow_") for name, *_ in rows):
-        report.samples_figure(p, os.path.join(args.assets_dir, "digits_flow_samples.png"), [
-            (FLOW_TEACHER, f"Flow teacher, Heun {FLOW_STEPS} steps ({2 * FLOW_STEPS - 1} evaluations)"),
-            ("flow_teacher_heun2", "Flow teacher, Heun 2 steps (3 evaluations)"),
-            ("flow_k4_n0_state_s0", "Its step distillation, 4 steps"),
-            (f"flow_k4_n{n}_state_s0", f"Its ARD (N={n}), 4 steps")])
+        report.samples_figure(
+            p,
+            os.path.join(args.assets_dir, "digits_flow_samples.png"),
+            [
+                (
+                    FLOW_TEACHER,
+                    f"Flow teacher, Heun {FLOW_STEPS} steps ({2 * FLOW_STEPS - 1} evaluations)",
+                ),
+                ("flow_teacher_heun2", "Flow teacher, Heun 2 steps (3 evaluations)"),
+                ("flow_k4_n0_state_s0", "Its step distillation, 4 steps"),
+                (f"flow_k4_n{n}_state_s0", f"Its ARD (N={n}), 4 steps"),
+            ],
+        )
     report.val_mse_figure(s, p, os.path.join(args.assets_dir, "digits_val_mse.png"))
     report.gan_figure(s, p, os.path.join(args.assets_dir, "digits_gan.png"))
     if args.full:
-        report.fid_steps_figure(s, rows, results, os.path.join(args.assets_dir, "digits_fid_vs_steps.png"))
+        report.fid_steps_figure(
+            s, rows, results, os.path.join(args.assets_dir, "digits_fid_vs_steps.png")
+        )
 
 
 def main(args):
     p = pipeline.runner(args, "digits")
-    b, est = BUDGETS["quick" if args.quick else "default"], ESTIMATES["quick" if args.quick else "default"]
+    b, est = (
+        BUDGETS["quick" if args.quick else "default"],
+        ESTIMATES["quick" if args.quick else "default"],
+    )
     rows, figures_of, real = declare(p, b, est, args)
-    mode = next(m for m in ("full", "headroom", "flow", "default") if m == "default" or getattr(args, m))
-    pipeline.finish(p, DIGITS, b, args, rows, figures_of, real, mode, draw=lambda results: figures(p, rows, results, args))
+    mode = next(
+        m for m in ("full", "headroom", "flow", "default") if m == "default" or getattr(args, m)
+    )
+    pipeline.finish(
+        p,
+        DIGITS,
+        b,
+        args,
+        rows,
+        figures_of,
+        real,
+        mode,
+        draw=lambda results: figures(p, rows, results, args),
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--headroom", action="store_true",
-                      help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds")
-    mode.add_argument("--full", action="store_true",
-                      help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow teacher, FID-vs-steps plot")
-    mode.add_argument("--flow", action="store_true",
-                      help="the default rows plus a flow-matching teacher (train.py --objective flow) and its N = 0 and ARD students, 3 seeds")
+    mode.add_argument(
+        "--headroom",
+        action="store_true",
+        help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow teacher, FID-vs-steps plot",
+    )
+    mode.add_argument(
+        "--flow",
+        action="store_true",
+        help="the default rows plus a flow-matching teacher (train.py --objective flow) and its N = 0 and ARD students, 3 seeds",
+    )
     pipeline.add_arguments(parser, "digits")
     return parser.parse_args(argv)
 

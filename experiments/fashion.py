@@ -24,26 +24,82 @@ from experiments import pipeline, report
 from experiments.pipeline import Setting
 
 BUDGETS = {
-    "quick": dict(teacher_steps=20, trajectories=64, student_steps=6, samples=64, gan_steps=4, gan_warmup=2, val_count=16,
-                  teacher_batch=16, student_batch=8, net_epochs=1, cost_batch=16, bootstrap=5, real_train=500, sample_batch=64),
-    "default": dict(teacher_steps=6000, trajectories=5000, student_steps=1000, samples=2000, gan_steps=100, gan_warmup=30,
-                    val_count=500, teacher_batch=128, student_batch=32, net_epochs=8, cost_batch=200, bootstrap=100,
-                    real_train=10000, sample_batch=250),
+    "quick": dict(
+        teacher_steps=20,
+        trajectories=64,
+        student_steps=6,
+        samples=64,
+        gan_steps=4,
+        gan_warmup=2,
+        val_count=16,
+        teacher_batch=16,
+        student_batch=8,
+        net_epochs=1,
+        cost_batch=16,
+        bootstrap=5,
+        real_train=500,
+        sample_batch=64,
+    ),
+    "default": dict(
+        teacher_steps=6000,
+        trajectories=5000,
+        student_steps=1000,
+        samples=2000,
+        gan_steps=100,
+        gan_warmup=30,
+        val_count=500,
+        teacher_batch=128,
+        student_batch=32,
+        net_epochs=8,
+        cost_batch=200,
+        bootstrap=100,
+        real_train=10000,
+        sample_batch=250,
+    ),
 }
 # DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks see the history.
 # The teacher's EMA: at 0.999 its 2,000-step average still held the first, untrained steps' weights and its samples
 # were noise where the raw weights' were clean garments; 0.995 averages about the last 200 steps.
-FASHION = Setting(data="fashion", model="DiT-T/4", history_layers=3, teacher_lr=2e-3, teacher_ema=0.995, student_lr=2e-3,
-                  real="the 10,000 Fashion-MNIST test images", real_train="Real Fashion-MNIST, 10,000 training images (reference floor)",
-                  net="fashion_net")
+FASHION = Setting(
+    data="fashion",
+    model="DiT-T/4",
+    history_layers=3,
+    teacher_lr=2e-3,
+    teacher_ema=0.995,
+    student_lr=2e-3,
+    real="the 10,000 Fashion-MNIST test images",
+    real_train="Real Fashion-MNIST, 10,000 training images (reference floor)",
+    net="fashion_net",
+)
 TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at these step counts
 
 # Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
 # fast this machine turns out to be.
 ESTIMATES = {
-    "quick": dict(teacher=10, net=30, reference=5, trajectories=8, student=8, gan=8, sample=5, sample_teacher25=8, eval=5, probe=6),
-    "default": dict(teacher=2800, net=600, reference=15, trajectories=340, student=1000, gan=300, sample=40,
-                    sample_teacher25=350, eval=40, probe=120),
+    "quick": dict(
+        teacher=10,
+        net=30,
+        reference=5,
+        trajectories=8,
+        student=8,
+        gan=8,
+        sample=5,
+        sample_teacher25=8,
+        eval=5,
+        probe=6,
+    ),
+    "default": dict(
+        teacher=2800,
+        net=600,
+        reference=15,
+        trajectories=340,
+        student=1000,
+        gan=300,
+        sample=40,
+        sample_teacher25=350,
+        eval=40,
+        probe=120,
+    ),
 }
 
 
@@ -58,19 +114,37 @@ def declare(p, b, est, args):
         for seed in seeds:
             for n in (0, s.history_layers):
                 name = f"k4_n{n}_{target}_s{seed}"
-                rows.append((name, 4, "student", pipeline.student_stage(p, s, b, est, name, traj, teacher, n, seed, target),
-                             f"k4_n{n}_{target}"))
+                rows.append(
+                    (
+                        name,
+                        4,
+                        "student",
+                        pipeline.student_stage(p, s, b, est, name, traj, teacher, n, seed, target),
+                        f"k4_n{n}_{target}",
+                    )
+                )
     for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
         for n in (0, s.history_layers):
             name = f"k4_n{n}_state_s{seed}"
-            rows.append((f"gan_{name}", 4, "student", pipeline.gan_stage(p, s, b, est, name, traj, teacher, n, seed),
-                         f"k4_n{n}_state_gan"))
+            rows.append(
+                (
+                    f"gan_{name}",
+                    4,
+                    "student",
+                    pipeline.gan_stage(p, s, b, est, name, traj, teacher, n, seed),
+                    f"k4_n{n}_state_gan",
+                )
+            )
     steps = [2, 4, 25] if args.quick else TEACHER_STEPS
     rows += [(f"teacher_ddim{n}", n, "teacher", teacher, f"teacher_ddim{n}") for n in steps]
-    rows.append(("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1"))  # other noises: the teacher-fidelity floor
+    rows.append(
+        ("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1")
+    )  # other noises: the teacher-fidelity floor
     figures_of = pipeline.evaluate(p, s, b, rows, ref, net, est)
     real = pipeline.evaluate_real_train(p, s, ref, net, est)
-    pipeline.history_probe(p, s, b, est, rows, traj, os.path.join(args.assets_dir, "fashion_history_probe.png"))
+    pipeline.history_probe(
+        p, s, b, est, rows, traj, os.path.join(args.assets_dir, "fashion_history_probe.png")
+    )
     return rows, figures_of, real
 
 
@@ -81,32 +155,64 @@ def figures(p, rows, results, args):
 
     matplotlib.use("Agg")
     s, n = FASHION, FASHION.history_layers
-    shown = [("teacher_ddim25", "Teacher, DDIM 25 steps"), ("teacher_ddim4", "Teacher, DDIM 4 steps"),
-             ("k4_n0_state_s0", "Step distillation, 4 steps"), (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
-             ("k4_n0_x0_s0", "Step distillation, x0 target"), (f"k4_n{n}_x0_s0", f"ARD (N={n}), x0 target"),
-             (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps")]
+    shown = [
+        ("teacher_ddim25", "Teacher, DDIM 25 steps"),
+        ("teacher_ddim4", "Teacher, DDIM 4 steps"),
+        ("k4_n0_state_s0", "Step distillation, 4 steps"),
+        (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
+        ("k4_n0_x0_s0", "Step distillation, x0 target"),
+        (f"k4_n{n}_x0_s0", f"ARD (N={n}), x0 target"),
+        (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps"),
+    ]
     report.samples_figure(p, os.path.join(args.assets_dir, "fashion_samples.png"), shown)
     report.val_mse_figure(s, p, os.path.join(args.assets_dir, "fashion_val_mse.png"))
     report.gan_figure(s, p, os.path.join(args.assets_dir, "fashion_gan.png"))
-    report.fid_steps_figure(s, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png"))
+    report.fid_steps_figure(
+        s, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png")
+    )
 
 
 def main(args):
     p = pipeline.runner(args, "fashion")
-    b, est = BUDGETS["quick" if args.quick else "default"], ESTIMATES["quick" if args.quick else "default"]
-    if args.teacher_steps is not None:  # another teacher budget (its stages and everything after them change)
+    b, est = (
+        BUDGETS["quick" if args.quick else "default"],
+        ESTIMATES["quick" if args.quick else "default"],
+    )
+    if (
+        args.teacher_steps is not None
+    ):  # another teacher budget (its stages and everything after them change)
         est = dict(est, teacher=est["teacher"] * args.teacher_steps / b["teacher_steps"])
         b = dict(b, teacher_steps=args.teacher_steps)
     rows, figures_of, real = declare(p, b, est, args)
-    pipeline.finish(p, FASHION, b, args, rows, figures_of, real, f"{args.seeds} seed(s)",
-                    draw=lambda results: figures(p, rows, results, args))
+    pipeline.finish(
+        p,
+        FASHION,
+        b,
+        args,
+        rows,
+        figures_of,
+        real,
+        f"{args.seeds} seed(s)",
+        draw=lambda results: figures(p, rows, results, args),
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds of each student (one on 2 CPU cores; three on a GPU)")
-    parser.add_argument("--teacher-steps", type=positive_int, default=None,
-                        help="the teacher's training steps (default: the budget's; a run folder holds one teacher)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        help="seeds of each student (one on 2 CPU cores; three on a GPU)",
+    )
+    parser.add_argument(
+        "--teacher-steps",
+        type=positive_int,
+        default=None,
+        help="the teacher's training steps (default: the budget's; a run folder holds one teacher)",
+    )
     pipeline.add_arguments(parser, "fashion")
     return parser.parse_args(argv)
 

@@ -19,8 +19,8 @@ when it starts, are fresh processes.
 
 import json
 import os
-import resource
 import re
+import resource
 import select
 import signal
 import subprocess
@@ -50,7 +50,8 @@ class Stage:
     proc: object = None  # a subprocess.Popen, or a ForkedStage: poll(), returncode, terminate()
     log: object = None  # the stage's log, open for reading its progress
     tail: str = ""
-    cpu_seconds: float = None  # user + system CPU time of the finished stage (its own children's included)
+    # user + system CPU time of the finished stage (its own children's included):
+    cpu_seconds: float = None
 
 
 def _seconds(text):
@@ -75,10 +76,14 @@ def _run_as_main(args):
     the interpreter would: sys.argv, sys.path[0] and __main__ as it sets them. Returns the exit status."""
     import runpy
     import traceback
+
     try:
         if args[0] == "-c":
             sys.argv, sys.path[0] = ["-c", *args[2:]], ""
-            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            exec(
+                compile(args[1], "<string>", "exec"),
+                {"__name__": "__main__", "__builtins__": __builtins__},
+            )
         elif args[0] == "-m":
             sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
@@ -101,6 +106,7 @@ def _child(request):
     import atexit
     import io
     import random
+
     code = 1
     try:
         os.chdir(request["cwd"])
@@ -114,10 +120,19 @@ def _child(request):
         os.dup2(null, 0)
         os.close(null)
         sys.stdin = open(0, closefd=False)
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True,
-                                      write_through=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-                                      line_buffering=True, write_through=True)
+        sys.stdout = io.TextIOWrapper(
+            io.FileIO(1, "w", closefd=False),
+            encoding="utf-8",
+            line_buffering=True,
+            write_through=True,
+        )
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False),
+            encoding="utf-8",
+            errors="backslashreplace",
+            line_buffering=True,
+            write_through=True,
+        )
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
@@ -140,6 +155,7 @@ def serve():
     it ends (the exit status as subprocess gives it, negative for a signal; its user + system CPU seconds). Runs
     single-threaded (a fork copies only the calling thread); ends when stdin closes, terminating the children still running."""
     import importlib
+
     # On Ctrl-C the runner closes stdin, and it forwards a scheduler's stop signals to the stages: the server stays
     # to end the children and report their exit.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -174,7 +190,13 @@ def serve():
             pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 break
-            answer({"id": children.pop(pid), "exit": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime})
+            answer(
+                {
+                    "id": children.pop(pid),
+                    "exit": os.waitstatus_to_exitcode(status),
+                    "cpu": usage.ru_utime + usage.ru_stime,
+                }
+            )
 
 
 class ForkedStage:
@@ -204,10 +226,17 @@ class ForkServer:
     def __init__(self, root, env):
         # The repository root on sys.path just for the import; then sys.path[0] is '' again, as `python -c` has it.
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        start = (f"import sys; sys.path.insert(0, {repo!r}); from experiments import stage_runner; del sys.path[0]; "
-                 "stage_runner.serve()")
-        self.proc = subprocess.Popen([sys.executable, "-c", start], cwd=root, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE)
+        start = (
+            f"import sys; sys.path.insert(0, {repo!r}); from experiments import stage_runner; del sys.path[0]; "
+            "stage_runner.serve()"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", start],
+            cwd=root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.stages, self.next_id, self.lock = {}, 0, threading.Lock()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -250,13 +279,20 @@ class StageRunner:
         """heavy_alone=False runs heavy stages like the others, one thread each (tiny budgets, where each stage's
         time is mostly its start). With fork=False, or on a system other than Linux, every stage is a fresh process."""
         self.run_dir, self.root, self.heavy_alone = run_dir, root, heavy_alone
-        self.fork, self.server = fork and sys.platform.startswith("linux"), None  # macOS: forks of frameworks are unsafe
+        self.fork, self.server = (
+            fork and sys.platform.startswith("linux"),
+            None,
+        )  # macOS: forks of frameworks are unsafe
         # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
-        self.cores = cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+        self.cores = (
+            cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+        )
         self.stages, self.done, self.paths = {}, set(), {}
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         self.timings_path = os.path.join(run_dir, "timings.json")
-        self.cpu_path = os.path.join(run_dir, "cpu_seconds.json")  # each stage's CPU time (user + system)
+        self.cpu_path = os.path.join(
+            run_dir, "cpu_seconds.json"
+        )  # each stage's CPU time (user + system)
         self.timings, self.cpu = {}, {}
         for attr, path in (("timings", self.timings_path), ("cpu", self.cpu_path)):
             if os.path.isfile(path):
@@ -271,7 +307,9 @@ class StageRunner:
     def add(self, name, output, args, after=(), heavy=False, estimate=5.0):
         """Declares a stage; returns its output path."""
         assert name not in self.stages, f"stage {name} declared twice"
-        self.stages[name] = Stage(name, output, list(args), tuple(after), heavy and self.heavy_alone, estimate)
+        self.stages[name] = Stage(
+            name, output, list(args), tuple(after), heavy and self.heavy_alone, estimate
+        )
         return output
 
     # Running ------------------------------------------------------------------------------------------------
@@ -292,13 +330,17 @@ class StageRunner:
         try:
             while len(self.done) < len(self.stages):
                 if self.stop.requested and not forwarded:
-                    self._line(f"[runner] {self.stop.requested}: passing it on to {', '.join(s.name for s in running) or 'no stage'}")
+                    self._line(
+                        f"[runner] {self.stop.requested}: passing it on to {', '.join(s.name for s in running) or 'no stage'}"
+                    )
                     for stage in running:
                         stage.proc.send_signal(getattr(signal, self.stop.requested))
                     forwarded = True
                 if self.stop.requested and not running:
-                    raise Preempted(f"{self.stop.requested}: {len(self.done)} of {len(self.stages)} stages are done and "
-                                    f"the stopped ones saved their work; the same command resumes the run in {self.run_dir}")
+                    raise Preempted(
+                        f"{self.stop.requested}: {len(self.done)} of {len(self.stages)} stages are done and "
+                        f"the stopped ones saved their work; the same command resumes the run in {self.run_dir}"
+                    )
                 start = [] if self.stop.requested else self._ready(running)
                 heavy = sum(s.heavy for s in start)
                 for stage in start:
@@ -321,7 +363,9 @@ class StageRunner:
         """Seconds from the start of this stage to the end of the longest chain of stages that wait for it."""
         if stage.name not in self.paths:
             waiting = [s for s in self.stages.values() if stage.name in s.after]
-            self.paths[stage.name] = stage.estimate + max((self._path(s) for s in waiting), default=0.0)
+            self.paths[stage.name] = stage.estimate + max(
+                (self._path(s) for s in waiting), default=0.0
+            )
         return self.paths[stage.name]
 
     def _ready(self, running):
@@ -330,12 +374,25 @@ class StageRunner:
         the running ones to finish rather than start ahead of them), the others one per free core."""
         if any(s.heavy for s in running):
             return []
-        waiting = sorted((s for s in self.stages.values() if s.name not in self.done and s.proc is None
-                          and all(d in self.done for d in s.after)), key=self._path, reverse=True)
+        waiting = sorted(
+            (
+                s
+                for s in self.stages.values()
+                if s.name not in self.done
+                and s.proc is None
+                and all(d in self.done for d in s.after)
+            ),
+            key=self._path,
+            reverse=True,
+        )
         start, free = [], self.cores - len(running)
         for stage in waiting:
             if stage.heavy:
-                return [s for s in waiting if s.heavy][:self.cores] if not running and not start else start
+                return (
+                    [s for s in waiting if s.heavy][: self.cores]
+                    if not running and not start
+                    else start
+                )
             if free == 0:
                 break
             start.append(stage)
@@ -351,20 +408,34 @@ class StageRunner:
         stage.started, stage.threads = time.time(), threads
         with open(log_path, "wb") as log:  # empty before the stage writes to it
             if threads == 1 and self.fork:
-                stage.proc = self._server().start(stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path))
+                stage.proc = self._server().start(
+                    stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path)
+                )
             else:
-                stage.proc = subprocess.Popen([sys.executable, *stage.args], cwd=self.root, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT)
+                stage.proc = subprocess.Popen(
+                    [sys.executable, *stage.args],
+                    cwd=self.root,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         stage.log = open(log_path, "rb")
 
     @staticmethod
     def _env(threads):
         # Stages write to log files: a progress line every 2 s keeps the status line current.
-        return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **{PROGRESS_SECONDS: "2"})
+        return dict(
+            os.environ,
+            OMP_NUM_THREADS=str(threads),
+            PYTHONUNBUFFERED="1",
+            **{PROGRESS_SECONDS: "2"},
+        )
 
     def _server(self):
         if self.server is None:
-            self.server = ForkServer(self.root, self._env(1))  # the one-thread stages' environment, for its imports
+            self.server = ForkServer(
+                self.root, self._env(1)
+            )  # the one-thread stages' environment, for its imports
         return self.server
 
     def _read(self, stage):
@@ -388,7 +459,9 @@ class StageRunner:
         code = stage.proc.poll()
         if code is not None and stage.cpu_seconds is None:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            stage.cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            stage.cpu_seconds = (after.ru_utime + after.ru_stime) - (
+                before.ru_utime + before.ru_stime
+            )
         return code
 
     def _finish(self, stage, running):
@@ -396,14 +469,18 @@ class StageRunner:
         stage.log.close()
         log_path = self.path("logs", f"{stage.name}.log")
         if stage.proc.returncode != 0 and self.stop.requested:
-            self._line(f"[{stage.name}] stopped (exit {stage.proc.returncode}) after {seconds:.0f} s")
+            self._line(
+                f"[{stage.name}] stopped (exit {stage.proc.returncode}) after {seconds:.0f} s"
+            )
             return
         if stage.proc.returncode != 0 or not os.path.exists(stage.output):
             for other in running:
                 other.proc.terminate()
             with open(log_path) as log:
                 tail = log.read()[-3000:]
-            raise SystemExit(f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of {log_path}:\n{tail}")
+            raise SystemExit(
+                f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of {log_path}:\n{tail}"
+            )
         self.timings[stage.name] = seconds
         write_json(self.timings_path, self.timings)
         if stage.cpu_seconds is not None:
@@ -415,7 +492,9 @@ class StageRunner:
         if stage.estimate >= 20 and stage.threads == (self.cores if stage.heavy else 1):
             self.factor = 0.5 * self.factor + 0.5 * min(3.0, max(0.3, seconds / stage.estimate))
         cpu = f", {stage.cpu_seconds:.0f} s of CPU" if stage.cpu_seconds is not None else ""
-        self._line(f"[{stage.name}] done in {seconds:.0f} s{cpu} ({len(self.done)}/{len(self.stages)} stages)")
+        self._line(
+            f"[{stage.name}] done in {seconds:.0f} s{cpu} ({len(self.done)}/{len(self.stages)} stages)"
+        )
 
     # Reporting ----------------------------------------------------------------------------------------------
 
@@ -439,8 +518,10 @@ class StageRunner:
                 parts.append(f"{s.name} {n}/{of} ({rate or '?'} {unit}/s, {left} left)")
             else:
                 parts.append(f"{s.name} ({time.time() - s.started:.0f} s)")
-        line = (f"[{len(self.done)}/{len(self.stages)} done, {(time.time() - self.start_time) / 60:.1f} min] "
-                f"{' | '.join(parts)} | run ~{total / 60:.1f} min left")
+        line = (
+            f"[{len(self.done)}/{len(self.stages)} done, {(time.time() - self.start_time) / 60:.1f} min] "
+            f"{' | '.join(parts)} | run ~{total / 60:.1f} min left"
+        )
         if self.tty:
             sys.stdout.write("\r\033[K" + line[: os.get_terminal_size().columns - 1])
             sys.stdout.flush()

@@ -9,7 +9,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # the repository root
 
 from ard import cli  # noqa: E402
 from ard.checkpoints import FAMILIES, import_official  # noqa: E402
@@ -24,9 +26,16 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", type=str, choices=list(FAMILIES), required=True,
-                        help="whose checkpoint it is (SiT's and DiT's cannot be told apart by their weights)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--family",
+        type=str,
+        choices=list(FAMILIES),
+        required=True,
+        help="whose checkpoint it is (SiT's and DiT's cannot be told apart by their weights)",
+    )
     parser.add_argument("src", type=str, help="the bare state dict")
     parser.add_argument("dst", type=str, help="the checkpoint to write")
     return parser.parse_args(argv)

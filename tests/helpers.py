@@ -16,7 +16,14 @@ def _run(cmd, timeout):
 def run_script(args, nproc=1, timeout=300):
     """Runs `python SCRIPT ARGS` (or torchrun with nproc processes) in the repository root; returns stdout+stderr."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ]
     else:
         cmd = [sys.executable, *args]
     proc = _run(cmd, timeout)
@@ -31,7 +38,9 @@ def run_script_expect_failure(args, timeout=300):
     return proc.stdout + proc.stderr
 
 
-def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, num_classes=10, seed=0, scale=0.05, flow=False):
+def make_teacher_checkpoint(
+    path, key="DiT-T/4", input_size=8, in_channels=1, num_classes=10, seed=0, scale=0.05, flow=False
+):
     """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests: a DiT (noise
     prediction, learned sigma) or, with flow=True, a velocity model in train.py --objective flow's convention."""
     import torch
@@ -39,22 +48,61 @@ def make_teacher_checkpoint(path, key="DiT-T/4", input_size=8, in_channels=1, nu
     from ard.checkpoints import build_model, save_checkpoint, teacher_config
     from diffusion.flow import NOISE_AT, TIME_SCALE
 
-    prediction = dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE) if flow else {}
-    config = teacher_config(key, input_size, in_channels, num_classes, not flow, "pixel", None, input_size, "digits", **prediction)
+    prediction = (
+        dict(prediction="velocity", noise_at=NOISE_AT, time_scale=TIME_SCALE) if flow else {}
+    )
+    config = teacher_config(
+        key,
+        input_size,
+        in_channels,
+        num_classes,
+        not flow,
+        "pixel",
+        None,
+        input_size,
+        "digits",
+        **prediction,
+    )
     torch.manual_seed(seed)
     model = build_model(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
                 p.normal_(0, scale)
-    save_checkpoint(str(path), {"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "args": {}, "config": config})
+    save_checkpoint(
+        str(path),
+        {
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "step": 0,
+            "args": {},
+            "config": config,
+        },
+    )
     return model.eval()
 
 
 def write_store(ckpt, out, n=96, nproc=1, shard_size=32, extra=()):
     """A trajectory store of n trajectories of S steps, written by train_teacher_traj.py."""
-    return run_script(["train_teacher_traj.py", "--ckpt", str(ckpt), "--out", str(out), "--num-trajectories", str(n),
-                       "--num-sampling-steps", str(S), "--shard-size", str(shard_size), "--batch-size", "16", *extra], nproc=nproc)
+    return run_script(
+        [
+            "train_teacher_traj.py",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--num-trajectories",
+            str(n),
+            "--num-sampling-steps",
+            str(S),
+            "--shard-size",
+            str(shard_size),
+            "--batch-size",
+            "16",
+            *extra,
+        ],
+        nproc=nproc,
+    )
 
 
 def randomised(model, seed=0):
@@ -78,8 +126,10 @@ def write_fashion_idx(folder, n_train=64, n_test=32, gz=True, seed=0):
     for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        for name, header, array in ((f"{prefix}-images-idx3-ubyte", struct.pack(">IIII", 0x803, n, 28, 28), images),
-                                    (f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 0x801, n), labels)):
+        for name, header, array in (
+            (f"{prefix}-images-idx3-ubyte", struct.pack(">IIII", 0x803, n, 28, 28), images),
+            (f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 0x801, n), labels),
+        ):
             data = header + array.tobytes()
             if gz:
                 with gzip.open(os.path.join(folder, f"{name}.gz"), "wb") as f:

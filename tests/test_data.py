@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import run_script, write_fashion_idx
 from PIL import Image
 
 from ard.data import center_crop_arr, image_folder, load_digits, to_uint8
 from ard.vae import VAE_SCALE, load_vae, vae_decode, vae_encode
-from helpers import run_script, write_fashion_idx
 
 
 def test_digits_are_real_scaled_and_split_without_overlap():
@@ -19,7 +19,9 @@ def test_digits_are_real_scaled_and_split_without_overlap():
     assert len(x_train) + len(x_test) == 1797 and len(x_test) == 360
     assert set(y_train.tolist()) == set(y_test.tolist()) == set(range(10))
     train_rows = {tuple(r) for r in x_train.flatten(1).tolist()}
-    assert sum(tuple(r) in train_rows for r in x_test.flatten(1).tolist()) < 5  # at most exact duplicates in the data
+    assert (
+        sum(tuple(r) in train_rows for r in x_test.flatten(1).tolist()) < 5
+    )  # at most exact duplicates in the data
     assert load_digits("train")[1].tolist() == y_train.tolist()  # the split is fixed
 
 
@@ -38,11 +40,15 @@ def test_image_folder_gives_normalised_center_crops(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(2):
-            Image.fromarray(np.full((40, 60, 3), 255 * i, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+            Image.fromarray(np.full((40, 60, 3), 255 * i, dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
     dataset = image_folder(str(tmp_path), 16)
     x, y = dataset[3]
     assert x.shape == (3, 16, 16) and y == 1
-    assert torch.allclose(x, torch.ones_like(x)) and torch.allclose(dataset[0][0], -torch.ones_like(x))
+    assert torch.allclose(x, torch.ones_like(x)) and torch.allclose(
+        dataset[0][0], -torch.ones_like(x)
+    )
 
 
 def test_to_uint8_follows_dit_quantisation_and_repeats_grey():
@@ -56,9 +62,15 @@ def test_vae_path_encodes_and_decodes_with_a_local_tiny_autoencoder(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     tiny = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        norm_num_groups=4, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+        sample_size=16,
     )
     tiny.save_pretrained(tmp_path / "vae")
     vae = load_vae(str(tmp_path / "vae"))
@@ -85,8 +97,14 @@ def test_fashion_mnist_is_read_from_its_idx_files_gzipped_or_not(tmp_path, gz):
     written = write_fashion_idx(tmp_path, gz=gz)
     for split in ("train", "test"):
         x, y = load_fashion_mnist(split, dirs=(str(tmp_path),))
-        assert x.shape == (len(written[split][0]), 1, 28, 28) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
-        assert np.array_equal(to_uint8(x)[..., 0], written[split][0])  # quantised back, the very pixels written
+        assert (
+            x.shape == (len(written[split][0]), 1, 28, 28)
+            and x.dtype == torch.float32
+            and -1 <= x.min() <= x.max() <= 1
+        )
+        assert np.array_equal(
+            to_uint8(x)[..., 0], written[split][0]
+        )  # quantised back, the very pixels written
         assert np.array_equal(y.numpy(), written[split][1])
 
 
@@ -107,9 +125,27 @@ def test_teacher_trains_on_fashion_mnist_and_the_gan_stage_reads_it(tmp_path, mo
 
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "fashion"))
     written = write_fashion_idx(tmp_path / "fashion")
-    run_script(["train.py", "--data", "fashion", "--model", "DiT-T/4", "--global-batch-size", "8", "--max-steps", "2",
-                "--run-dir", str(tmp_path / "run")])
+    run_script(
+        [
+            "train.py",
+            "--data",
+            "fashion",
+            "--model",
+            "DiT-T/4",
+            "--global-batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     config = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000002.pt"))["config"]
-    assert (config["data"], config["input_size"], config["in_channels"], config["num_classes"]) == ("fashion", 28, 1, 10)
+    assert (config["data"], config["input_size"], config["in_channels"], config["num_classes"]) == (
+        "fashion",
+        28,
+        1,
+        10,
+    )
     x, y = next(real_images("fashion", 28, 8, 0, 0, 1, 0, 1, 0))
     assert x.shape == (8, 1, 28, 28) and set(y.tolist()) <= set(written["train"][1].tolist())

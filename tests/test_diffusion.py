@@ -22,7 +22,15 @@ def test_ddim_respacing_uses_integer_stride():
 
 def small_model(seed=0):
     torch.manual_seed(seed)
-    model = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+    model = DiT(
+        input_size=4,
+        patch_size=2,
+        in_channels=2,
+        hidden_size=16,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
@@ -48,7 +56,9 @@ def test_ddim_matches_adm_ddim_sample_loop():
     model, diffusion = small_model(), create_diffusion("10")
     noise, y = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])
     ours = sample_ddim(diffusion, model, noise, dict(y=y), clip_denoised=True)
-    adm = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, clip_denoised=True, model_kwargs=dict(y=y), eta=0.0)
+    adm = diffusion.ddim_sample_loop(
+        model, noise.shape, noise=noise, clip_denoised=True, model_kwargs=dict(y=y), eta=0.0
+    )
     torch.testing.assert_close(ours, adm, rtol=1e-5, atol=1e-5)
 
 
@@ -96,7 +106,9 @@ def test_heun_is_more_accurate_than_ddim_on_the_exact_gaussian_ode():
 def test_training_loss_is_finite_and_positive_with_learned_sigma():
     model, diffusion = small_model(), create_diffusion("")
     x = torch.randn(4, 2, 4, 4).clamp(-1, 1)
-    terms = diffusion.training_losses(model, x, torch.tensor([0, 10, 500, 999]), dict(y=torch.tensor([0, 1, 2, 0])))
+    terms = diffusion.training_losses(
+        model, x, torch.tensor([0, 10, 500, 999]), dict(y=torch.tensor([0, 1, 2, 0]))
+    )
     assert set(terms) == {"loss", "mse", "vb"}
     assert torch.isfinite(terms["loss"]).all() and (terms["loss"] > 0).all()
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])

@@ -6,11 +6,14 @@ import re
 import shlex
 
 import pytest
-
 from helpers import ROOT
 from test_layout import command_parser
 
-PAGES = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+PAGES = ["README.md"] + sorted(
+    os.path.join("docs", name)
+    for name in os.listdir(os.path.join(ROOT, "docs"))
+    if name.endswith(".md")
+)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
@@ -33,7 +36,11 @@ def command_lines(page):
         lines += [re.sub(r"(^|\s)#.*$", "", line) for line in joined.splitlines()]
     prose = FENCE.sub("", body)
     lines += [re.sub(r"\s+", " ", m) for m in INLINE.findall(prose.replace("\n", " "))]
-    return [line.strip() for line in lines if re.match(r"\s*(exec\s+)?(\S+=\S+\s+)*(/usr/bin/time\s+)?(python|torchrun|bash)\s", line)]
+    return [
+        line.strip()
+        for line in lines
+        if re.match(r"\s*(exec\s+)?(\S+=\S+\s+)*(/usr/bin/time\s+)?(python|torchrun|bash)\s", line)
+    ]
 
 
 def target_and_flags(line):
@@ -76,7 +83,14 @@ def all_commands():
 
 def test_the_pages_show_commands():
     targets = {target for _, _, target, _ in all_commands()}
-    assert {"train.py", "train_teacher_traj.py", "train_ard.py", "sample_ddp.py", "evaluator", "experiments.digits"} <= targets
+    assert {
+        "train.py",
+        "train_teacher_traj.py",
+        "train_ard.py",
+        "sample_ddp.py",
+        "evaluator",
+        "experiments.digits",
+    } <= targets
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -94,7 +108,13 @@ def test_every_relative_link_and_image_exists(page):
 @pytest.mark.parametrize("target", sorted({c[2] for c in all_commands()}))
 def test_every_flag_shown_in_the_docs_is_accepted_by_its_command(target):
     known = set(command_parser(target)._option_string_actions)
-    bad = [(page, flag, line) for page, line, t, flags in all_commands() if t == target for flag in flags if flag not in known]
+    bad = [
+        (page, flag, line)
+        for page, line, t, flags in all_commands()
+        if t == target
+        for flag in flags
+        if flag not in known
+    ]
     assert not bad, f"flags of {target} that its parser does not know: {bad}"
 
 
@@ -102,6 +122,12 @@ def test_the_docs_check_catches_a_renamed_flag_and_a_moved_file(tmp_path):
     # The checks above would fail on these (their own positive control).
     assert ("train.py", ["--max-step"]) == target_and_flags("python train.py --max-step 3")
     assert "--max-step" not in command_parser("train.py")._option_string_actions
-    assert target_and_flags("OMP_NUM_THREADS=1 bash scripts/digits.sh --full") == ("experiments.digits", ["--full"])
-    assert target_and_flags("torchrun --nproc_per_node=8 train_ard.py --traj X") == ("train_ard.py", ["--traj"])
+    assert target_and_flags("OMP_NUM_THREADS=1 bash scripts/digits.sh --full") == (
+        "experiments.digits",
+        ["--full"],
+    )
+    assert target_and_flags("torchrun --nproc_per_node=8 train_ard.py --traj X") == (
+        "train_ard.py",
+        ["--traj"],
+    )
     assert not os.path.exists(os.path.join(ROOT, "assets", "no_such_figure.png"))

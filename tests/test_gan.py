@@ -2,17 +2,37 @@
 
 import pytest
 import torch
+from helpers import randomised
 
 from ard.gan import GANStage, adaptive_weight, translate
 from ard_models import ARD
-from helpers import randomised
 from models import DiT
 
 
 def tiny(seed=0, K=3, N=2):
-    teacher = randomised(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=4), seed)
-    student = ARD(timesteps=torch.linspace(999, 999 / K, K).round().tolist(), history_layers=N, input_size=8, patch_size=2,
-                  in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=4)
+    teacher = randomised(
+        DiT(
+            input_size=8,
+            patch_size=2,
+            in_channels=1,
+            hidden_size=32,
+            depth=3,
+            num_heads=2,
+            num_classes=4,
+        ),
+        seed,
+    )
+    student = ARD(
+        timesteps=torch.linspace(999, 999 / K, K).round().tolist(),
+        history_layers=N,
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=3,
+        num_heads=2,
+        num_classes=4,
+    )
     return teacher.eval(), randomised(student.load_teacher(teacher.state_dict()), seed + 1)
 
 
@@ -23,15 +43,28 @@ def test_rollout_fake_equals_samples_last_step_and_its_gradient_reaches_every_he
     torch.testing.assert_close(fake, student.sample(noise, y)[:, -1], rtol=0, atol=0)
     fake.square().mean().backward()
     for k, head in enumerate(student.heads):
-        assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0, f"no gradient reaches head {k}"
+        assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0, (
+            f"no gradient reaches head {k}"
+        )
 
 
 def stage(teacher, warmup=0, scale=0.5, max_weight=10.0):
     for p in teacher.parameters():
         p.requires_grad = False
     real = iter([(torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3]))] * 10)
-    return GANStage(teacher, 4, [0, 2], torch.device("cpu"), real, disc_lr=1e-2, scale=scale, max_weight=max_weight,
-                    warmup=warmup, max_t=300, augment=1)
+    return GANStage(
+        teacher,
+        4,
+        [0, 2],
+        torch.device("cpu"),
+        real,
+        disc_lr=1e-2,
+        scale=scale,
+        max_weight=max_weight,
+        warmup=warmup,
+        max_t=300,
+        augment=1,
+    )
 
 
 def test_discriminator_update_never_changes_the_teacher_and_generator_update_never_changes_the_discriminator():
@@ -42,13 +75,17 @@ def test_discriminator_update_never_changes_the_teacher_and_generator_update_nev
     inputs, y = torch.randn(4, 3, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     loss_reg = (student(inputs, y) - inputs).square().mean()
     loss, figures = gan.step(0, student, inputs[:, 0], y, loss_reg, student.heads[-1].linear.weight)
-    assert any(not torch.equal(v, disc_before[k]) for k, v in gan.raw_disc.state_dict().items()), "the discriminator did not train"
+    assert any(not torch.equal(v, disc_before[k]) for k, v in gan.raw_disc.state_dict().items()), (
+        "the discriminator did not train"
+    )
     disc_after_d = {k: v.clone() for k, v in gan.raw_disc.state_dict().items()}
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     opt.zero_grad()
     loss.backward()  # the generator's update
     opt.step()
-    assert all(p.grad is None for p in gan.raw_disc.parameters()), "the generator's loss left gradients in the heads"
+    assert all(p.grad is None for p in gan.raw_disc.parameters()), (
+        "the generator's loss left gradients in the heads"
+    )
     assert all(torch.equal(v, disc_after_d[k]) for k, v in gan.raw_disc.state_dict().items())
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
     assert figures[1] > 0 and all(torch.isfinite(torch.tensor(figures)))
@@ -57,7 +94,9 @@ def test_discriminator_update_never_changes_the_teacher_and_generator_update_nev
 def test_lambda_stays_within_its_bounds():
     assert adaptive_weight(torch.tensor(1.0), torch.tensor(1e-12), 0.5, 10.0).item() == 10.0
     assert adaptive_weight(torch.tensor(0.0), torch.tensor(1.0), 0.5, 10.0).item() == 0.0
-    assert adaptive_weight(torch.tensor(2.0), torch.tensor(4.0), 0.5, 10.0).item() == pytest.approx(0.25)
+    assert adaptive_weight(torch.tensor(2.0), torch.tensor(4.0), 0.5, 10.0).item() == pytest.approx(
+        0.25
+    )
 
 
 def test_lambda_is_zero_during_the_warmup_and_the_loss_is_the_regression_loss():
@@ -75,8 +114,17 @@ def test_translation_shifts_each_image_and_fills_the_border_with_background():
     out = translate(x, 1)
     assert out.shape == x.shape
     for i in range(2):
-        shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                  if torch.equal(out[i], torch.nn.functional.pad(x[i], [1] * 4, value=-1.0)[:, 1 - dy : 5 - dy, 1 - dx : 5 - dx])]
+        shifts = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(
+                out[i],
+                torch.nn.functional.pad(x[i], [1] * 4, value=-1.0)[
+                    :, 1 - dy : 5 - dy, 1 - dx : 5 - dx
+                ],
+            )
+        ]
         assert len(shifts) == 1
 
 
@@ -86,4 +134,6 @@ def test_real_images_are_dequantised_within_one_grey_level():
     real = iter([(levels, torch.tensor([0, 1, 2, 3]))])
     gan = GANStage(teacher, 4, [0], torch.device("cpu"), real, dequantize=2 / 16)
     x, _ = gan.real()
-    assert (x - levels).abs().max() <= 1 / 16 and (x - levels).abs().min() > 0  # off the levels, never past half a level
+    assert (x - levels).abs().max() <= 1 / 16 and (
+        x - levels
+    ).abs().min() > 0  # off the levels, never past half a level

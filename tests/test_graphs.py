@@ -9,13 +9,13 @@ eager sampler on new inputs is evidence about the sampler, not only about the wr
 import numpy as np
 import pytest
 import torch
+from helpers import run_script_expect_failure
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ard.graphs import CapturedSampler, capture_hazards
 from ard_models import ARD
 from diffusion.sampling import TeacherSampler
 from models import DiT
-from helpers import run_script_expect_failure
 
 
 def traced(fn, inputs):
@@ -35,14 +35,35 @@ def randomise(model):
 
 def student(N=2):
     torch.manual_seed(0)
-    return randomise(ARD(timesteps=[999, 749, 499, 249], history_layers=N, input_size=8, patch_size=4, in_channels=1,
-                         hidden_size=32, depth=3, num_heads=2, num_classes=10))
+    return randomise(
+        ARD(
+            timesteps=[999, 749, 499, 249],
+            history_layers=N,
+            input_size=8,
+            patch_size=4,
+            in_channels=1,
+            hidden_size=32,
+            depth=3,
+            num_heads=2,
+            num_classes=10,
+        )
+    )
 
 
 def teacher(flow=False):
     torch.manual_seed(0)
-    return randomise(DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                         num_classes=10, learn_sigma=not flow))
+    return randomise(
+        DiT(
+            input_size=8,
+            patch_size=4,
+            in_channels=1,
+            hidden_size=32,
+            depth=2,
+            num_heads=2,
+            num_classes=10,
+            learn_sigma=not flow,
+        )
+    )
 
 
 FLOW = dict(space="pixel", prediction="velocity", noise_at=1.0, time_scale=1000.0)
@@ -63,7 +84,9 @@ SAMPLERS = {
     "ARD student": ard_sampler,
     "teacher DDIM, CFG": lambda: teacher_sampler(dict(space="pixel"), "ddim", 5, 1.5),
     "teacher Heun, CFG": lambda: teacher_sampler(dict(space="pixel"), "heun", 3, 1.5),
-    "flow Euler, guidance interval": lambda: teacher_sampler(FLOW, "euler", 5, 2.0, guidance_interval=(0.0, 0.5)),
+    "flow Euler, guidance interval": lambda: teacher_sampler(
+        FLOW, "euler", 5, 2.0, guidance_interval=(0.0, 0.5)
+    ),
 }
 
 
@@ -80,9 +103,13 @@ def test_a_replay_equals_the_eager_sampler_and_new_inputs_give_new_outputs(name)
     with torch.no_grad():
         first = captured(noise, y)
         second = captured(noise2, y2)
-        torch.testing.assert_close(first, fn(noise, y), rtol=1e-5, atol=1e-6)  # fp32 rounding of a re-traced graph
+        torch.testing.assert_close(
+            first, fn(noise, y), rtol=1e-5, atol=1e-6
+        )  # fp32 rounding of a re-traced graph
         torch.testing.assert_close(second, fn(noise2, y2), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(first, second), "the second batch came back as the first (stale buffers)"
+    assert not torch.allclose(first, second), (
+        "the second batch came back as the first (stale buffers)"
+    )
     assert len(captured.recordings) == 1, "the same shape was recorded twice"
 
 
@@ -93,7 +120,9 @@ def test_what_the_python_decides_is_baked_into_a_recording_and_a_host_read_fails
     fn = lambda x, y: x * next(scales)  # noqa: E731
     captured = CapturedSampler(fn, record=traced)
     x, y = batch(2, 0)
-    assert torch.equal(captured(x, y), captured(x, y))  # scale 1 both times, where eager would have moved on
+    assert torch.equal(
+        captured(x, y), captured(x, y)
+    )  # scale 1 both times, where eager would have moved on
     host_read = lambda x, y: x * float(x.abs().max())  # noqa: E731
     with pytest.raises(RuntimeError):
         CapturedSampler(host_read, record=traced)(x, y)
@@ -121,7 +150,9 @@ def test_another_shape_or_precision_makes_another_recording_and_past_the_limit_r
         noise, y = batch(n, n)
         torch.testing.assert_close(captured(noise, y), fn(noise, y), rtol=1e-5, atol=1e-6)
     assert calls == [(2, 1, 8, 8), (3, 1, 8, 8)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # a third signature, past the limit: eager, nothing recorded
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # a third signature, past the limit: eager, nothing recorded
         noise, y = batch(2, 0)
         torch.testing.assert_close(captured(noise, y), fn(noise, y), rtol=0, atol=0)
     assert len(calls) == 2 and len(captured.recordings) == 2
@@ -134,12 +165,15 @@ def test_the_samplers_read_nothing_back_and_copy_nothing_from_the_host_between_s
     assert capture_hazards(fn, *batch(2, 0)) == []
 
 
-@pytest.mark.parametrize("hazard", [
-    lambda x, y: x + torch.tensor([1.0] * 8, device=x.device),
-    lambda x, y: x + torch.from_numpy(np.ones(8, dtype=np.float32)).to(x.device),
-    lambda x, y: x[[0, 1]],
-    lambda x, y: x * float(x[0, 0, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "hazard",
+    [
+        lambda x, y: x + torch.tensor([1.0] * 8, device=x.device),
+        lambda x, y: x + torch.from_numpy(np.ones(8, dtype=np.float32)).to(x.device),
+        lambda x, y: x[[0, 1]],
+        lambda x, y: x * float(x[0, 0, 0, 0]),
+    ],
+)
 def test_the_hazard_check_finds_host_copies_and_host_reads(hazard):
     assert capture_hazards(hazard, *batch(2, 0))
 
@@ -149,9 +183,21 @@ def test_cuda_graphs_are_refused_without_a_gpu_and_for_ancestral_sampling(tmp_pa
 
     ckpt = tmp_path / "teacher.pt"
     make_teacher_checkpoint(ckpt)
-    out = run_script_expect_failure(["sample.py", "--ckpt", str(ckpt), "--device", "cpu", "--cuda-graph",
-                                     "--out", str(tmp_path / "grid.png")])
-    assert "--cuda-graph replays CUDA graphs and needs a CUDA device" in out and "Traceback" not in out
+    out = run_script_expect_failure(
+        [
+            "sample.py",
+            "--ckpt",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--cuda-graph",
+            "--out",
+            str(tmp_path / "grid.png"),
+        ]
+    )
+    assert (
+        "--cuda-graph replays CUDA graphs and needs a CUDA device" in out and "Traceback" not in out
+    )
     from ard.cli import UserError
     from diffusion.sampling import sample_fn
 

@@ -15,8 +15,17 @@ from experiments.history_probe import attention_mass, dose_response, history_swa
 
 def student(N, K=4, seed=0):
     torch.manual_seed(seed)
-    model = ARD(timesteps=torch.linspace(999, 999 / K, K).round().tolist(), history_layers=N, input_size=8, patch_size=2,
-                in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=3)
+    model = ARD(
+        timesteps=torch.linspace(999, 999 / K, K).round().tolist(),
+        history_layers=N,
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=3,
+        num_heads=2,
+        num_classes=3,
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
@@ -54,7 +63,9 @@ def test_dose_response_without_perturbation_is_the_plain_samples_error():
     noise, y = batch()[0][:, 0], batch()[1]
     target = torch.randn_like(noise)
     errors = dose_response(model, noise, y, target, [0.0, 0.1])
-    assert errors[0.0] == pytest.approx((model.sample(noise, y)[:, -1] - target).square().mean().item(), rel=1e-6)
+    assert errors[0.0] == pytest.approx(
+        (model.sample(noise, y)[:, -1] - target).square().mean().item(), rel=1e-6
+    )
     assert errors[0.1] != errors[0.0]
 
 
@@ -66,14 +77,22 @@ def test_every_boundary_schedule_starts_at_the_noise_ends_at_the_sample_and_incr
     assert bounds[0] == 0 and bounds[-1] == 25 and len(bounds) == K + 1
     assert all(a < b for a, b in zip(bounds, bounds[1:]))
     manifest = {"save_steps": list(range(26)), "save_timesteps": grid}  # what a store records
-    assert default_boundaries(manifest["save_steps"], manifest["save_timesteps"], K, schedule) == bounds
+    assert (
+        default_boundaries(manifest["save_steps"], manifest["save_timesteps"], K, schedule)
+        == bounds
+    )
 
 
 def test_log_snr_boundaries_put_more_content_in_each_step_than_the_t_schedule():
     grid = solver_grid(create_diffusion("25"))
-    t_bounds, snr_bounds = default_boundaries(list(range(26)), grid, 4, "t"), default_boundaries(list(range(26)), grid, 4, "logsnr")
+    t_bounds, snr_bounds = (
+        default_boundaries(list(range(26)), grid, 4, "t"),
+        default_boundaries(list(range(26)), grid, 4, "logsnr"),
+    )
     assert [grid[s] for s in t_bounds[1:-1]] == [749, 500, 250]
-    assert all(grid[a] <= grid[b] for a, b in zip(snr_bounds[1:-1], t_bounds[1:-1]))  # later (cleaner) states
+    assert all(
+        grid[a] <= grid[b] for a, b in zip(snr_bounds[1:-1], t_bounds[1:-1])
+    )  # later (cleaner) states
 
 
 def test_teacher_fidelity_of_the_teachers_own_samples_is_zero():
@@ -87,7 +106,9 @@ def test_teacher_fidelity_of_the_teachers_own_samples_is_zero():
 def test_the_teachers_floor_compares_two_disjoint_noise_sets_with_the_same_labels():
     # The pipeline's floor: the teacher sampled with --global-seed 0, and with --global-seed 1 --label-seed 0.
     y_a, a = per_index_noise(0, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
-    y_b, b = per_index_noise(1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10, label_seed=0)
+    y_b, b = per_index_noise(
+        1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10, label_seed=0
+    )
     assert torch.equal(y_a, y_b) and len(y_a.unique()) > 5
     distances = torch.cdist(a.flatten(1), b.flatten(1))
     assert distances.min() > 1.0  # no noise of one set reappears in the other
@@ -102,22 +123,34 @@ def test_bootstrap_precision_recall_from_distances_computed_once_equals_recomput
     rng = np.random.default_rng(1)
     # 400 fakes: with fewer, numpy's partial sort returns each row's nearest already sorted and a missing sort would pass
     real, fake = rng.standard_normal((120, 8)), rng.standard_normal((400, 8)) * 1.3
-    fake[350:] = fake[:50]  # repeated samples (a collapsed model): distances tie, and the radii must not depend on their order
+    fake[350:] = fake[
+        :50
+    ]  # repeated samples (a collapsed model): distances tie, and the radii must not depend on their order
     fast = _resampled_precision_recall(real, fake, 3, near=near)
     for _ in range(5):
         idx = rng.integers(0, len(fake), len(fake))
-        assert fast(idx) == precision_recall(real, fake[idx], k=3)  # the same order statistics, exactly
+        assert fast(idx) == precision_recall(
+            real, fake[idx], k=3
+        )  # the same order statistics, exactly
 
 
 def test_paired_bootstrap_degradation_ratio_is_one_for_identical_students_and_holds_its_point_estimate():
     from experiments.degradation import paired_ratios
 
     rng = np.random.default_rng(0)
-    real, teacher, floor = rng.normal(size=(300, 6)), rng.normal(0.1, 1, (300, 6)), rng.normal(0.1, 1, (300, 6))
+    real, teacher, floor = (
+        rng.normal(size=(300, 6)),
+        rng.normal(0.1, 1, (300, 6)),
+        rng.normal(0.1, 1, (300, 6)),
+    )
     student = rng.normal(0.5, 1.2, (300, 6))
     point, draws = paired_ratios(real, teacher, floor, student, student, resamples=20)
-    assert np.allclose(point, 1.0) and np.allclose(draws, 1.0)  # the same student twice: no difference, ratio 1
-    worse = rng.normal(0.8, 1.4, (300, 6))  # ARD further from the teacher than step distillation: ratio below 1
+    assert np.allclose(point, 1.0) and np.allclose(
+        draws, 1.0
+    )  # the same student twice: no difference, ratio 1
+    worse = rng.normal(
+        0.8, 1.4, (300, 6)
+    )  # ARD further from the teacher than step distillation: ratio below 1
     point, draws = paired_ratios(real, teacher, floor, student, worse, resamples=50)
     assert point[0] < 1 and point[1] < 1 and draws.shape == (50, 2)
     lo, hi = np.percentile(draws[:, 1], [2.5, 97.5])

@@ -8,10 +8,17 @@ import os
 from unittest import mock
 
 import pytest
-
 from helpers import ROOT
 
-SCRIPTS = {"models.py", "ard_models.py", "train.py", "train_teacher_traj.py", "train_ard.py", "sample.py", "sample_ddp.py"}
+SCRIPTS = {
+    "models.py",
+    "ard_models.py",
+    "train.py",
+    "train_teacher_traj.py",
+    "train_ard.py",
+    "sample.py",
+    "sample_ddp.py",
+}
 LIBRARY_SCRIPTS = {"models.py", "ard_models.py"}  # top-level files that are imported, not run
 PACKAGES = ("ard", "diffusion", "evaluator", "experiments", "benchmarks", "scripts")
 
@@ -38,7 +45,9 @@ def is_command(module, path):
     if module.endswith("__main__"):
         return True
     tree = ast.parse(open(path).read())
-    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+    return any(
+        isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body
+    )
 
 
 def imported_modules(module, path):
@@ -70,9 +79,15 @@ def test_the_top_level_python_files_are_the_seven_scripts_of_the_card():
 
 def test_library_modules_are_not_commands_and_never_import_one():
     commands = {m for m, p in MODULES.items() if is_command(m, p)}
-    library = {m for m in MODULES if m not in commands and not m.startswith(("benchmarks", "experiments", "scripts"))}
+    library = {
+        m
+        for m in MODULES
+        if m not in commands and not m.startswith(("benchmarks", "experiments", "scripts"))
+    }
     assert {f"{m}.py" for m in commands if "." not in m} == SCRIPTS - LIBRARY_SCRIPTS
-    assert not {m for m in MODULES if m.startswith("ard") and m in commands}, "the support package holds no command"
+    assert not {m for m in MODULES if m.startswith("ard") and m in commands}, (
+        "the support package holds no command"
+    )
     offenders = {m: sorted(imported_modules(m, MODULES[m]) & commands) for m in library}
     assert not {m: c for m, c in offenders.items() if c}, "a library module imports a command"
 
@@ -85,7 +100,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for n in sorted(graph[m]):
             if state.get(n) == "open":
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
             if n not in state:
                 visit(n, stack + [n])
         state[m] = "done"
@@ -103,7 +118,11 @@ class _Captured(Exception):
 def command_parser(target):
     """The argparse parser of a command: a script path ('train.py', 'scripts/import_checkpoint.py') or a module
     ('evaluator', 'benchmarks.gpu_check'), captured when its parse_args(argv) hands argv to argparse."""
-    path = os.path.join(ROOT, target) if target.endswith(".py") else MODULES.get(f"{target}.__main__", MODULES.get(target))
+    path = (
+        os.path.join(ROOT, target)
+        if target.endswith(".py")
+        else MODULES.get(f"{target}.__main__", MODULES.get(target))
+    )
     assert path is not None and os.path.isfile(path), f"no command {target}"
     name = "_command_" + target.replace("/", "_").replace(".", "_")
     spec = importlib.util.spec_from_file_location(name, path)
@@ -113,8 +132,10 @@ def command_parser(target):
     def capture(parser, *args, **kwargs):
         raise _Captured(parser)
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), \
-            mock.patch.object(argparse.ArgumentParser, "parse_known_args", capture):
+    with (
+        mock.patch.object(argparse.ArgumentParser, "parse_args", capture),
+        mock.patch.object(argparse.ArgumentParser, "parse_known_args", capture),
+    ):
         try:
             module.parse_args([])
         except _Captured as captured:
@@ -128,18 +149,31 @@ def commands():
     for module, path in MODULES.items():
         if is_command(module, path) and "def parse_args" in open(path).read():
             relative = os.path.relpath(path, ROOT)
-            out.append(relative if "." not in module or module.startswith("scripts.") else module.removesuffix(".__main__"))
+            out.append(
+                relative
+                if "." not in module or module.startswith("scripts.")
+                else module.removesuffix(".__main__")
+            )
     return sorted(out)
 
 
 def test_every_command_is_found():
-    assert {"train.py", "sample_ddp.py", "evaluator", "experiments.digits", "benchmarks.gpu_check",
-            "scripts/import_checkpoint.py"} <= set(commands())
+    assert {
+        "train.py",
+        "sample_ddp.py",
+        "evaluator",
+        "experiments.digits",
+        "benchmarks.gpu_check",
+        "scripts/import_checkpoint.py",
+    } <= set(commands())
 
 
 @pytest.mark.parametrize("target", commands())
 def test_every_flag_of_every_command_has_help(target):
     parser = command_parser(target)
-    missing = [action.option_strings or action.dest for action in parser._actions
-               if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()]
+    missing = [
+        action.option_strings or action.dest
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
     assert not missing, f"{target}: flags without help: {missing}"

@@ -5,19 +5,37 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import randomised
 
 from diffusion.sampling import guided_model_fn
-from helpers import randomised
 from models import DiT, DiT_models, get_2d_sincos_pos_embed
 
 OFFICIAL_KEYS = {
-    "DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/8",
-    "DiT-B/2", "DiT-B/4", "DiT-B/8", "DiT-S/2", "DiT-S/4", "DiT-S/8",
+    "DiT-XL/2",
+    "DiT-XL/4",
+    "DiT-XL/8",
+    "DiT-L/2",
+    "DiT-L/4",
+    "DiT-L/8",
+    "DiT-B/2",
+    "DiT-B/4",
+    "DiT-B/8",
+    "DiT-S/2",
+    "DiT-S/4",
+    "DiT-S/8",
 }
 
 
 def tiny_dit(**kwargs):
-    defaults = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+    defaults = dict(
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+    )
     return DiT(**{**defaults, **kwargs})
 
 
@@ -25,21 +43,33 @@ def official_shapes(depth, D, p, C_in, C_out, T, num_classes):
     """The state dict of facebookresearch/DiT's models.py, name -> shape."""
     shapes = {
         "pos_embed": (1, T, D),
-        "x_embedder.proj.weight": (D, C_in, p, p), "x_embedder.proj.bias": (D,),
-        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
-        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "x_embedder.proj.weight": (D, C_in, p, p),
+        "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256),
+        "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D),
+        "t_embedder.mlp.2.bias": (D,),
         "y_embedder.embedding_table.weight": (num_classes + 1, D),
-        "final_layer.linear.weight": (p * p * C_out, D), "final_layer.linear.bias": (p * p * C_out,),
-        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+        "final_layer.linear.weight": (p * p * C_out, D),
+        "final_layer.linear.bias": (p * p * C_out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+        "final_layer.adaLN_modulation.1.bias": (2 * D,),
     }
     for i in range(depth):
-        shapes.update({
-            f"blocks.{i}.attn.qkv.weight": (3 * D, D), f"blocks.{i}.attn.qkv.bias": (3 * D,),
-            f"blocks.{i}.attn.proj.weight": (D, D), f"blocks.{i}.attn.proj.bias": (D,),
-            f"blocks.{i}.mlp.fc1.weight": (4 * D, D), f"blocks.{i}.mlp.fc1.bias": (4 * D,),
-            f"blocks.{i}.mlp.fc2.weight": (D, 4 * D), f"blocks.{i}.mlp.fc2.bias": (D,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D), f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
-        })
+        shapes.update(
+            {
+                f"blocks.{i}.attn.qkv.weight": (3 * D, D),
+                f"blocks.{i}.attn.qkv.bias": (3 * D,),
+                f"blocks.{i}.attn.proj.weight": (D, D),
+                f"blocks.{i}.attn.proj.bias": (D,),
+                f"blocks.{i}.mlp.fc1.weight": (4 * D, D),
+                f"blocks.{i}.mlp.fc1.bias": (4 * D,),
+                f"blocks.{i}.mlp.fc2.weight": (D, 4 * D),
+                f"blocks.{i}.mlp.fc2.bias": (D,),
+                f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D),
+                f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
+            }
+        )
     return shapes
 
 
@@ -91,7 +121,9 @@ def test_guidance_applies_to_all_noise_channels_and_legacy_to_three():
     legacy = model.forward_with_cfg(x, t, y, cfg_scale=3.0, legacy_cfg=True)[:2]
     expected = uncond + 3.0 * (cond - uncond)
     torch.testing.assert_close(full[:, :4], expected[:, :4], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(full[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)  # variance channels: conditional
+    torch.testing.assert_close(
+        full[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5
+    )  # variance channels: conditional
     torch.testing.assert_close(legacy[:, :3], expected[:, :3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(legacy[:, 3:], cond[:, 3:], rtol=1e-4, atol=1e-5)
 
@@ -100,7 +132,9 @@ def test_guided_model_fn_matches_forward_with_cfg():
     model = randomised(tiny_dit()).eval()
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([100, 900]), torch.tensor([0, 3])
     fn = guided_model_fn(model, 2.5)
-    expected = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 2.5)
+    expected = model.forward_with_cfg(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 2.5
+    )
     torch.testing.assert_close(fn(x, t, y), expected[:2])
     assert guided_model_fn(model, 1.0) is model
 
@@ -117,7 +151,12 @@ def test_building_blocks_match_timm_modules_used_by_official_dit():
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
 
     ours = Mlp(64, 256)
-    ref = timm_layers.Mlp(in_features=64, hidden_features=256, act_layer=lambda: torch.nn.GELU(approximate="tanh"), drop=0)
+    ref = timm_layers.Mlp(
+        in_features=64,
+        hidden_features=256,
+        act_layer=lambda: torch.nn.GELU(approximate="tanh"),
+        drop=0,
+    )
     ref.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(ours(x), ref(x))
 
@@ -147,11 +186,22 @@ def test_timestep_embedding_is_cos_then_sin():
     t = torch.tensor([0.0, 10.0, 999.0])
     emb = TimestepEmbedder.timestep_embedding(t, 8)
     freqs = torch.exp(-np.log(10000) * torch.arange(4) / 4)
-    torch.testing.assert_close(emb, torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1))
+    torch.testing.assert_close(
+        emb, torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    )
 
 
 def test_model_runs_on_nonsquare_config_without_hardcoded_sizes():
-    model = randomised(tiny_dit(input_size=12, patch_size=4, in_channels=1, hidden_size=24, depth=3, num_heads=3,
-                                num_classes=7)).eval()
+    model = randomised(
+        tiny_dit(
+            input_size=12,
+            patch_size=4,
+            in_channels=1,
+            hidden_size=24,
+            depth=3,
+            num_heads=3,
+            num_classes=7,
+        )
+    ).eval()
     out = model(torch.randn(2, 1, 12, 12), torch.tensor([1, 2]), torch.tensor([0, 6]))
     assert out.shape == (2, 2, 12, 12)

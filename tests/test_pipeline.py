@@ -8,54 +8,113 @@ import sys
 import time
 
 import pytest
-
-from ard.preemption import EXIT_PREEMPTED
 from helpers import ROOT, run_script
 
-pytestmark = pytest.mark.xdist_group("test_pipeline")  # one worker runs the module, its fixtures once
+from ard.preemption import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.xdist_group(
+    "test_pipeline"
+)  # one worker runs the module, its fixtures once
 
 
-def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_resumes_after_sigterm(tmp_path):
+def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_resumes_after_sigterm(
+    tmp_path,
+):
     run_dir = tmp_path / "quick"
-    command = ["-m", "experiments.digits", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")]
+    command = [
+        "-m",
+        "experiments.digits",
+        "--quick",
+        "--flow",
+        "--run-dir",
+        str(run_dir),
+        "--assets-dir",
+        str(tmp_path / "assets"),
+    ]
     # Stopped by a scheduler while the students train: the running stages save their work, the job exits with 75.
-    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("[student_k4_n0_state_s0] train_ard.py"):
             time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             break
     output = line + proc.communicate(timeout=600)[0]
-    assert proc.returncode == EXIT_PREEMPTED and "the same command resumes" in output, output[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED and "the same command resumes" in output, output[
+        -3000:
+    ]
     out = run_script(command, timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
     groups = [row["group"] for row in results["rows"]]
-    assert groups == ["teacher_ddim2", "teacher_ddim3", "teacher_ddim4", "teacher_ddim25", "teacher_ddim25_s1", "k4_n0_state", "k4_n0_state_gan", "k4_n3_state",
-                      "k4_n3_state_gan", "flow_teacher_heun13", "flow_teacher_heun13_s1", "flow_k4_n0_state", "flow_k4_n3_state"]
+    assert groups == [
+        "teacher_ddim2",
+        "teacher_ddim3",
+        "teacher_ddim4",
+        "teacher_ddim25",
+        "teacher_ddim25_s1",
+        "k4_n0_state",
+        "k4_n0_state_gan",
+        "k4_n3_state",
+        "k4_n3_state_gan",
+        "flow_teacher_heun13",
+        "flow_teacher_heun13_s1",
+        "flow_k4_n0_state",
+        "flow_k4_n3_state",
+    ]
     for row in results["rows"]:
         assert row["flops_per_image"] > 0 and row["cpu_seconds_per_image"] > 0
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
         lo, hi = row["fid"]["ci"][0]
         assert lo <= row["fid"]["mean"] <= hi  # every figure has its interval, holding the figure
-        assert row["teacher_fid"]["mean"] > -1e-6  # and its teacher-fidelity twin (0 up to rounding for the teacher)
+        assert (
+            row["teacher_fid"]["mean"] > -1e-6
+        )  # and its teacher-fidelity twin (0 up to rounding for the teacher)
     rows = {row["group"]: row for row in results["rows"]}
-    assert abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6  # the teacher against its own samples
-    assert abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6  # the flow teacher's students are judged against it
-    assert rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0  # the floor: two independent sets of noises
+    assert (
+        abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6
+    )  # the teacher against its own samples
+    assert (
+        abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6
+    )  # the flow teacher's students are judged against it
+    assert (
+        rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0
+    )  # the floor: two independent sets of noises
     # Students cost more per image than nothing and far less than the 25-step teacher.
     flops = {row["group"]: row["flops_per_image"] for row in results["rows"]}
     assert flops["k4_n0_state"] < flops["k4_n3_state"] < flops["teacher_ddim25"] / 5
     assert flops["flow_k4_n3_state"] == flops["k4_n3_state"]
-    assert 0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1  # 25 evaluations each; no variance channels
+    assert (
+        0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1
+    )  # 25 evaluations each; no variance channels
     assert "| model | steps |" in out and "Degradation ratio" in out and "teacher fidelity" in out
     probe = json.loads((run_dir / "history_probe.json").read_text())
-    assert [r["history_layers"] for r in probe] == [0, 3] and os.path.isfile(tmp_path / "assets" / "digits_history_probe.png")
+    assert [r["history_layers"] for r in probe] == [0, 3] and os.path.isfile(
+        tmp_path / "assets" / "digits_history_probe.png"
+    )
     with open(run_dir / "timings.json") as f:
-        assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(json.load(f))
+        assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(
+            json.load(f)
+        )
     # A second run reuses every finished stage.
-    again = run_script(["-m", "experiments.digits", "--quick", "--flow", "--run-dir", str(run_dir), "--assets-dir", str(tmp_path / "assets")])
+    again = run_script(
+        [
+            "-m",
+            "experiments.digits",
+            "--quick",
+            "--flow",
+            "--run-dir",
+            str(run_dir),
+            "--assets-dir",
+            str(tmp_path / "assets"),
+        ]
+    )
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")
 
@@ -65,36 +124,71 @@ def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_ste
     from experiments.pipeline import ROOT as root
     from experiments.stage_runner import StageRunner
 
-    args = pipeline.parse_args(["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")])
+    args = pipeline.parse_args(
+        ["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")]
+    )
     b, est = pipeline.BUDGETS["default"], pipeline.ESTIMATES["default"]
     p = StageRunner(str(tmp_path / "run"), root)
     rows, _, _ = pipeline.declare(p, b, est, args)
     short = [r for r in rows if r[4] in ("k4_n0_short", f"k4_n{pipeline.HISTORY_LAYERS}_short")]
     assert len(short) == 6 and all(r[3].endswith(f"{b['headroom_steps']:07d}.pt") for r in short)
-    for seed, steps in ((0, b["student_steps"]), (1, b["headroom_steps"]), (2, b["headroom_steps"])):
-        stage = p.stages[f"student_k4_n0_state_s{seed}"]  # seed 0 is the default row; 1 and 2 train only to the headroom step
+    for seed, steps in (
+        (0, b["student_steps"]),
+        (1, b["headroom_steps"]),
+        (2, b["headroom_steps"]),
+    ):
+        stage = p.stages[
+            f"student_k4_n0_state_s{seed}"
+        ]  # seed 0 is the default row; 1 and 2 train only to the headroom step
         assert stage.args[stage.args.index("--max-steps") + 1] == str(steps)
         every = int(stage.args[stage.args.index("--ckpt-every") + 1])
         assert b["headroom_steps"] % every == 0  # so the headroom checkpoint is written
     assert "history_probe_short" in p.stages
 
 
-def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(tmp_path):
+def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(
+    tmp_path,
+):
     from experiments import fashion
     from experiments.pipeline import ROOT as root
     from experiments.stage_runner import StageRunner
 
-    args = fashion.parse_args(["--seeds", "3", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")])
+    args = fashion.parse_args(
+        [
+            "--seeds",
+            "3",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--assets-dir",
+            str(tmp_path / "assets"),
+        ]
+    )
     p = StageRunner(str(tmp_path / "run"), root)
     rows, _, _ = fashion.declare(p, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args)
     groups = {r[4] for r in rows}
     n = fashion.FASHION.history_layers
-    assert {"k4_n0_state", f"k4_n{n}_state", "k4_n0_x0", f"k4_n{n}_x0", "k4_n0_state_gan", f"k4_n{n}_state_gan"} <= groups
-    assert {f"teacher_ddim{k}" for k in (2, 3, 4, 5, 8, 16, 25)} <= groups and "teacher_ddim25_s1" in groups
+    assert {
+        "k4_n0_state",
+        f"k4_n{n}_state",
+        "k4_n0_x0",
+        f"k4_n{n}_x0",
+        "k4_n0_state_gan",
+        f"k4_n{n}_state_gan",
+    } <= groups
+    assert {
+        f"teacher_ddim{k}" for k in (2, 3, 4, 5, 8, 16, 25)
+    } <= groups and "teacher_ddim25_s1" in groups
     assert sum(r[4] == "k4_n0_x0" for r in rows) == 3  # one row per seed
     teacher = p.stages["teacher"].args
-    assert teacher[teacher.index("--data") + 1] == "fashion" and teacher[teacher.index("--model") + 1] == "DiT-T/4"
+    assert (
+        teacher[teacher.index("--data") + 1] == "fashion"
+        and teacher[teacher.index("--model") + 1] == "DiT-T/4"
+    )
     gan = p.stages["student_gan_k4_n0_state_s0"].args
-    assert gan[gan.index("--data") + 1] == "fashion"  # the GAN stage's real images are the teacher's data
+    assert (
+        gan[gan.index("--data") + 1] == "fashion"
+    )  # the GAN stage's real images are the teacher's data
     evaluation = p.stages["eval_k4_n0_x0_s0"].args
-    assert evaluation[evaluation.index("--features") + 1] == "fashion" and "history_probe" in p.stages
+    assert (
+        evaluation[evaluation.index("--features") + 1] == "fashion" and "history_probe" in p.stages
+    )

@@ -5,15 +5,29 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import run_script, run_script_expect_failure
 
-pytestmark = pytest.mark.xdist_group("test_sample_ddp")  # one worker runs the module, its fixtures once
+pytestmark = pytest.mark.xdist_group(
+    "test_sample_ddp"
+)  # one worker runs the module, its fixtures once
 
 
 def sample_args(ckpt, out, n=24):
-    return ["sample_ddp.py", "--ckpt", ckpt, "--out", str(out), "--num-samples", str(n), "--num-sampling-steps", "4",
-            "--per-proc-batch-size", "4", "--chunk-size", "8"]
+    return [
+        "sample_ddp.py",
+        "--ckpt",
+        ckpt,
+        "--out",
+        str(out),
+        "--num-samples",
+        str(n),
+        "--num-sampling-steps",
+        "4",
+        "--per-proc-batch-size",
+        "4",
+        "--chunk-size",
+        "8",
+    ]
 
 
 def load(path):
@@ -46,10 +60,14 @@ def test_interrupted_sampling_makes_only_missing_chunks(teacher, one_process_bat
     os.makedirs(chunks)
     np.savez(chunks / "chunk-00000.npz", arr_0=images[:8], arr_1=labels[:8])
     with open(f"{one_process_batch}.json") as f:
-        settings = json.load(f)  # what made the finished file: the settings the interrupted run would have written
+        settings = json.load(
+            f
+        )  # what made the finished file: the settings the interrupted run would have written
     with open(chunks / "settings.json", "w") as f:
         json.dump(dict(settings, cfg_scale=4.0), f)
-    assert "other settings (cfg_scale: 4.0 there, 1.5 now)" in run_script_expect_failure(sample_args(teacher[0], out))
+    assert "other settings (cfg_scale: 4.0 there, 1.5 now)" in run_script_expect_failure(
+        sample_args(teacher[0], out)
+    )
     with open(chunks / "settings.json", "w") as f:
         json.dump(settings, f)
     log = run_script(sample_args(teacher[0], out))

@@ -10,9 +10,11 @@ from experiments.stage_runner import TQDM, StageRunner
 
 def writer(path, text="x", tqdm_line=""):
     """A stage: a tiny Python process that prints a tqdm-like line, records when it ran and writes its output."""
-    code = (f"import time, os; print({tqdm_line!r}, flush=True); "
-            f"open({path!r} + '.t', 'w').write(repr((time.time(), os.environ['OMP_NUM_THREADS']))); time.sleep(0.3); "
-            f"open({path!r}, 'w').write({text!r})")
+    code = (
+        f"import time, os; print({tqdm_line!r}, flush=True); "
+        f"open({path!r} + '.t', 'w').write(repr((time.time(), os.environ['OMP_NUM_THREADS']))); time.sleep(0.3); "
+        f"open({path!r}, 'w').write({text!r})"
+    )
     return ["-c", code]
 
 
@@ -21,7 +23,9 @@ def ran(path):
         return eval(f.read())  # (start time, threads)
 
 
-def test_stages_run_after_their_dependencies_heavy_ones_alone_and_finished_ones_are_reused(tmp_path):
+def test_stages_run_after_their_dependencies_heavy_ones_alone_and_finished_ones_are_reused(
+    tmp_path,
+):
     p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
     out = {n: str(tmp_path / n) for n in ("a", "b", "c", "d")}
     p.add("a", out["a"], writer(out["a"]), heavy=True)
@@ -32,7 +36,10 @@ def test_stages_run_after_their_dependencies_heavy_ones_alone_and_finished_ones_
     (ta, threads_a), (tb, threads_b), (tc, _), (td, _) = (ran(out[n]) for n in "abcd")
     assert ta < tb and ta < tc and max(tb, tc) < td
     assert abs(tb - tc) < 0.3  # the two light stages ran side by side ...
-    assert (threads_a, threads_b) == ("2", "1")  # ... with one thread each; the heavy one had both cores
+    assert (threads_a, threads_b) == (
+        "2",
+        "1",
+    )  # ... with one thread each; the heavy one had both cores
     with open(tmp_path / "run" / "timings.json") as f:
         assert set(json.load(f)) == {"a", "b", "c", "d"}
     assert os.path.isfile(tmp_path / "run" / "logs" / "a.log")
@@ -74,9 +81,13 @@ def test_light_stages_fill_every_core_with_one_thread_each_longest_path_first(tm
         p.add(n, out[n], writer(out[n]))
     p.run()
     starts = [ran(out[n]) for n in "abc"]
-    assert max(t for t, _ in starts) - min(t for t, _ in starts) < 0.3 and {th for _, th in starts} == {"1"}
+    assert max(t for t, _ in starts) - min(t for t, _ in starts) < 0.3 and {
+        th for _, th in starts
+    } == {"1"}
     q = StageRunner(str(tmp_path / "run1"), str(tmp_path), cores=1)
-    q.add("z", out["z"], writer(out["z"]), estimate=50)  # declared first, but x leads the longer chain (1 + 100)
+    q.add(
+        "z", out["z"], writer(out["z"]), estimate=50
+    )  # declared first, but x leads the longer chain (1 + 100)
     q.add("x", out["x"], writer(out["x"]), estimate=1)
     q.add("y", out["y"], writer(out["y"]), after=["x"], estimate=100)
     q.run()
@@ -86,18 +97,22 @@ def test_light_stages_fill_every_core_with_one_thread_each_longest_path_first(tm
 def reporter(path):
     """A stage that records what a fresh `python -c` would show it: whether torch was imported before it ran,
     sys.argv, sys.path[0], __name__, the working folder, an environment variable, a random draw and a torch result."""
-    code = (f"import sys; preloaded = 'torch' in sys.modules; import json, os, numpy, torch; torch.manual_seed(0); "
-            f"x = torch.randn(64, 64); "
-            f"json.dump(dict(preloaded=preloaded, argv=sys.argv, path0=sys.path[0], name=__name__, cwd=os.getcwd(), "
-            f"threads=os.environ['OMP_NUM_THREADS'], torch_threads=torch.get_num_threads(), draw=numpy.random.rand(), "
-            f"result=(x @ x).sum().item()), open({path!r}, 'w'))")
+    code = (
+        f"import sys; preloaded = 'torch' in sys.modules; import json, os, numpy, torch; torch.manual_seed(0); "
+        f"x = torch.randn(64, 64); "
+        f"json.dump(dict(preloaded=preloaded, argv=sys.argv, path0=sys.path[0], name=__name__, cwd=os.getcwd(), "
+        f"threads=os.environ['OMP_NUM_THREADS'], torch_threads=torch.get_num_threads(), draw=numpy.random.rand(), "
+        f"result=(x @ x).sum().item()), open({path!r}, 'w'))"
+    )
     return ["-c", code, "an argument"]
 
 
 def test_one_thread_stages_are_forks_that_run_as_a_fresh_python_would(tmp_path):
     out = {n: str(tmp_path / f"{n}.json") for n in ("fresh", "fork1", "fork2")}
     p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add("fresh", out["fresh"], reporter(out["fresh"]), heavy=True)  # alone, both cores: a fresh process
+    p.add(
+        "fresh", out["fresh"], reporter(out["fresh"]), heavy=True
+    )  # alone, both cores: a fresh process
     p.add("fork1", out["fork1"], reporter(out["fork1"]), after=["fresh"])
     p.add("fork2", out["fork2"], reporter(out["fork2"]), after=["fresh"])
     p.run()
@@ -105,17 +120,25 @@ def test_one_thread_stages_are_forks_that_run_as_a_fresh_python_would(tmp_path):
     assert not fresh["preloaded"] and fork1["preloaded"] and fork2["preloaded"]
     for fork in (fork1, fork2):
         assert fork["argv"] == fresh["argv"] == ["-c", "an argument"]
-        assert (fork["path0"], fork["name"], fork["cwd"]) == (fresh["path0"], "__main__", str(tmp_path))
+        assert (fork["path0"], fork["name"], fork["cwd"]) == (
+            fresh["path0"],
+            "__main__",
+            str(tmp_path),
+        )
         assert (fork["threads"], fork["torch_threads"]) == ("1", 1) and fresh["threads"] == "2"
         assert fork["result"] == fresh["result"]  # the same numbers
     assert fork1["draw"] != fork2["draw"]  # unseeded randomness is not shared between forks
 
 
 def test_a_forked_stage_runs_scripts_and_modules_and_reports_failures(tmp_path):
-    (tmp_path / "script.py").write_text("import sys\nprint('script', sys.argv[1:], __name__)\nopen(sys.argv[1], 'w').write('x')\n")
+    (tmp_path / "script.py").write_text(
+        "import sys\nprint('script', sys.argv[1:], __name__)\nopen(sys.argv[1], 'w').write('x')\n"
+    )
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")
-    (tmp_path / "pkg" / "mod.py").write_text("import sys\nif __name__ == '__main__':\n    open(sys.argv[1], 'w').write(sys.argv[0])\n")
+    (tmp_path / "pkg" / "mod.py").write_text(
+        "import sys\nif __name__ == '__main__':\n    open(sys.argv[1], 'w').write(sys.argv[0])\n"
+    )
     p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
     p.add("script", str(tmp_path / "s.out"), ["script.py", str(tmp_path / "s.out")])
     p.add("module", str(tmp_path / "m.out"), ["-m", "pkg.mod", str(tmp_path / "m.out")])
@@ -143,12 +166,16 @@ def test_heavy_stages_ready_together_share_the_cores(tmp_path):
 def test_only_stages_with_the_threads_their_estimates_assume_rescale_the_run_estimate(tmp_path):
     out = {n: str(tmp_path / n) for n in ("a", "b", "c")}
     p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add("a", out["a"], writer(out["a"]), heavy=True, estimate=100)  # a and b share the cores: no measure of speed
+    p.add(
+        "a", out["a"], writer(out["a"]), heavy=True, estimate=100
+    )  # a and b share the cores: no measure of speed
     p.add("b", out["b"], writer(out["b"]), heavy=True, estimate=100)
     p.run()
     assert p.factor == 1.0
     q = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
-    q.add("c", out["c"], writer(out["c"]), heavy=True, estimate=100)  # alone, with every core: 0.3 s of 100 is fast
+    q.add(
+        "c", out["c"], writer(out["c"]), heavy=True, estimate=100
+    )  # alone, with every core: 0.3 s of 100 is fast
     q.run()
     assert q.factor < 1.0
 
@@ -156,8 +183,13 @@ def test_only_stages_with_the_threads_their_estimates_assume_rescale_the_run_est
 def test_each_stage_records_its_own_cpu_time_forked_or_fresh(tmp_path):
     """A stage that burns about 0.6 s of CPU beside one that sleeps 0.6 s, forked by the server and as fresh processes.
     Each stage's recorded CPU time is its own, not its neighbour's."""
+
     def burner(path, burn):
-        loop = "t = time.process_time()\nwhile time.process_time() - t < 0.6: pass" if burn else "time.sleep(0.6)"
+        loop = (
+            "t = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+            if burn
+            else "time.sleep(0.6)"
+        )
         return ["-c", f"import time\n{loop}\nopen({path!r}, 'w').write('x')"]
 
     for fork in (True, False):
@@ -169,5 +201,7 @@ def test_each_stage_records_its_own_cpu_time_forked_or_fresh(tmp_path):
         with open(tmp_path / kind / "cpu_seconds.json") as f:
             cpu = json.load(f)
         assert set(cpu) == {f"{kind}_burn", f"{kind}_sleep"}
-        assert 0.55 < cpu[f"{kind}_burn"] < 3.0, cpu  # its 0.6 s, plus starting Python (and its imports, if fresh)
+        assert 0.55 < cpu[f"{kind}_burn"] < 3.0, (
+            cpu
+        )  # its 0.6 s, plus starting Python (and its imports, if fresh)
         assert cpu[f"{kind}_sleep"] < cpu[f"{kind}_burn"] - 0.4, cpu

@@ -7,20 +7,43 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import make_teacher_checkpoint, run_script, run_script_expect_failure
 
 from ard.checkpoints import load_checkpoint, load_model
 from ard.seeding import rank_seed
 from ard.training import StepBatchSampler
 from ard.trajectory_store import TrajectoryDataset, TrajectoryStore
-from helpers import make_teacher_checkpoint, run_script, run_script_expect_failure
 
-pytestmark = pytest.mark.xdist_group("test_train_ard")  # one worker runs the module, its fixtures once
+pytestmark = pytest.mark.xdist_group(
+    "test_train_ard"
+)  # one worker runs the module, its fixtures once
 
 
 def ard_args(teacher, store, run_dir, steps, *extra):
-    return ["train_ard.py", "--traj", store, "--teacher-ckpt", teacher, "--history-layers", "2",
-            "--global-batch-size", "16", "--lr", "1e-3", "--ema-decay", "0.9", "--log-every", "1",
-            "--sample-every", "0", "--max-steps", str(steps), "--run-dir", str(run_dir), *extra]
+    return [
+        "train_ard.py",
+        "--traj",
+        store,
+        "--teacher-ckpt",
+        teacher,
+        "--history-layers",
+        "2",
+        "--global-batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--ema-decay",
+        "0.9",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--max-steps",
+        str(steps),
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def metrics(run_dir):
@@ -42,7 +65,17 @@ def runs(teacher, store, tmp_path_factory):
     val = ["--val-count", "16", "--val-every", "30"]
     run_script(ard_args(teacher[0], store, root / "full", 30, *val))
     run_script(ard_args(teacher[0], store, root / "part", 15, *val))
-    run_script(ard_args(teacher[0], store, root / "unused", 30, *val, "--resume", str(root / "part" / "checkpoints" / "0000015.pt")))
+    run_script(
+        ard_args(
+            teacher[0],
+            store,
+            root / "unused",
+            30,
+            *val,
+            "--resume",
+            str(root / "part" / "checkpoints" / "0000015.pt"),
+        )
+    )
     return root
 
 
@@ -54,24 +87,58 @@ def test_loss_decreases_on_a_tiny_store(runs):
 
 
 def test_student_checkpoint_holds_its_config_and_samples(teacher, store, tmp_path):
-    run_script(ard_args(teacher[0], store, tmp_path / "run", 2, "--target", "x0", "--boundaries", "0", "2", "5"))
+    run_script(
+        ard_args(
+            teacher[0], store, tmp_path / "run", 2, "--target", "x0", "--boundaries", "0", "2", "5"
+        )
+    )
     model, config = load_model(str(tmp_path / "run" / "checkpoints" / "0000002.pt"), kind="ard")
-    assert config["boundaries"] == [0, 2, 5] and config["target"] == "x0" and config["history_layers"] == 2
+    assert (
+        config["boundaries"] == [0, 2, 5]
+        and config["target"] == "x0"
+        and config["history_layers"] == 2
+    )
     assert model.num_steps == 2 and model.timesteps.tolist() == [999, 500]
-    out = run_script(["sample.py", "--ckpt", str(tmp_path / "run" / "checkpoints" / "0000002.pt"),
-                      "--out", str(tmp_path / "grid.png"), "--per-class", "1"])
+    out = run_script(
+        [
+            "sample.py",
+            "--ckpt",
+            str(tmp_path / "run" / "checkpoints" / "0000002.pt"),
+            "--out",
+            str(tmp_path / "grid.png"),
+            "--per-class",
+            "1",
+        ]
+    )
     assert "ARD student, 2 steps" in out and os.path.isfile(tmp_path / "grid.png")
 
 
 def test_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(runs):
-    assert_same_weights(load_checkpoint(str(runs / "full" / "checkpoints" / "0000030.pt")),
-                        load_checkpoint(str(runs / "part" / "checkpoints" / "0000030.pt")))
-    assert [m["loss"] for m in metrics(runs / "full")] == [m["loss"] for m in metrics(runs / "part")]
+    assert_same_weights(
+        load_checkpoint(str(runs / "full" / "checkpoints" / "0000030.pt")),
+        load_checkpoint(str(runs / "part" / "checkpoints" / "0000030.pt")),
+    )
+    assert [m["loss"] for m in metrics(runs / "full")] == [
+        m["loss"] for m in metrics(runs / "part")
+    ]
 
 
 def gan_args(teacher, store, init, run_dir, steps, warmup, *extra):
-    return ard_args(teacher, store, run_dir, steps, "--gan", "--init-ckpt", init, "--gan-warmup", str(warmup),
-                    "--gan-blocks", "1", "4", *extra)
+    return ard_args(
+        teacher,
+        store,
+        run_dir,
+        steps,
+        "--gan",
+        "--init-ckpt",
+        init,
+        "--gan-warmup",
+        str(warmup),
+        "--gan-blocks",
+        "1",
+        "4",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +147,18 @@ def gan_runs(teacher, store, runs):
     init = str(runs / "part" / "checkpoints" / "0000015.pt")
     run_script(gan_args(teacher[0], store, init, runs / "gan_full", 4, 2))
     run_script(gan_args(teacher[0], store, init, runs / "gan_part", 2, 2))
-    run_script(gan_args(teacher[0], store, init, runs / "x", 4, 2, "--resume", str(runs / "gan_part" / "checkpoints" / "0000002.pt")))
+    run_script(
+        gan_args(
+            teacher[0],
+            store,
+            init,
+            runs / "x",
+            4,
+            2,
+            "--resume",
+            str(runs / "gan_part" / "checkpoints" / "0000002.pt"),
+        )
+    )
     return runs / "gan_full", runs / "gan_part"
 
 
@@ -90,13 +168,20 @@ def test_gan_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(gan_runs):
     b = load_checkpoint(str(part / "checkpoints" / "0000004.pt"))
     assert_same_weights(a, b, keys=("model", "ema", "disc"))
     assert a["disc_blocks"] == [1, 4]
-    assert [r["gan_weight"] > 0 for r in metrics(full)] == [False, False, True, True]  # lambda is on after the warm-up
+    assert [r["gan_weight"] > 0 for r in metrics(full)] == [
+        False,
+        False,
+        True,
+        True,
+    ]  # lambda is on after the warm-up
 
 
 def test_gan_update_in_warmup_equals_regression_update(teacher, store, runs, gan_runs, tmp_path):
     init = str(runs / "part" / "checkpoints" / "0000015.pt")
     run_script(ard_args(teacher[0], store, tmp_path / "reg", 2, "--init-ckpt", init))
-    gan = load_checkpoint(str(gan_runs[1] / "checkpoints" / "0000002.pt"))  # both steps in the warm-up
+    gan = load_checkpoint(
+        str(gan_runs[1] / "checkpoints" / "0000002.pt")
+    )  # both steps in the warm-up
     reg = load_checkpoint(str(tmp_path / "reg" / "checkpoints" / "0000002.pt"))
     assert_same_weights(gan, reg)
     assert all(r["gan_weight"] == 0 and np.isfinite(r["d_loss"]) for r in metrics(gan_runs[1])[:2])
@@ -106,7 +191,9 @@ def test_gan_update_in_warmup_equals_regression_update(teacher, store, runs, gan
 def ddp_gan_run(teacher, store, runs):
     """One GAN step (lambda on) on two processes, from the 15-step regression checkpoint."""
     init = str(runs / "part" / "checkpoints" / "0000015.pt")
-    run_script(gan_args(teacher[0], store, init, runs / "ddp_gan", 1, 0, "--val-count", "16"), nproc=2)
+    run_script(
+        gan_args(teacher[0], store, init, runs / "ddp_gan", 1, 0, "--val-count", "16"), nproc=2
+    )
     return runs / "ddp_gan", init
 
 
@@ -124,7 +211,9 @@ def test_two_process_training_logs_the_mean_over_ranks(store, ddp_gan_run):
         with torch.no_grad():
             losses.append((student(inputs, y) - targets).square().mean().item())
     assert abs(losses[0] - losses[1]) > 1e-6
-    assert logged["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)  # the regression loss, before the GAN term
+    assert logged["loss"] == pytest.approx(
+        sum(losses) / 2, rel=1e-5
+    )  # the regression loss, before the GAN term
 
 
 def test_two_process_gan_stage_runs(ddp_gan_run):
@@ -136,12 +225,16 @@ def test_store_written_by_another_teacher_of_the_same_architecture_is_refused(st
     other = tmp_path / "other.pt"
     make_teacher_checkpoint(other, seed=1)  # same config, other weights
     out = run_script_expect_failure(ard_args(str(other), store, tmp_path / "run", 1))
-    assert "was written by another teacher" in out and "pass the teacher that wrote the store" in out
+    assert (
+        "was written by another teacher" in out and "pass the teacher that wrote the store" in out
+    )
     assert "Traceback" not in out and not (tmp_path / "run").exists()
 
 
 def test_missing_boundaries_are_refused(teacher, sparse_store, tmp_path):
-    out = run_script_expect_failure(ard_args(teacher[0], sparse_store, tmp_path / "run", 1, "--boundaries", "0", "3", "5"))
+    out = run_script_expect_failure(
+        ard_args(teacher[0], sparse_store, tmp_path / "run", 1, "--boundaries", "0", "3", "5")
+    )
     assert "did not save solver steps [3]" in out
 
 
@@ -153,17 +246,51 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(teacher, s
         xt = np.load(bad / shard / "xt.npy")
         xt[:, -1] = np.nan
         np.save(bad / shard / "xt.npy", xt)
-    out = run_script_expect_failure(ard_args(teacher[0], str(bad), tmp_path / "x", 4,
-                                             "--resume", str(tmp_path / "run" / "checkpoints" / "0000002.pt")))
+    out = run_script_expect_failure(
+        ard_args(
+            teacher[0],
+            str(bad),
+            tmp_path / "x",
+            4,
+            "--resume",
+            str(tmp_path / "run" / "checkpoints" / "0000002.pt"),
+        )
+    )
     assert "infinite or NaN at step 3" in out and "step 2" in out
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000001.pt", "0000002.pt"]
 
 
-
-
 def test_a_checkpoint_after_k_steps_does_not_depend_on_max_steps(teacher, store, tmp_path):
     # The headroom rows of the main job read the 400-step checkpoint of 800-step runs as a 400-step run's.
-    run_script(ard_args(teacher[0], store, tmp_path / "short", 4, "--ckpt-every", "4", "--val-count", "16", "--val-every", "4"))
-    run_script(ard_args(teacher[0], store, tmp_path / "long", 8, "--ckpt-every", "4", "--val-count", "16", "--val-every", "2"))
-    assert_same_weights(load_checkpoint(str(tmp_path / "short" / "checkpoints" / "0000004.pt")),
-                        load_checkpoint(str(tmp_path / "long" / "checkpoints" / "0000004.pt")))
+    run_script(
+        ard_args(
+            teacher[0],
+            store,
+            tmp_path / "short",
+            4,
+            "--ckpt-every",
+            "4",
+            "--val-count",
+            "16",
+            "--val-every",
+            "4",
+        )
+    )
+    run_script(
+        ard_args(
+            teacher[0],
+            store,
+            tmp_path / "long",
+            8,
+            "--ckpt-every",
+            "4",
+            "--val-count",
+            "16",
+            "--val-every",
+            "2",
+        )
+    )
+    assert_same_weights(
+        load_checkpoint(str(tmp_path / "short" / "checkpoints" / "0000004.pt")),
+        load_checkpoint(str(tmp_path / "long" / "checkpoints" / "0000004.pt")),
+    )

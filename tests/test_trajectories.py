@@ -5,17 +5,26 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import S, run_script_expect_failure, write_store
 
-from ard.trajectory_store import TrajectoryDataset, TrajectoryStore, default_boundaries, trajectory_labels, trajectory_noise
+from ard.trajectory_store import (
+    TrajectoryDataset,
+    TrajectoryStore,
+    default_boundaries,
+    trajectory_labels,
+    trajectory_noise,
+)
 from diffusion import create_diffusion
 from diffusion.ode import solver_grid
 from diffusion.sampling import TeacherSampler
-from helpers import S, run_script_expect_failure, write_store
 
 
 def shard_arrays(path):
-    return {name: {a: np.load(os.path.join(path, name, f"{a}.npy")) for a in ("xt", "x0", "y", "index")}
-            for name in sorted(os.listdir(path)) if name.startswith("shard-")}
+    return {
+        name: {a: np.load(os.path.join(path, name, f"{a}.npy")) for a in ("xt", "x0", "y", "index")}
+        for name in sorted(os.listdir(path))
+        if name.startswith("shard-")
+    }
 
 
 def test_one_and_two_process_runs_store_identical_trajectories(teacher, store, tmp_path):
@@ -24,10 +33,14 @@ def test_one_and_two_process_runs_store_identical_trajectories(teacher, store, t
     assert one.keys() == two.keys() and len(one) == 3
     for name in one:
         for a in one[name]:
-            assert np.array_equal(one[name][a], two[name][a]), f"{name}/{a} differs between 1 and 2 processes"
+            assert np.array_equal(one[name][a], two[name][a]), (
+                f"{name}/{a} differs between 1 and 2 processes"
+            )
 
 
-def test_interrupted_run_finishes_missing_shards_without_rewriting_finished_ones(teacher, store, tmp_path):
+def test_interrupted_run_finishes_missing_shards_without_rewriting_finished_ones(
+    teacher, store, tmp_path
+):
     out = tmp_path / "store"
     shutil.copytree(store, out)
     finished = os.stat(out / "shard-00000" / "xt.npy")
@@ -59,19 +72,39 @@ def test_stored_final_sample_is_the_teachers_own_ddim_sample(teacher, store):
     assert np.array_equal(data["xt"][:, 0], noise.numpy())
     expected = TeacherSampler(model, dict(space="pixel"), "ddim", S, cfg_scale=1.5)(noise, y)
     np.testing.assert_allclose(data["xt"][:, 1], expected.numpy(), rtol=1e-4, atol=1e-5)
-    assert np.array_equal(data["x0"][:, 1], data["xt"][:, 1])  # x0 at the last step is the final sample
+    assert np.array_equal(
+        data["x0"][:, 1], data["xt"][:, 1]
+    )  # x0 at the last step is the final sample
 
 
 def test_manifest_records_every_solver_step_and_its_timestep(store):
     m = TrajectoryStore(store).manifest
     assert m["save_steps"] == list(range(S + 1))
-    assert m["save_timesteps"] == solver_grid(create_diffusion(str(S))) and m["save_timesteps"][-1] == -1
+    assert (
+        m["save_timesteps"] == solver_grid(create_diffusion(str(S)))
+        and m["save_timesteps"][-1] == -1
+    )
     assert m["clip_denoised"] is True and m["cfg_scale"] == 1.5 and m["count"] == 96
 
 
 def test_rerun_with_other_settings_is_refused(teacher, store):
-    out = run_script_expect_failure(["train_teacher_traj.py", "--ckpt", teacher[0], "--out", store, "--num-trajectories", "96",
-                                     "--num-sampling-steps", str(S), "--shard-size", "32", "--cfg-scale", "3.0"])
+    out = run_script_expect_failure(
+        [
+            "train_teacher_traj.py",
+            "--ckpt",
+            teacher[0],
+            "--out",
+            store,
+            "--num-trajectories",
+            "96",
+            "--num-sampling-steps",
+            str(S),
+            "--shard-size",
+            "32",
+            "--cfg-scale",
+            "3.0",
+        ]
+    )
     assert "other settings" in out and "cfg_scale: 1.5 there, 3.0 now" in out
 
 
@@ -93,12 +126,20 @@ def test_dataset_targets_state_and_x0(store):
     full = store.read([3], list(range(S + 1)))
     inputs, targets, y = TrajectoryDataset(store, bounds, "state")[3]
     assert inputs.shape == targets.shape == (3, 1, 8, 8)
-    assert np.array_equal(inputs.numpy(), full["xt"][0, [0, 2, 4]]) and np.array_equal(targets.numpy(), full["xt"][0, [2, 4, 5]])
+    assert np.array_equal(inputs.numpy(), full["xt"][0, [0, 2, 4]]) and np.array_equal(
+        targets.numpy(), full["xt"][0, [2, 4, 5]]
+    )
     inputs, targets, _ = TrajectoryDataset(store, bounds, "x0")[3]
-    assert np.array_equal(inputs.numpy(), np.concatenate([full["xt"][0, [0]], full["x0"][0, [2, 4]]]))
+    assert np.array_equal(
+        inputs.numpy(), np.concatenate([full["xt"][0, [0]], full["x0"][0, [2, 4]]])
+    )
     assert np.array_equal(targets.numpy(), full["x0"][0, [2, 4, 5]])
-    assert np.array_equal(targets[-1].numpy(), full["xt"][0, 5])  # the last target is the sample in both
-    assert TrajectoryDataset(store, bounds).timesteps == [store.saved_timesteps[s] for s in (0, 2, 4)]
+    assert np.array_equal(
+        targets[-1].numpy(), full["xt"][0, 5]
+    )  # the last target is the sample in both
+    assert TrajectoryDataset(store, bounds).timesteps == [
+        store.saved_timesteps[s] for s in (0, 2, 4)
+    ]
 
 
 def test_ranks_read_disjoint_parts_that_cover_the_training_indices(store):
