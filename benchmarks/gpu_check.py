@@ -915,7 +915,9 @@ def main(args):
         fits = [r["batch"] for r in report.get("training", {}).get("batches", []) if r["fits"]]
         batch = args.train_batch or max(fits, default=32 if device.type == "cuda" else 2)
         section("compile", lambda: compiled(m, tcfg, students, device, clock, batch))
-    teacher = students = None  # the scripts are processes of their own: give them the device's memory
+    teacher = students = (
+        None  # the scripts are processes of their own: give them the device's memory
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     section("scripts", lambda: scripts(m, device, os.path.join(args.out, "scripts.log")))
