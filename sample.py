@@ -1,12 +1,14 @@
-"""Samples a grid of images from a checkpoint, on CPU or GPU: a teacher (train.py's, an official DiT, or a flow
-teacher: SiT, REPA, train.py --objective flow) or an ARD student (train_ard.py's; it samples in its own K steps,
-without guidance).
+"""Samples a grid of images from a checkpoint, on CPU or GPU: a teacher (train.py's, an official
+DiT, or a flow teacher: SiT, REPA, train.py --objective flow) or an ARD student (train_ard.py's; it
+samples in its own K steps, without guidance).
 
-    python sample.py --ckpt results/000-DiT-T-2/checkpoints/0003000.pt            # digits teacher, DDIM-25, CFG 1.5
-    python sample.py --ckpt results/001-ARD-DiT-T-2-N3/checkpoints/0001200.pt    # a student
-    python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 4.0 --legacy-cfg --class-labels 207 360 387 974 88 979 417 279
+    python sample.py --ckpt results/000-DiT-T-2/checkpoints/0003000.pt  # digits teacher, DDIM-25
+    python sample.py --ckpt results/001-ARD-DiT-T-2-N3/checkpoints/0001200.pt  # a student
+    python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 4.0 --legacy-cfg \\
+        --class-labels 207 360 387 974 88 979 417 279
     python sample.py --ckpt CKPT --sampler ddpm --num-sampling-steps 250
-    python sample.py --ckpt SiT-XL-2-256x256.pt --sampler heun --num-sampling-steps 13 --cfg-scale 4.0 --legacy-cfg
+    python sample.py --ckpt SiT-XL-2-256x256.pt --sampler heun --num-sampling-steps 13 \\
+        --cfg-scale 4.0 --legacy-cfg
 
 With few classes each column of the grid is one class; every image gets its noise
 from --seed, so the same command draws the same grid.
@@ -21,13 +23,13 @@ from ard import cli, dist_util
 from ard.checkpoints import load_model
 from ard.cli import UserError, check_output_path, non_negative_int, positive_int
 from ard.data import save_grid
-from ard.vae import load_vae, vae_decode
-from diffusion.sampling import (
+from ard.generation import (
     add_graph_argument,
     add_sampler_arguments,
     check_graph_device,
     sample_fn,
 )
+from ard.vae import load_vae, vae_decode
 
 
 def grid_labels(args, num_classes):
@@ -93,7 +95,8 @@ def main(args):
         else f"{args.sampler}, {args.num_sampling_steps} steps, CFG {args.cfg_scale}"
     )
     print(
-        f"Saved {len(labels)} samples to {args.out}: {1000 * seconds / len(labels):.1f} ms per image on {device} ({how})"
+        f"Saved {len(labels)} samples to {args.out}: {1000 * seconds / len(labels):.1f} ms per "
+        f"image on {device} ({how})"
     )
 
 
@@ -105,7 +108,8 @@ def parse_args(argv=None):
         "--ckpt",
         type=str,
         required=True,
-        help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or DiT-XL-2-256x256.pt)",
+        help="a checkpoint of train.py or train_ard.py, or an official DiT one (a path or "
+        "DiT-XL-2-256x256.pt)",
     )
     add_sampler_arguments(parser, note="teachers only: ")
     add_graph_argument(parser)

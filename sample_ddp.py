@@ -1,17 +1,20 @@
-"""Samples N images (default 50,000, for FID-50K) from a teacher or a student checkpoint, on any number of
-processes, into an ADM-format .npz: arr_0 uint8 (N, H, W, 3) (grey images repeated to 3 channels) and
-arr_1 int64 labels.
+"""Samples N images (default 50,000, for FID-50K) from a teacher or a student checkpoint, on any
+number of processes, into an ADM-format .npz: arr_0 uint8 (N, H, W, 3) (grey images repeated to 3
+channels) and arr_1 int64 labels.
 
-    python sample_ddp.py --ckpt runs/digits/ard/checkpoints/0001200.pt --num-samples 2000 --out samples.npz
-    torchrun --nproc_per_node=8 sample_ddp.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5 --out dit_xl2_ddim25.npz
-    torchrun --nproc_per_node=8 sample_ddp.py --ckpt REPA-SiT-XL-2-256x256.pt --sampler heun --num-sampling-steps 13 \
-        --cfg-scale 1.8 --guidance-interval 0 0.7 --out repa_heun13.npz
+    python sample_ddp.py --ckpt runs/digits/ard/checkpoints/0001200.pt --num-samples 2000 \\
+        --out samples.npz
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5 \\
+        --out dit_xl2_ddim25.npz
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt REPA-SiT-XL-2-256x256.pt --sampler heun \\
+        --num-sampling-steps 13 --cfg-scale 1.8 --guidance-interval 0 0.7 --out repa_heun13.npz
 
-Image i draws its label and noise from a generator seeded by (seed, i), so the file does not depend on the
-number of processes. Images are made in chunks of consecutive indices, written to OUT.chunks/ under a
-temporary name and renamed when complete: running the same command again after an interruption makes only
-the missing chunks; the chunks are gathered into OUT and removed at the end. OUT.json records what made the
-file (the checkpoint's sha256, the sampler, its steps and guidance, the seeds).
+Image i draws its label and noise from a generator seeded by (seed, i), so the file does not depend
+on the number of processes. Images are made in chunks of consecutive indices, written to OUT.chunks/
+under a temporary name and renamed when complete: running the same command again after an
+interruption makes only the missing chunks; the chunks are gathered into OUT and removed at the end.
+OUT.json records what made the file (the checkpoint's sha256, the sampler, its steps and guidance,
+the seeds).
 """
 
 import argparse
@@ -35,17 +38,17 @@ from ard.fileio import (
     start_or_resume,
     write_json,
 )
-from ard.logs import progress
-from ard.preemption import Preempted, StopRequest, add_stop_argument
-from ard.seeding import EVALUATION_STREAM, per_index_noise
-from ard.trajectory_store import shard_ranges
-from ard.vae import VAE_DOWNSAMPLE, load_vae, vae_decode
-from diffusion.sampling import (
+from ard.generation import (
     add_graph_argument,
     add_sampler_arguments,
     check_graph_device,
     sample_fn,
 )
+from ard.logs import progress
+from ard.preemption import Preempted, StopRequest, add_stop_argument
+from ard.seeding import EVALUATION_STREAM, per_index_noise
+from ard.trajectory_store import shard_ranges
+from ard.vae import VAE_DOWNSAMPLE, load_vae, vae_decode
 
 
 def run_settings(args, ckpt_sha256, student):
@@ -76,8 +79,9 @@ def chunk_file(chunk_dir, c):
 
 
 def make_chunk(generate, vae, indices, args, config, device, stop=None):
-    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,)). On a stop request the
-    batch in flight finishes and Preempted ends the process (the chunk is made again by the same command)."""
+    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,)). On a stop
+    request the batch in flight finishes and Preempted ends the process (the chunk is made again by
+    the same command)."""
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     images, labels = [], []
     for b in range(0, len(indices), args.per_proc_batch_size):
@@ -97,15 +101,15 @@ def make_chunk(generate, vae, indices, args, config, device, stop=None):
         labels.append(y.numpy())
         if stop is not None and stop.requested:
             raise Preempted(
-                f"{stop.requested}: the complete chunks of {args.out} are kept in {args.out}.chunks; the "
-                f"same command makes the rest"
+                f"{stop.requested}: the complete chunks of {args.out} are kept in "
+                f"{args.out}.chunks; the same command makes the rest"
             )
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
 def bytes_missing(args, chunk_dir, config):
-    """The bytes still to write: the missing chunks, and the final file, which holds every image once more while
-    the chunks are gathered into it."""
+    """The bytes still to write: the missing chunks, and the final file, which holds every image
+    once more while the chunks are gathered into it."""
     side = config["input_size"] * (VAE_DOWNSAMPLE if config["space"] == "latent" else 1)
     per_image = side * side * 3 + 8  # uint8 RGB and an int64 label
     ranges = shard_ranges(args.num_samples, args.chunk_size)
@@ -189,7 +193,8 @@ def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
 
 
 def gather(args, chunk_dir, settings, made, seconds):
-    """The chunks, in order, into the ADM-format file, with its record OUT.json; the chunk folder goes."""
+    """The chunks, in order, into the ADM-format file, with its record OUT.json; the chunk folder
+    goes."""
     parts = [
         np.load(chunk_file(chunk_dir, c), allow_pickle=False)
         for c in range(len(shard_ranges(args.num_samples, args.chunk_size)))
@@ -203,8 +208,9 @@ def gather(args, chunk_dir, settings, made, seconds):
     shutil.rmtree(chunk_dir)
     world_size = dist_util.world_size()
     print(
-        f"Saved {args.num_samples:,} samples to {args.out}; made {made:,} in this run in {seconds:.1f} s "
-        f"({made / max(seconds, 1e-9):.1f} images/s on {world_size} process(es), {1000 * seconds * world_size / max(made, 1):.1f} ms per image per process)"
+        f"Saved {args.num_samples:,} samples to {args.out}; made {made:,} in this run in "
+        f"{seconds:.1f} s ({made / max(seconds, 1e-9):.1f} images/s on {world_size} process(es), "
+        f"{1000 * seconds * world_size / max(made, 1):.1f} ms per image per process)"
     )
 
 
@@ -244,7 +250,8 @@ def parse_args(argv=None):
         "--label-seed",
         type=non_negative_int,
         default=None,
-        help="draw the labels from this seed instead (the same labels as another file, with other noises)",
+        help="draw the labels from this seed instead (the same labels as another file, with "
+        "other noises)",
     )
     dist_util.add_precision_argument(parser, default="fp32")
     add_stop_argument(parser)

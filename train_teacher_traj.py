@@ -1,19 +1,24 @@
 """Runs the teacher's deterministic ODE solver and writes its trajectories to a trajectory store
 (see ard/trajectory_store.py for the format).
 
-    python train_teacher_traj.py --ckpt runs/digits/teacher/checkpoints/0003000.pt --out runs/digits/traj
-    torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt DiT-XL-2-256x256.pt --out /data/ard/traj \
-        --num-trajectories 1200000 --save-steps 0,6,10,12,15,18,20,25 --dtype float16 --batch-size 256
-    torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt SiT-XL-2-256x256.pt --out /data/ard/traj_sit --solver heun \
-        --num-sampling-steps 13 --save-steps 0,3,6,9,13 --num-trajectories 1200000 --dtype float16 --batch-size 256
+    python train_teacher_traj.py --ckpt runs/digits/teacher/checkpoints/0003000.pt \\
+        --out runs/digits/traj
+    torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt DiT-XL-2-256x256.pt \\
+        --out /data/ard/traj --num-trajectories 1200000 --save-steps 0,6,10,12,15,18,20,25 \\
+        --dtype float16 --batch-size 256
+    torchrun --nproc_per_node=8 train_teacher_traj.py --ckpt SiT-XL-2-256x256.pt \\
+        --out /data/ard/traj_sit --solver heun --num-sampling-steps 13 --save-steps 0,3,6,9,13 \\
+        --num-trajectories 1200000 --dtype float16 --batch-size 256
 
-A flow teacher (SiT, REPA, train.py --objective flow) runs Euler or Heun on its uniform grid; its store records
-its prediction type and time convention, and its saved timesteps are the model's own times.
+A flow teacher (SiT, REPA, train.py --objective flow) runs Euler or Heun on its uniform grid; its
+store records its prediction type and time convention, and its saved timesteps are the model's own
+times.
 
 Sample i gets its noise from a generator seeded by (seed, i) and the label i mod num_classes, so the
 store's content does not depend on the number of processes. Shards go to ranks round-robin; each is
 written to a temporary folder and renamed when complete, so running the same command again after an
-interruption finishes only the missing shards. Running it with other settings into the same folder stops.
+interruption finishes only the missing shards. Running it with other settings into the same folder
+stops.
 """
 
 import argparse
@@ -33,17 +38,19 @@ from ard.fileio import (
     remove_stale_temporaries,
     start_or_resume,
 )
+from ard.generation import TeacherSampler, add_sampler_arguments, teacher_flow
 from ard.logs import progress
 from ard.preemption import Preempted, StopRequest, add_stop_argument
 from ard.trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
 from diffusion.ode import solver_grid
-from diffusion.sampling import SOLVERS, TeacherSampler, add_sampler_arguments, teacher_flow
+from diffusion.sampling import SOLVERS
 
 SMALL_MODEL_TOKENS = 64  # up to this many tokens per image, every solver step is saved by default
 
 
 def parse_save_steps(spec, num_steps, default_all):
-    """'all', 'every:N', or a comma-separated list of solver steps; the noise (0) and the sample (S) are always kept."""
+    """'all', 'every:N', or a comma-separated list of solver steps; the noise (0) and the sample (S)
+    are always kept."""
     if spec is None:
         spec = "all" if default_all else "every:5"
     if spec == "all":
@@ -57,7 +64,8 @@ def parse_save_steps(spec, num_steps, default_all):
             )
         except ValueError:
             raise UserError(
-                f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1) or a list of solver steps like 0,10,25"
+                f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1) or a list of solver steps "
+                "like 0,10,25"
             ) from None
     bad = sorted(s for s in steps if not 0 <= s <= num_steps)
     if bad:
@@ -99,8 +107,9 @@ def store_manifest(args, ckpt_path, config, sampler, save_steps):
 
 
 def flow_fields(config, args):
-    """A flow teacher's store also records what the model predicts and its time convention (its save_timesteps are
-    the model's own times, which the student embeds), and the guidance interval; a DiT teacher's store has neither."""
+    """A flow teacher's store also records what the model predicts and its time convention (its
+    save_timesteps are the model's own times, which the student embeds), and the guidance interval;
+    a DiT teacher's store has neither."""
     if teacher_flow(config) is None:
         return {}
     return dict(
@@ -112,7 +121,8 @@ def flow_fields(config, args):
 
 
 def store_bytes_missing(args, manifest):
-    """The bytes the shards not yet complete will take: xt and x0 at every saved step, labels and indices."""
+    """The bytes the shards not yet complete will take: xt and x0 at every saved step, labels and
+    indices."""
     complete, _ = complete_shards(args.out, manifest)
     per_trajectory = (
         2
@@ -152,8 +162,8 @@ def main(args):
     )
     manifest = store_manifest(args, ckpt_path, config, sampler, save_steps)
 
-    # Create the store, or check that an existing one was made with the same settings and that the rest fits on the
-    # disk; one writer at a time:
+    # Create the store, or check that an existing one was made with the same settings and that the
+    # rest fits on the disk; one writer at a time:
     start_or_resume(
         os.path.join(args.out, MANIFEST),
         manifest,
@@ -168,9 +178,9 @@ def main(args):
 
 
 def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
-    """This rank's shards that are missing or damaged, with progress on rank 0 and a summary at the end. On a stop
-    request the batch in flight finishes, the shard it belongs to is dropped (the same command writes it again) and
-    Preempted ends the process."""
+    """This rank's shards that are missing or damaged, with progress on rank 0 and a summary at the
+    end. On a stop request the batch in flight finishes, the shard it belongs to is dropped (the
+    same command writes it again) and Preempted ends the process."""
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if rank == 0:
         for name in remove_stale_temporaries(args.out):
@@ -182,8 +192,8 @@ def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
     dist_util.barrier()
     todo = [s for s in range(rank, len(ranges), world_size) if s not in complete]
     dist_util.print0(
-        f"{len(ranges)} shards of up to {args.shard_size} trajectories, {len(complete)} already complete; "
-        f"saving solver steps {save_steps} of {args.num_sampling_steps}"
+        f"{len(ranges)} shards of up to {args.shard_size} trajectories, {len(complete)} already "
+        f"complete; saving solver steps {save_steps} of {args.num_sampling_steps}"
     )
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
     bar = progress(total, f"trajectories (rank 0 of {world_size})", unit="traj")
@@ -198,7 +208,8 @@ def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
         bar.update(n)
         if stop.requested:
             raise Preempted(
-                f"{stop.requested}: the complete shards of {args.out} are kept; the same command writes the rest"
+                f"{stop.requested}: the complete shards of {args.out} are kept; the same command "
+                "writes the rest"
             )
 
     start_time, written = time.time(), 0
@@ -220,8 +231,9 @@ def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
     written = int(dist_util.all_reduce_sum(written, device))
     seconds = time.time() - start_time
     dist_util.print0(
-        f"Wrote {count:,} trajectories ({written / 2**20:.1f} MiB) to {args.out} in {seconds:.1f} s "
-        f"({count / max(seconds, 1e-9):.1f} trajectories/s); the store holds {args.num_trajectories:,}"
+        f"Wrote {count:,} trajectories ({written / 2**20:.1f} MiB) to {args.out} in {seconds:.1f} "
+        f"s ({count / max(seconds, 1e-9):.1f} trajectories/s); the store holds "
+        f"{args.num_trajectories:,}"
     )
 
 

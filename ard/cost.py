@@ -1,5 +1,5 @@
-"""What models cost: FLOPs counted on the `meta` device (nothing is allocated; a multiply-add is 2 FLOPs)
-and wall time measured on this machine."""
+"""What models cost: FLOPs counted on the `meta` device (nothing is allocated; a multiply-add is 2
+FLOPs) and wall time measured on this machine."""
 
 import statistics
 import time
@@ -8,7 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ard.checkpoints import build_model
-from diffusion.sampling import TeacherSampler, model_evaluations
+from ard.generation import TeacherSampler
+from diffusion.sampling import model_evaluations
 
 
 def count_flops(fn):
@@ -19,7 +20,8 @@ def count_flops(fn):
 
 
 def median_times(fns, repeats, warmup=1):
-    """Median seconds of each function, calls interleaved so that the machine's drift hits all alike."""
+    """Median seconds of each function, calls interleaved so that the machine's drift hits all
+    alike."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -33,8 +35,9 @@ def median_times(fns, repeats, warmup=1):
 
 
 def best_time(fn, repeats=3, enough=6.0):
-    """The fastest of a few runs without gradients, in seconds: the figure least disturbed by whatever else
-    the machine does. Up to `repeats` runs, but no third once two have taken `enough` seconds."""
+    """The fastest of a few runs without gradients, in seconds: the figure least disturbed by
+    whatever else the machine does. Up to `repeats` runs, but no third once two have taken `enough`
+    seconds."""
     times = []
     while len(times) < repeats and not (len(times) >= 2 and sum(times) >= enough):
         start = time.perf_counter()
@@ -52,8 +55,8 @@ def _noise_and_labels(config, batch):
 
 
 def sampling_cost(model, config, steps=25, cfg_scale=1.5, batch=500, sampler="ddim"):
-    """(FLOPs per image, CPU seconds per image) of sampling: a teacher's `sampler` over `steps` with guidance
-    (two model calls per evaluation unless cfg_scale is 1), or a student's K steps."""
+    """(FLOPs per image, CPU seconds per image) of sampling: a teacher's `sampler` over `steps` with
+    guidance (two model calls per evaluation unless cfg_scale is 1), or a student's K steps."""
     with torch.device("meta"):
         meta = build_model(config)
         x, y = (

@@ -1,10 +1,12 @@
-"""Sampling replayed from a recording (ard/graphs.py): the replay equals the eager sampler, new inputs give new
-outputs, another shape makes another recording, and the samplers hold nothing a CUDA graph cannot.
+"""Sampling replayed from a recording (ard/graphs.py): the replay equals the eager sampler, new
+inputs give new outputs, another shape makes another recording, and the samplers hold nothing a CUDA
+graph cannot.
 
-A CUDA graph needs a GPU; on the CPU the recording is the sampler's aten ops traced once by make_fx and replayed
-as they were recorded. Like a graph, the trace runs the Python once: anything the sampler decides on the host
-from its inputs is baked into the recording (the control test shows it goes stale), so a replay that equals the
-eager sampler on new inputs is evidence about the sampler, not only about the wrapper's buffers."""
+A CUDA graph needs a GPU; on the CPU the recording is the sampler's aten ops traced once by make_fx
+and replayed as they were recorded. Like a graph, the trace runs the Python once: anything the
+sampler decides on the host from its inputs is baked into the recording (the control test shows it
+goes stale), so a replay that equals the eager sampler on new inputs is evidence about the sampler,
+not only about the wrapper's buffers."""
 
 import numpy as np
 import pytest
@@ -12,14 +14,15 @@ import torch
 from helpers import run_script_expect_failure
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ard.generation import TeacherSampler
 from ard.graphs import CapturedSampler, capture_hazards
 from ard_models import ARD
-from diffusion.sampling import TeacherSampler
 from models import DiT
 
 
 def traced(fn, inputs):
-    """A recording on the host: fn's ops traced once, replayed into the output buffer the trace first made."""
+    """A recording on the host: fn's ops traced once, replayed into the output buffer the trace
+    first made."""
     graph = make_fx(fn)(*inputs)
     output = graph(*inputs)
     return (lambda: output.copy_(graph(*inputs))), output
@@ -103,9 +106,8 @@ def test_a_replay_equals_the_eager_sampler_and_new_inputs_give_new_outputs(name)
     with torch.no_grad():
         first = captured(noise, y)
         second = captured(noise2, y2)
-        torch.testing.assert_close(
-            first, fn(noise, y), rtol=1e-5, atol=1e-6
-        )  # fp32 rounding of a re-traced graph
+        # fp32 rounding of a re-traced graph
+        torch.testing.assert_close(first, fn(noise, y), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(second, fn(noise2, y2), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(first, second), (
         "the second batch came back as the first (stale buffers)"
@@ -114,15 +116,15 @@ def test_a_replay_equals_the_eager_sampler_and_new_inputs_give_new_outputs(name)
 
 
 def test_what_the_python_decides_is_baked_into_a_recording_and_a_host_read_fails_it():
-    """The controls: the host-side recording keeps what the Python decided when it was made, as a CUDA graph does
-    (a replay goes stale), and refuses a read of a traced value (a CUDA graph's capture fails there too)."""
+    """The controls: the host-side recording keeps what the Python decided when it was made, as a
+    CUDA graph does (a replay goes stale), and refuses a read of a traced value (a CUDA graph's
+    capture fails there too)."""
     scales = iter(range(1, 100))
     fn = lambda x, y: x * next(scales)  # noqa: E731
     captured = CapturedSampler(fn, record=traced)
     x, y = batch(2, 0)
-    assert torch.equal(
-        captured(x, y), captured(x, y)
-    )  # scale 1 both times, where eager would have moved on
+    # scale 1 both times, where eager would have moved on
+    assert torch.equal(captured(x, y), captured(x, y))
     host_read = lambda x, y: x * float(x.abs().max())  # noqa: E731
     with pytest.raises(RuntimeError):
         CapturedSampler(host_read, record=traced)(x, y)
@@ -199,7 +201,7 @@ def test_cuda_graphs_are_refused_without_a_gpu_and_for_ancestral_sampling(tmp_pa
         "--cuda-graph replays CUDA graphs and needs a CUDA device" in out and "Traceback" not in out
     )
     from ard.cli import UserError
-    from diffusion.sampling import sample_fn
+    from ard.generation import sample_fn
 
     with pytest.raises(UserError, match="ancestral"):
         sample_fn(teacher(), dict(kind="teacher", space="pixel"), "ddpm", 5, 1.5, cuda_graph=True)
@@ -218,8 +220,8 @@ def test_a_cuda_graph_replay_equals_the_eager_sampler(name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
 def test_a_cuda_graph_recorded_under_autocast_replays_in_a_later_autocast_block():
-    """Each call in its own autocast block, as sample_ddp.py makes them: a replay must not read weight casts that
-    the first block cached and its end freed."""
+    """Each call in its own autocast block, as sample_ddp.py makes them: a replay must not read
+    weight casts that the first block cached and its end freed."""
     fn, model = ard_sampler()
     model.cuda()
     captured = CapturedSampler(fn)

@@ -1,5 +1,5 @@
-"""The repository's layout: the card's scripts on top, library modules that are not commands, no import cycles,
-and every flag of every command documented with help."""
+"""The repository's layout: the card's scripts on top, library modules that are not commands, no
+import cycles, and every flag of every command documented with help."""
 
 import argparse
 import ast
@@ -41,7 +41,8 @@ MODULES = python_files()
 
 
 def is_command(module, path):
-    """A module that runs as a command: a __main__.py, or one with an `if __name__ == "__main__":` block."""
+    """A module that runs as a command: a __main__.py, or one with an `if __name__ == "__main__":`
+    block."""
     if module.endswith("__main__"):
         return True
     tree = ast.parse(open(path).read())
@@ -51,7 +52,8 @@ def is_command(module, path):
 
 
 def imported_modules(module, path):
-    """The repository modules `module` imports, anywhere in the file (function-level imports included)."""
+    """The repository modules `module` imports, anywhere in the file (function-level imports
+    included)."""
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
@@ -92,6 +94,15 @@ def test_library_modules_are_not_commands_and_never_import_one():
     assert not {m: c for m, c in offenders.items() if c}, "a library module imports a command"
 
 
+def test_the_diffusion_library_imports_nothing_from_the_rest_of_the_repository():
+    outside = {
+        m: sorted(n for n in imported_modules(m, p) if not n.startswith("diffusion"))
+        for m, p in MODULES.items()
+        if m.startswith("diffusion")
+    }
+    assert not {m: names for m, names in outside.items() if names}
+
+
 def test_no_import_cycle():
     graph = {m: imported_modules(m, p) for m, p in MODULES.items()}
     state = {}
@@ -116,8 +127,9 @@ class _Captured(Exception):
 
 
 def command_parser(target):
-    """The argparse parser of a command: a script path ('train.py', 'scripts/import_checkpoint.py') or a module
-    ('evaluator', 'benchmarks.gpu_check'), captured when its parse_args(argv) hands argv to argparse."""
+    """The argparse parser of a command: a script path ('train.py', 'scripts/import_checkpoint.py')
+    or a module ('evaluator', 'benchmarks.gpu_check'), captured when its parse_args(argv) hands argv
+    to argparse."""
     path = (
         os.path.join(ROOT, target)
         if target.endswith(".py")
@@ -144,7 +156,8 @@ def command_parser(target):
 
 
 def commands():
-    """Every command with a parser, as `python` would be given it: a script path or a module name."""
+    """Every command with a parser, as `python` would be given it: a script path or a module
+    name."""
     out = []
     for module, path in MODULES.items():
         if is_command(module, path) and "def parse_args" in open(path).read():

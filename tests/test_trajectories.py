@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import S, run_script_expect_failure, write_store
 
+from ard.generation import TeacherSampler
 from ard.trajectory_store import (
     TrajectoryDataset,
     TrajectoryStore,
@@ -16,7 +17,6 @@ from ard.trajectory_store import (
 )
 from diffusion import create_diffusion
 from diffusion.ode import solver_grid
-from diffusion.sampling import TeacherSampler
 
 
 def shard_arrays(path):
@@ -72,9 +72,8 @@ def test_stored_final_sample_is_the_teachers_own_ddim_sample(teacher, store):
     assert np.array_equal(data["xt"][:, 0], noise.numpy())
     expected = TeacherSampler(model, dict(space="pixel"), "ddim", S, cfg_scale=1.5)(noise, y)
     np.testing.assert_allclose(data["xt"][:, 1], expected.numpy(), rtol=1e-4, atol=1e-5)
-    assert np.array_equal(
-        data["x0"][:, 1], data["xt"][:, 1]
-    )  # x0 at the last step is the final sample
+    # x0 at the last step is the final sample
+    assert np.array_equal(data["x0"][:, 1], data["xt"][:, 1])
 
 
 def test_manifest_records_every_solver_step_and_its_timestep(store):
@@ -134,9 +133,8 @@ def test_dataset_targets_state_and_x0(store):
         inputs.numpy(), np.concatenate([full["xt"][0, [0]], full["x0"][0, [2, 4]]])
     )
     assert np.array_equal(targets.numpy(), full["x0"][0, [2, 4, 5]])
-    assert np.array_equal(
-        targets[-1].numpy(), full["xt"][0, 5]
-    )  # the last target is the sample in both
+    # the last target is the sample in both
+    assert np.array_equal(targets[-1].numpy(), full["xt"][0, 5])
     assert TrajectoryDataset(store, bounds).timesteps == [
         store.saved_timesteps[s] for s in (0, 2, 4)
     ]
