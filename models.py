@@ -24,7 +24,8 @@ def modulate(x, shift, scale):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches of a (C, H, W) image to tokens; the `proj` name matches timm's."""
+    """Non-overlapping p x p patches of a (C, H, W) image to tokens; the `proj` name matches
+    timm's."""
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
@@ -55,7 +56,8 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoidal embedding of timesteps t of any shape (fractional allowed): (...,) -> (..., dim)."""
+        """Sinusoidal embedding of timesteps t of any shape (fractional allowed): (...,) -> (...,
+        dim)."""
         half = dim // 2
         freqs = torch.exp(
             -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
@@ -71,7 +73,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Embeds class labels; label `num_classes` is the null class used for classifier-free guidance."""
+    """Embeds class labels; label `num_classes` is the null class used for classifier-free
+    guidance."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -100,7 +103,8 @@ class LabelEmbedder(nn.Module):
 
 
 class KVCache:
-    """Keys and values of earlier tokens for one attention layer; `append` returns everything so far."""
+    """Keys and values of earlier tokens for one attention layer; `append` returns everything so
+    far."""
 
     def __init__(self):
         self.k = None
@@ -113,10 +117,11 @@ class KVCache:
 
 
 class StaticKVCache:
-    """A KVCache in buffers allocated once for `capacity` tokens: `append` writes the new keys in place and returns
-    views of everything so far, so a sampler allocates nothing per step and its tensors keep their addresses (what a
-    captured CUDA graph replays). For sampling only: with autograd, the in-place writes would overwrite keys that an
-    earlier step saved for its backward pass."""
+    """A KVCache in buffers allocated once for `capacity` tokens: `append` writes the new keys in
+    place and returns views of everything so far, so a sampler allocates nothing per step and its
+    tensors keep their addresses (what a captured CUDA graph replays). For sampling only: with
+    autograd, the in-place writes would overwrite keys that an earlier step saved for its backward
+    pass."""
 
     def __init__(self, capacity):
         self.capacity, self.length, self.k, self.v = capacity, 0, None, None
@@ -137,7 +142,8 @@ class StaticKVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (`qkv`, `proj`), an optional mask and KV cache."""
+    """Multi-head self-attention with timm's parameter names (`qkv`, `proj`), an optional mask and
+    KV cache."""
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -149,24 +155,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, causal_blocks=None):
-        """x: (B, T, D). attn_mask: boolean (T, T_keys), True where attention is allowed.
-        kv_cache: a KVCache whose keys precede these tokens; the new keys are appended to it.
-        causal_blocks=K: the T tokens are K equal blocks and each attends to its own and the earlier blocks (the
-        block-causal mask), computed block by block without a mask, so that each call may take the flash kernel."""
+    def forward(self, x, attn_mask=None, kv_cache=None, per_step=None):
+        """x: (B, T, D). attn_mask: boolean (T, T_keys), True where attention is allowed. kv_cache:
+        a KVCache whose keys precede these tokens; the new keys are appended to it. per_step=K: the
+        T tokens are K steps of equal length and each attends to its own and the earlier steps (the
+        block-causal mask), computed one step at a time without a mask, so that each call may take
+        the flash kernel."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, T, head_dim)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        if causal_blocks is not None:
-            L = T // causal_blocks
+        if per_step is not None:
+            L = T // per_step
             x = torch.cat(
                 [
                     F.scaled_dot_product_attention(
                         q[:, :, i * L : (i + 1) * L], k[:, :, : (i + 1) * L], v[:, :, : (i + 1) * L]
                     )
-                    for i in range(causal_blocks)
+                    for i in range(per_step)
                 ],
                 dim=2,
             )
@@ -211,24 +218,23 @@ class DiTBlock(nn.Module):
             nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True)
         )
 
-    def attend(self, h, joint, attn_mask, kv_cache, causal):
+    def attend(self, h, joint, attn_mask, kv_cache, per_step):
         shape = h.shape
         if joint:
             B, K, L, D = shape
             h = h.reshape(B, K * L, D)
         else:
             h = h.reshape(-1, *shape[-2:])  # (groups, L, D)
-        blocks = shape[1] if causal else None
-        return self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache, causal_blocks=blocks).reshape(
-            shape
-        )
+        steps = shape[1] if per_step else None
+        return self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache, per_step=steps).reshape(shape)
 
-    def forward(self, x, c, joint=False, attn_mask=None, kv_cache=None, causal=False):
-        """causal=True (with joint=True): each group attends to itself and the earlier groups, without a mask."""
+    def forward(self, x, c, joint=False, attn_mask=None, kv_cache=None, per_step=False):
+        """per_step=True (with joint=True): each group attends to itself and the earlier groups, one
+        group at a time, without a mask."""
         mod = self.adaLN_modulation(c).unsqueeze(-2)  # (..., 1, 6D): one row per group of tokens
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + gate_msa * self.attend(
-            modulate(self.norm1(x), shift_msa, scale_msa), joint, attn_mask, kv_cache, causal
+            modulate(self.norm1(x), shift_msa, scale_msa), joint, attn_mask, kv_cache, per_step
         )
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -261,9 +267,9 @@ def unpatchify(x, patch_size, channels):
 
 
 def init_dit_weights(model, output_layers):
-    """DiT's initialisation of a model with DiT's embedders and blocks: xavier-uniform linears, the fixed
-    sin-cos position embedding, N(0, 0.02) embedders, and zeros in every adaLN modulation and in the
-    output layers (FinalLayer-like modules), so that every block starts as the identity."""
+    """DiT's initialisation of a model with DiT's embedders and blocks: xavier-uniform linears, the
+    fixed sin-cos position embedding, N(0, 0.02) embedders, and zeros in every adaLN modulation and
+    in the output layers (FinalLayer-like modules), so that every block starts as the identity."""
 
     def _basic_init(module):
         if isinstance(module, nn.Linear):
@@ -296,8 +302,9 @@ def init_dit_weights(model, output_layers):
 
 
 class DiTBackbone(nn.Module):
-    """What the DiT teacher and the ARD student share, with official DiT's names: the patch, timestep and label
-    embedders, the fixed position embedding and the blocks. Subclasses add their output layers."""
+    """What the DiT teacher and the ARD student share, with official DiT's names: the patch,
+    timestep and label embedders, the fixed position embedding and the blocks. Subclasses add their
+    output layers."""
 
     def __init__(
         self,
@@ -321,7 +328,8 @@ class DiTBackbone(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed sin-cos position embedding; a parameter (not a buffer) because official checkpoints store it.
+        # Fixed sin-cos position embedding; a parameter (not a buffer) because official checkpoints
+        # store it.
         self.pos_embed = nn.Parameter(
             torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False
         )
@@ -331,7 +339,8 @@ class DiTBackbone(nn.Module):
 
 
 class DiT(DiTBackbone):
-    """Diffusion model with a Transformer backbone. Arguments: DiTBackbone's (official DiT's), and learn_sigma."""
+    """Diffusion model with a Transformer backbone. Arguments: DiTBackbone's (official DiT's), and
+    learn_sigma."""
 
     def __init__(self, learn_sigma=True, **kwargs):
         super().__init__(**kwargs)
@@ -353,8 +362,8 @@ class DiT(DiTBackbone):
         return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
     def block_features(self, x, t, y, blocks):
-        """The tokens (N, T, D) after each block listed in `blocks` (no label dropout): the feature network
-        of the GAN stage's discriminator. Stops after the last block asked for."""
+        """The tokens (N, T, D) after each block listed in `blocks` (no label dropout): the feature
+        network of the GAN stage's discriminator. Stops after the last block asked for."""
         wanted, features = set(blocks), []
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, False)
@@ -365,12 +374,12 @@ class DiT(DiTBackbone):
         return features
 
     def forward_with_cfg(self, x, t, y, cfg_scale, legacy_cfg=False):
-        """Classifier-free guidance. The batch holds the conditional half, then the same inputs with the
-        null label; both halves come back with the guided noise prediction.
+        """Classifier-free guidance. The batch holds the conditional half, then the same inputs with
+        the null label; both halves come back with the guided noise prediction.
 
         Guidance applies to every predicted-noise channel. Official DiT guides only the first three
-        channels (of four latent ones) "for exact reproducibility"; legacy_cfg=True does the same, for
-        reproducing its published numbers.
+        channels (of four latent ones) "for exact reproducibility"; legacy_cfg=True does the same,
+        for reproducing its published numbers.
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
@@ -433,9 +442,9 @@ PATCH_SIZES = {"XL": (2, 4, 8), "L": (2, 4, 8), "B": (2, 4, 8), "S": (2, 4, 8), 
 
 
 def randomise_weights(model, std=0.02, seed=0):
-    """Every weight drawn from N(0, std^2) with a seeded generator, the fixed position embedding kept: DiT's
-    zero-initialised adaLN and output layers give zeros, and timing or comparing zeros proves nothing. For tests
-    and benchmarks; the model's train/eval mode is left as it was."""
+    """Every weight drawn from N(0, std^2) with a seeded generator, the fixed position embedding
+    kept: DiT's zero-initialised adaLN and output layers give zeros, and timing or comparing zeros
+    proves nothing. For tests and benchmarks; the model's train/eval mode is left as it was."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -451,7 +460,8 @@ def model_config(key):
 
 
 def registry(cls):
-    """{key: constructor} for every config: the config's depth, width, heads and patch size are filled in."""
+    """{key: constructor} for every config: the config's depth, width, heads and patch size are
+    filled in."""
     return {
         f"DiT-{size}/{p}": functools.partial(cls, **model_config(f"DiT-{size}/{p}"))
         for size in MODEL_CONFIGS

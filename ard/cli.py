@@ -1,10 +1,11 @@
-"""The command line: user errors, argument types that refuse values that cannot work, output-path checks.
+"""The command line: user errors, argument types that refuse values that cannot work, output-path
+checks.
 
-A mistake a user can make and fix (a missing or wrong file, a value that cannot work, a file made by another
-run or another teacher) raises UserError; `run` prints its one sentence and exits with status 2, before any
-work where it can be checked up front. A job stopped by a scheduler's signal, its work saved, exits with
-status 75 (ard.preemption); a job resubmitted after it finished says so and exits with 0. Any other exception
-is a programming error and keeps its traceback.
+A mistake a user can make and fix (a missing or wrong file, a value that cannot work, a file made by
+another run or another teacher) raises UserError; `run` prints its one sentence and exits with
+status 2, before any work where it can be checked up front. A job stopped by a scheduler's signal,
+its work saved, exits with status 75 (ard.preemption); a job resubmitted after it finished says so
+and exits with 0. Any other exception is a programming error and keeps its traceback.
 """
 
 import argparse
@@ -24,12 +25,14 @@ class MissingFileError(UserError, FileNotFoundError):
 
 
 class NothingToDo(Exception):
-    """The job's work is already complete (a finished run submitted again); its message says where it is."""
+    """The job's work is already complete (a finished run submitted again); its message says where
+    it is."""
 
 
 def run(main, parse_args):
-    """Every script's entry point: main(parse_args()), with a UserError shown as one line and exit status 2, a
-    stop on a scheduler's signal as one line and status 75, and nothing left to do as one line and status 0."""
+    """Every script's entry point: main(parse_args()), with a UserError shown as one line and exit
+    status 2, a stop on a scheduler's signal as one line and status 75, and nothing left to do as
+    one line and status 0."""
     try:
         main(parse_args())
     except UserError as e:
@@ -41,6 +44,29 @@ def run(main, parse_args):
     except NothingToDo as e:
         if dist_util.is_main():
             print(f"nothing to do: {e}", flush=True)
+
+
+class DefiningFlags:
+    """`defining.add_argument(...)` is parser.add_argument(...) for a flag whose value defines what
+    a training run computes: a resumed run must agree with its checkpoint on it
+    (ard.training.TrainingRun compares them), and its help says so. Wraps a parser or an argument
+    group."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+    def add_argument(self, *args, **kwargs):
+        action = self.parser.add_argument(*args, **kwargs)
+        action.defines_run = True
+        action.help = f"{action.help} [defines the run]"
+        return action
+
+
+def run_defining_flags(parser):
+    """{dest: default} of the flags of `parser` marked by defines_run. The default is what a run
+    whose saved arguments lack the flag did: the flag did not exist yet, and a new flag's default
+    keeps the behaviour from before it."""
+    return {a.dest: a.default for a in parser._actions if getattr(a, "defines_run", False)}
 
 
 def _rank():
@@ -74,12 +100,13 @@ diffusion_steps = _typed(
 
 
 def check_output_path(path, what, folder=False):
-    """Refuses, before any work, an output path that cannot be written: a folder where a file is wanted (or the
-    reverse), or a location under a file or in a folder this user cannot write to."""
+    """Refuses, before any work, an output path that cannot be written: a folder where a file is
+    wanted (or the reverse), or a location under a file or in a folder this user cannot write to."""
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise UserError(
-            f"{what} {path} is {'a file' if folder else 'a folder'}: give a {'folder' if folder else 'file'} path"
+            f"{what} {path} is {'a file' if folder else 'a folder'}: give a "
+            f"{'folder' if folder else 'file'} path"
         )
     parent = path if folder else os.path.dirname(path)
     while not os.path.exists(parent):

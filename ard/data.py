@@ -1,10 +1,12 @@
-"""Images in and out: the embedded datasets (scikit-learn's digits, Fashion-MNIST from its idx files), an
-ImageFolder with ADM's centre crop, and generated images to uint8 batches and to PNG grids. The VAE is in vae.py."""
+"""Images in and out: the embedded datasets (scikit-learn's digits, Fashion-MNIST from its idx
+files), an ImageFolder with ADM's centre crop, and generated images to uint8 batches and to PNG
+grids. The VAE is in vae.py."""
 
 import gzip
 import os
 import shutil
 import tempfile
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -57,14 +59,15 @@ FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# Where the four idx files are looked for (each as it is or gzipped): the folder FASHION_MNIST_DIR names if it is set,
-# then this repository's data/ folder, the layout torchvision's FashionMNIST downloads to, and Debian's
-# dataset-fashion-mnist package.
+# Where the four idx files are looked for (each as it is or gzipped): the folder FASHION_MNIST_DIR
+# names if it is set, then this repository's data/ folder, the layout torchvision's FashionMNIST
+# downloads to, and Debian's dataset-fashion-mnist package.
 FASHION_DIRS = ("data/fashion-mnist", "data/FashionMNIST/raw", "/usr/share/datasets/fashion-mnist")
 
 
 def find_fashion_mnist(dirs=None):
-    """The first folder that holds all four Fashion-MNIST idx files, or one sentence saying how to get them."""
+    """The first folder that holds all four Fashion-MNIST idx files, or one sentence saying how to
+    get them."""
     if dirs is None:
         dirs = (
             (os.environ["FASHION_MNIST_DIR"],) if os.environ.get("FASHION_MNIST_DIR") else ()
@@ -88,7 +91,8 @@ def _idx_path(folder, name):
 
 
 def _read_idx(path, reader):
-    """torchvision's idx reader on a file, gunzipped into a temporary copy first if it is compressed."""
+    """torchvision's idx reader on a file, gunzipped into a temporary copy first if it is
+    compressed."""
     if not path.endswith(".gz"):
         return reader(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,8 +103,9 @@ def _read_idx(path, reader):
 
 
 def load_fashion_mnist(split="train", dirs=None):
-    """Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes) as
-    ((N, 1, 28, 28) float32 in [-1, 1], (N,) int64), read with torchvision's idx reader. 'all' is both splits."""
+    """Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes) as ((N, 1, 28,
+    28) float32 in [-1, 1], (N,) int64), read with torchvision's idx reader. 'all' is both
+    splits."""
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     if split == "all":
@@ -117,35 +122,50 @@ def load_fashion_mnist(split="train", dirs=None):
         )
     except (AssertionError, OSError, RuntimeError, ValueError) as e:
         raise UserError(
-            f"{images_file} or {labels_file} is not a readable idx file ({e}): the files are damaged"
+            f"{images_file} or {labels_file} is not a readable idx file ({e}): the files are "
+            "damaged"
         ) from e
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
         raise UserError(
-            f"{images_file} holds images of shape {tuple(images.shape)} and {labels_file} {len(labels)} labels: "
-            f"not Fashion-MNIST"
+            f"{images_file} holds images of shape {tuple(images.shape)} and {labels_file} "
+            f"{len(labels)} labels: not Fashion-MNIST"
         )
     x = images.to(torch.float32).div(127.5).sub(1.0).unsqueeze(1)  # 0..255 -> [-1, 1]
     return x, labels.to(torch.int64)
 
 
-#: The embedded datasets, pixel space, one grey channel: name -> (loader(split), classes, image side).
+class Embedded(NamedTuple):
+    """An embedded dataset: pixel space, one grey channel."""
+
+    load: Callable  # load(split) -> (images in [-1, 1], labels)
+    num_classes: int
+    side: int  # image side in pixels
+    grey_levels: int  # the distinct values a pixel takes
+
+
 EMBEDDED = {
-    "digits": (load_digits, DIGITS_CLASSES, 8),
-    "fashion": (load_fashion_mnist, FASHION_CLASSES, 28),
+    "digits": Embedded(load_digits, DIGITS_CLASSES, 8, grey_levels=17),
+    "fashion": Embedded(load_fashion_mnist, FASHION_CLASSES, 28, grey_levels=256),
 }
 
 
+def grey_levels(data):
+    """How many values a pixel of --data takes: an embedded dataset's own count, 256 for 8-bit
+    images."""
+    return EMBEDDED[data].grey_levels if data in EMBEDDED else 256
+
+
 def find_embedded(name):
-    """Raises the one-sentence MissingFileError when an embedded dataset's files are missing (the digits ship with
-    scikit-learn)."""
+    """Raises the one-sentence MissingFileError when an embedded dataset's files are missing (the
+    digits ship with scikit-learn)."""
     if name == "fashion":
         find_fashion_mnist()
 
 
 def load_embedded(name, split, image_size=None):
-    """(images (N, 1, S, S) in [-1, 1], labels (N,)) of an embedded dataset at its own side, or at image_size
-    (the digits resize; Fashion-MNIST comes at 28 only)."""
-    loader, _, side = EMBEDDED[name]
+    """(images (N, 1, S, S) in [-1, 1], labels (N,)) of an embedded dataset at its own side, or at
+    image_size (the digits resize; Fashion-MNIST comes at 28 only)."""
+    loader, side = EMBEDDED[name].load, EMBEDDED[name].side
     if image_size in (None, side):
         return loader(split)
     if name != "digits":
@@ -159,8 +179,8 @@ def load_embedded(name, split, image_size=None):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's centre crop: halve with a box filter while the image is at least twice the target, resize the
-    short side to image_size with bicubic, then crop the centre square."""
+    """ADM's centre crop: halve with a box filter while the image is at least twice the target,
+    resize the short side to image_size with bicubic, then crop the centre square."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -192,6 +212,14 @@ def image_folder(path, image_size):
         ]
     )
     return datasets.ImageFolder(path, transform=transform)
+
+
+def image_dataset(data, image_size):
+    """The training images of --data as a Dataset of (x in [-1, 1], label): an embedded dataset's
+    training split, or an ImageFolder."""
+    if data in EMBEDDED:
+        return torch.utils.data.TensorDataset(*load_embedded(data, "train", image_size))
+    return image_folder(data, image_size)
 
 
 #################################################################################

@@ -1,4 +1,5 @@
-"""Processes and devices: distributed set-up that degrades to a single process, and numeric precision.
+"""Processes and devices: distributed set-up that degrades to a single process, and numeric
+precision.
 
 Under `torchrun` the process group uses NCCL on GPUs and gloo on CPU; under plain `python` the
 script is a world of one and no process group is created. The device comes from LOCAL_RANK.
@@ -10,16 +11,17 @@ import os
 import torch
 import torch.distributed as dist
 
+# on GPU: full fp32, TF32 matmuls and convolutions, or bf16 autocast (with TF32)
 PRECISIONS = (
     "fp32",
     "tf32",
     "bf16",
-)  # on GPU: full fp32, TF32 matmuls and convolutions, or bf16 autocast (with TF32)
+)
 
 
 def setup(precision="fp32", device=None):
-    """Initialises the process group if launched by torchrun and sets the matmul precision; returns the
-    torch.device of this process."""
+    """Initialises the process group if launched by torchrun and sets the matmul precision; returns
+    the torch.device of this process."""
     if precision not in PRECISIONS:
         raise RuntimeError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
@@ -99,7 +101,8 @@ def broadcast_object(obj):
 
 
 def wrap_ddp(module, device):
-    """DistributedDataParallel around a module when there are several processes; the module itself otherwise."""
+    """DistributedDataParallel around a module when there are several processes; the module itself
+    otherwise."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -115,5 +118,6 @@ def add_precision_argument(parser, default):
         type=str,
         choices=PRECISIONS,
         default=default,
-        help="on GPU: fp32, TF32 matmuls (faster, slightly less exact), or bf16 autocast (with TF32)",
+        help="on GPU: fp32, TF32 matmuls (faster, slightly less exact), or bf16 autocast (with "
+        "TF32)",
     )

@@ -1,20 +1,23 @@
-"""Stopping when a cluster asks: a scheduler that preempts or times out a job sends SIGTERM (SLURM: often SIGUSR1
-first, with --signal), waits a grace period, then kills it. A long job turns the first such signal into a request:
-the trainers finish the optimiser step in flight, write a checkpoint of it and exit; the trajectory writer and the
-sampler finish the batch in flight and keep every complete shard or chunk. They then exit with EXIT_PREEMPTED, so a
-job script can tell "stopped, resubmit" from success and from failure, and the same command resumes (--resume auto
-for the trainers). A second signal exits at once, as the signal would by default.
+"""Stopping when a cluster asks: a scheduler that preempts or times out a job sends SIGTERM (SLURM:
+often SIGUSR1 first, with --signal), waits a grace period, then kills it. A long job turns the first
+such signal into a request: the trainers finish the optimiser step in flight, write a checkpoint of
+it and exit; the trajectory writer and the sampler finish the batch in flight and keep every
+complete shard or chunk. They then exit with EXIT_PREEMPTED, so a job script can tell "stopped,
+resubmit" from success and from failure, and the same command resumes (--resume auto for the
+trainers). A second signal exits at once, as the signal would by default.
 """
 
 import os
 import signal
 import time
 
-# sysexits.h's EX_TEMPFAIL: "a temporary failure; the user is invited to retry", what a preempted job is.
+# sysexits.h's EX_TEMPFAIL: "a temporary failure; the user is invited to retry", what a preempted
+# job is.
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = ("TERM", "USR1", "USR2", "INT", "HUP")
-# A signal within this many seconds of the first is the same request: a scheduler signals every process of a job,
-# and torchrun's agent forwards the SIGTERM it receives to its workers, so a worker may get two at once.
+# A signal within this many seconds of the first is the same request: a scheduler signals every
+# process of a job, and torchrun's agent forwards the SIGTERM it receives to its workers, so a
+# worker may get two at once.
 SAME_REQUEST_SECONDS = 1.0
 
 
@@ -24,10 +27,11 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Turns the first of `signals` (names such as 'TERM') into a request, `requested` (its name, such as 'SIGTERM', or None), that the
-    job reads at its next safe point; a second one, SAME_REQUEST_SECONDS or more later, restores the default action
-    and re-sends itself, which ends the process at once. A DataLoader worker ignores these signals
-    (see ignore_in_worker): its parent stops it."""
+    """Turns the first of `signals` (names such as 'TERM') into a request, `requested` (its name,
+    such as 'SIGTERM', or None), that the job reads at its next safe point; a second one,
+    SAME_REQUEST_SECONDS or more later, restores the default action and re-sends itself, which ends
+    the process at once. A DataLoader worker ignores these signals (see ignore_in_worker): its
+    parent stops it."""
 
     def __init__(self, signals=("TERM", "USR1")):
         self.requested, self.at = None, None
@@ -47,8 +51,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
 
     def ignore_in_worker(self, worker_id=None):
-        """A DataLoader worker_init_fn: a scheduler signals every process of the job, and a worker that died of it
-        would fail the batch the trainer is finishing."""
+        """A DataLoader worker_init_fn: a scheduler signals every process of the job, and a worker
+        that died of it would fail the batch the trainer is finishing."""
         for signum in self.signals:
             signal.signal(signum, signal.SIG_IGN)
 

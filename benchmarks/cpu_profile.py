@@ -1,13 +1,16 @@
-"""Where the CPU time of an embedded experiment goes: each stage's unit of work taken apart, on this machine.
+"""Where the CPU time of an embedded experiment goes: each stage's unit of work taken apart, on this
+machine.
 
-    python -m benchmarks.cpu_profile                       # the digits main job's config (DiT-T/4 on 8x8 digits)
-    python -m benchmarks.cpu_profile --model DiT-T/2       # the same budgets with another tiny config
-    python -m benchmarks.cpu_profile --data fashion        # Fashion-MNIST's sizes (28x28: 49 tokens with DiT-T/4)
+    python -m benchmarks.cpu_profile                  # the digits main job's DiT-T/4 on 8x8 digits
+    python -m benchmarks.cpu_profile --model DiT-T/2  # the same budgets with another tiny config
+    python -m benchmarks.cpu_profile --data fashion   # Fashion-MNIST's 28x28 (49 tokens, DiT-T/4)
 
-For the teacher's and the students' training steps: data, forward, backward, optimiser and EMA, with 1 and with
-all threads (do two processes side by side beat one after another?), and bf16 autocast against fp32; for the
-trajectory writer and the samplers: images per second with 1 and all threads; the cost of starting a script
-(importing torch); a student's step with the history attention masked against per step. Prints a table; every figure is the median of several timed repeats after a warm-up.
+For the teacher's and the students' training steps: data, forward, backward, optimiser and EMA, with
+1 and with all threads (do two processes side by side beat one after another?), and bf16 autocast
+against fp32; for the trajectory writer and the samplers: images per second with 1 and all threads;
+the cost of starting a script (importing torch); a student's step with the history attention masked
+against per step. Prints a table; every figure is the median of several timed repeats after a
+warm-up.
 """
 
 import argparse
@@ -19,10 +22,10 @@ import time
 import torch
 
 from ard.cli import positive_int
-from ard.training import teacher_loss, update_ema
+from ard.generation import TeacherSampler
+from ard.training import update_ema
 from ard_models import HISTORY_ATTENTION, ARD_models
 from diffusion import create_diffusion
-from diffusion.sampling import TeacherSampler
 from models import DiT_models
 
 SIDES = {"digits": 8, "fashion": 28}
@@ -82,10 +85,13 @@ def profile_training(model, threads, side, student_batch, bf16=False):
         for _ in range(2)
     )
     traj = torch.randn(student_batch, 4, 1, side, side)
+
+    def teacher_loss():  # train.py's: a uniform timestep per image, DiT's hybrid loss
+        t = torch.randint(0, diffusion.num_timesteps, (len(x),))
+        return diffusion.training_losses(teacher, x, t, dict(y=y))["loss"].mean()
+
     return {
-        "teacher step (batch 128)": training_parts(
-            teacher, teacher_ema, lambda: teacher_loss(teacher, diffusion, x, y), bf16
-        ),
+        "teacher step (batch 128)": training_parts(teacher, teacher_ema, teacher_loss, bf16),
         f"student step (batch {student_batch}, K=4, N=3)": training_parts(
             student,
             student_ema,
@@ -120,9 +126,9 @@ def profile_sampling(model, threads, side):
 
 
 def history_attention_ab(model, side, batch, rounds=12):
-    """CPU seconds of a student's forward and backward (K=4, N=3, one thread) with each way of computing the history
-    attention (ard_models.HISTORY_ATTENTION), interleaved round by round so that the machine's drift hits both;
-    the median of the rounds after the first two."""
+    """CPU seconds of a student's forward and backward (K=4, N=3, one thread) with each way of
+    computing the history attention (ard_models.HISTORY_ATTENTION), interleaved round by round so
+    that the machine's drift hits both; the median of the rounds after the first two."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     student = ARD_models[model](
@@ -178,7 +184,8 @@ def main(args):
     cores, side = torch.get_num_threads(), SIDES[args.data]
     batch = args.student_batch or STUDENT_BATCH[args.data]
     print(
-        f"== CPU: {cores} threads available, {args.model} on {side}x{side} {args.data}; milliseconds, median of repeats"
+        f"== CPU: {cores} threads available, {args.model} on {side}x{side} {args.data}; "
+        "milliseconds, median of repeats"
     )
     rows = {}
     for threads in sorted({1, cores}):
@@ -189,7 +196,8 @@ def main(args):
     print("| step | forward | backward | AdamW | EMA |\n|---|---|---|---|---|")
     for name, p in rows.items():
         print(
-            f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | {1000 * p['AdamW']:.1f} | {1000 * p['EMA']:.1f} |"
+            f"| {name} | {1000 * p['forward']:.1f} | {1000 * p['backward']:.1f} | "
+            f"{1000 * p['AdamW']:.1f} | {1000 * p['EMA']:.1f} |"
         )
     print(
         "\n| sampling | "
@@ -206,7 +214,8 @@ def main(args):
         )
     ab = history_attention_ab(args.model, side, batch)
     print(
-        f"\nhistory attention, student forward + backward (batch {batch}, K=4, N=3, 1 thread, CPU ms, median of 10 "
+        f"\nhistory attention, student forward + backward (batch {batch}, K=4, N=3, 1 thread, CPU "
+        "ms, median of 10 "
         "interleaved rounds): " + ", ".join(f"{mode} {1000 * t:.1f}" for mode, t in ab.items())
     )
     print(f"\nstarting a script (python, torch and this repository's modules): {startup():.2f} s")

@@ -1,34 +1,41 @@
-"""One GPU check at ImageNet scale: latency, throughput, memory, bf16, SDPA kernels, compile, and the real
-scripts end to end, with nothing downloaded (random weights, a random SD-VAE-shaped AutoencoderKL saved locally).
+"""One GPU check at ImageNet scale: latency, throughput, memory, bf16, SDPA kernels, compile, and
+the real scripts end to end, with nothing downloaded (random weights, a random SD-VAE-shaped
+AutoencoderKL saved locally).
 
-    python -m benchmarks.gpu_check --out results/gpu_check             # on one GPU: DiT-XL/2 at 256x256, K = 4, N = 6
-    python -m benchmarks.gpu_check --out results/gpu_check --compile   # also torch.compile (minutes of compilation)
-    python -m benchmarks.gpu_check --cpu --out /tmp/gpu_check          # tiny shapes on the CPU (the test suite runs this)
+    python -m benchmarks.gpu_check --out results/gpu_check  # one GPU: DiT-XL/2 at 256, K = 4, N = 6
+    python -m benchmarks.gpu_check --out results/gpu_check --compile  # also torch.compile (minutes)
+    python -m benchmarks.gpu_check --cpu --out /tmp/gpu_check  # tiny shapes on the CPU (the tests)
 
-Writes OUT/gpu_check.json (every figure, written after each section, so a run cut short keeps what it measured)
-and OUT/gpu_check.md (the table for docs/performance.md). Sections, in order:
-  numerics     KV-cached `sample` against the teacher-forced pass, in bf16 and in fp32; the student's output in
-               bf16 against fp32 (the bf16 rounding scale the first is judged by); which SDPA kernels run
-  sampling     per-image latency of the 4-step students (N = 0, N = 6) and of the 25-step CFG teacher, at batch 1,
-               8 and 256, in bf16 autocast and in TF32, eager and replayed from a CUDA graph, timed with CUDA
-               events after warm-up
-  training     a distillation step (forward, backward, AdamW, EMA), with the history attention masked and per step,
-               at the largest power-of-two batch that fits:
-               trajectories per second, peak memory, achieved TFLOPs (FLOPs counted on `meta`) and share of the peak
+Writes OUT/gpu_check.json (every figure, written after each section, so a run cut short keeps what
+it measured) and OUT/gpu_check.md (the table for docs/performance.md). Sections, in order:
+  numerics     KV-cached `sample` against the teacher-forced pass, in bf16 and in fp32; the
+               student's output in bf16 against fp32 (the bf16 rounding scale the first is judged
+               by); which SDPA kernels run
+  sampling     per-image latency of the 4-step students (N = 0, N = 6) and of the 25-step CFG
+               teacher, at batch 1, 8 and 256, in bf16 autocast and in TF32, eager and replayed from
+               a CUDA graph, timed with CUDA events after warm-up
+  training     a distillation step (forward, backward, AdamW, EMA), with the history attention
+               masked and per step, at the largest power-of-two batch that fits: trajectories per
+               second, peak memory, achieved TFLOPs (FLOPs counted on `meta`) and share of the peak
   trajectories the teacher's trajectory writing rate (DDIM 25, CFG 1.5, bf16)
-  flow         the same weights read as a flow teacher (SiT's convention): Heun-13 trajectory rate, bf16 against fp32
-  scripts      train_teacher_traj.py -> train_ard.py under torchrun (NCCL on a GPU) -> train_ard.py --gan ->
-               sample_ddp.py, and a flow teacher (SiT's convention) through train_teacher_traj.py (Heun) ->
-               train_ard.py and sample_ddp.py -> the evaluator's checks and features, at these shapes with tiny counts
-  compile      (--compile) graph breaks of the student's forward (torch._dynamo.explain) and compiled timings
+  flow         the same weights read as a flow teacher (SiT's convention): Heun-13 trajectory rate,
+               bf16 against fp32
+  scripts      train_teacher_traj.py -> train_ard.py under torchrun (NCCL on a GPU) -> train_ard.py
+               --gan -> sample_ddp.py, and a flow teacher (SiT's convention) through
+               train_teacher_traj.py (Heun) -> train_ard.py and sample_ddp.py -> the evaluator's
+               checks and features, at these shapes with tiny counts
+  compile      (--compile) graph breaks of the student's forward (torch._dynamo.explain) and
+               compiled timings
 """
 
 import argparse
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -38,15 +45,16 @@ from ard.checkpoints import build_model, save_checkpoint, student_config, teache
 from ard.cli import positive_int
 from ard.cost import count_flops
 from ard.fileio import write_json
+from ard.generation import TeacherSampler
 from ard.graphs import CapturedSampler
-from ard.training import Trainer
+from ard.training import requires_grad, update_ema
 from ard_models import HISTORY_ATTENTION
-from diffusion.sampling import TeacherSampler
 from models import randomise_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {
-    # model, latent side, classes, K, N, large batch, image side, VAE blocks (each halves the side), ImageFolder images
+    # model, latent side, classes, K, N, large batch, image side, VAE blocks (each halves the side),
+    # ImageFolder images
     "gpu": dict(
         model="DiT-XL/2",
         latent=32,
@@ -76,22 +84,27 @@ DENSE_BF16_PEAK = [
 
 
 def build(m, device):
-    """(teacher, {N: student}) with random weights; the students start from the teacher, as train_ard.py does."""
-    tcfg = teacher_config(
+    """(teacher, {N: student}) with random weights; the students start from the teacher, as
+    train_ard.py does."""
+    teacher_configuration = teacher_config(
         m["model"], m["latent"], 4, m["classes"], True, "latent", None, m["image"], None
     )
-    teacher = randomise_weights(build_model(tcfg)).to(device).eval()
+    teacher = randomise_weights(build_model(teacher_configuration)).to(device).eval()
     timesteps = torch.linspace(999, 999 / m["K"], m["K"]).round().tolist()
     students = {}
     for n in (0, m["N"]):
-        scfg = student_config(tcfg, timesteps, n, list(range(m["K"] + 1)), "state", None, False)
-        students[n] = build_model(scfg).load_teacher(teacher.state_dict()).to(device).eval()
-    return tcfg, teacher, students
+        student_configuration = student_config(
+            teacher_configuration, timesteps, n, list(range(m["K"] + 1)), "state", None, False
+        )
+        students[n] = (
+            build_model(student_configuration).load_teacher(teacher.state_dict()).to(device).eval()
+        )
+    return teacher_configuration, teacher, students
 
 
 class Clock:
-    """Median seconds of fn() after warm-up: CUDA events on a GPU, a host clock on the CPU (where the figures only
-    show that the section runs: one warm-up and one timed call)."""
+    """Median seconds of fn() after warm-up: CUDA events on a GPU, a host clock on the CPU (where
+    the figures only show that the section runs: one warm-up and one timed call)."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -144,8 +157,8 @@ def rel(a, b):
 
 @torch.no_grad()
 def numerics(m, students, device):
-    """Cached sampling against the teacher-forced pass (the central invariant) in bf16 and fp32, and the student's
-    bf16 output against fp32: the rounding scale a bf16 difference is judged by."""
+    """Cached sampling against the teacher-forced pass (the central invariant) in bf16 and fp32, and
+    the student's bf16 output against fp32: the rounding scale a bf16 difference is judged by."""
     student = students[m["N"]]
     noise, y = inputs(m, 8, device)
     out = {}
@@ -176,8 +189,9 @@ def numerics(m, students, device):
 
 @torch.no_grad()
 def sdpa_kernels(student, noise, y, device):
-    """Which SDPA kernels can run each pass: flash needs no mask (sampling, the upper blocks), the block-causal
-    history blocks of the teacher-forced pass need a kernel that takes a mask (memory-efficient)."""
+    """Which SDPA kernels can run each pass: flash needs no mask (sampling, the upper blocks), the
+    block-causal history blocks of the teacher-forced pass need a kernel that takes a mask
+    (memory-efficient)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     x = torch.cat([noise[:, None]] * student.num_steps, dim=1)
@@ -200,8 +214,9 @@ def sdpa_kernels(student, noise, y, device):
 
 
 def sampling(m, teacher, students, device, clock):
-    """Per-image latency of each sampler at batch 1, 8 and the large batch, in bf16 and TF32, eager and (on a GPU)
-    replayed from a CUDA graph (ard.graphs.CapturedSampler: recorded on the first warm-up call)."""
+    """Per-image latency of each sampler at batch 1, 8 and the large batch, in bf16 and TF32, eager
+    and (on a GPU) replayed from a CUDA graph (ard.graphs.CapturedSampler: recorded on the first
+    warm-up call)."""
     rows = []
     graphs = ("eager", "captured") if device.type == "cuda" else ("eager",)
     for prec in ("bf16", "tf32"):
@@ -216,9 +231,8 @@ def sampling(m, teacher, students, device, clock):
             for name, fn in runs:
                 for graph in graphs:
                     run = CapturedSampler(fn) if graph == "captured" else fn
-                    long = (
-                        "teacher" in name and batch > 8
-                    )  # seconds per call: two timed calls after one warm-up
+                    # seconds per call: two timed calls after one warm-up
+                    long = "teacher" in name and batch > 8
                     with torch.no_grad(), precision(prec):
                         seconds = clock(
                             lambda: run(noise, y), repeats=2 if long else 5, warmup=1 if long else 2
@@ -237,8 +251,8 @@ def sampling(m, teacher, students, device, clock):
 
 
 def summarise_sampling(rows, m):
-    """The ratios the targets are about: ARD over step distillation, and the teacher over ARD, per image, for each
-    precision, batch and way of running (both samplers eager, or both captured)."""
+    """The ratios the targets are about: ARD over step distillation, and the teacher over ARD, per
+    image, for each precision, batch and way of running (both samplers eager, or both captured)."""
 
     def get(name, prec, batch, graph):
         return next(
@@ -264,24 +278,36 @@ def summarise_sampling(rows, m):
     return out
 
 
-def train_step_fn(student, trainer, batch, m, device):
+def train_step_fn(student, batch, m, device, compile=False):
+    """One distillation step as train_ard.py's loop takes it: the bf16 forward pass and MSE,
+    backward, clipping, the finiteness check's read-back, AdamW and the EMA update (of an EMA copy
+    it makes)."""
     x, y = inputs(m, batch, device)
     traj = torch.randn(batch, m["K"], 4, m["latent"], m["latent"], device=device)
+    ema = deepcopy(student)
+    requires_grad(ema, False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    model = torch.compile(student) if compile else student
 
     def step():
         with precision("bf16"):
-            loss = F.mse_loss(trainer.model(traj, y).float(), traj)
-        trainer.step(loss, 0)
+            loss = F.mse_loss(model(traj, y).float(), traj)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+        opt.step()
+        update_ema(ema, student, 0.9999)
 
     return step
 
 
-def training_flops(m, tcfg, students):
+def training_flops(m, teacher_configuration, students):
     """FLOPs of one trajectory's training step, forward and backward, counted on `meta`."""
     with torch.device("meta"):
         meta = build_model(
             student_config(
-                tcfg,
+                teacher_configuration,
                 students[m["N"]].timesteps.tolist(),
                 m["N"],
                 list(range(m["K"] + 1)),
@@ -308,29 +334,26 @@ def dense_peak(device):
     )
 
 
-def training(m, tcfg, students, device, clock):
-    """The distillation step at powers-of-two batches until one does not fit, with each way of computing the history
-    attention (ard_models.HISTORY_ATTENTION): trajectories/s, peak memory, TFLOPs."""
-    flops_per_traj, peak = training_flops(m, tcfg, students), dense_peak(device)
+def training(m, teacher_configuration, students, device, clock):
+    """The distillation step at powers-of-two batches until one does not fit, with each way of
+    computing the history attention (ard_models.HISTORY_ATTENTION): trajectories/s, peak memory,
+    TFLOPs."""
+    flops_per_traj, peak = training_flops(m, teacher_configuration, students), dense_peak(device)
     rows = []
     student = students[m["N"]]
     for mode in HISTORY_ATTENTION:
         student.history_attention = mode
         batch = 8 if device.type == "cuda" else 2
         while batch <= (1024 if device.type == "cuda" else 2):
-            trainer = Trainer(student.train(), device, lr=1e-4, grad_clip=1.0)
+            student.train()
             try:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                seconds = clock(
-                    train_step_fn(student, trainer, batch, m, device), repeats=5, warmup=2
-                )
+                seconds = clock(train_step_fn(student, batch, m, device), repeats=5, warmup=2)
             except torch.OutOfMemoryError:
                 rows.append(dict(history_attention=mode, batch=batch, fits=False))
                 break
-            finally:
-                del trainer
             achieved = flops_per_traj * batch / seconds
             rows.append(
                 dict(
@@ -354,7 +377,8 @@ def training(m, tcfg, students, device, clock):
 
 @torch.no_grad()
 def trajectories(m, teacher, device, clock):
-    """The teacher's trajectory writing rate: DDIM 25 at CFG 1.5 in bf16, every fifth state and x0 kept."""
+    """The teacher's trajectory writing rate: DDIM 25 at CFG 1.5 in bf16, every fifth state and x0
+    kept."""
     noise, y = inputs(m, m["batch"], device)
     sampler = TeacherSampler(teacher, dict(space="latent"), "ddim", 25, 1.5)
     with precision("bf16"):
@@ -366,8 +390,9 @@ def trajectories(m, teacher, device, clock):
 
 @torch.no_grad()
 def flow_teacher(m, teacher, device, clock):
-    """The same weights read as a flow teacher in SiT's convention: its trajectory writing rate with Heun over 13
-    steps (25 evaluations, as DDIM 25) at CFG 1.5 in bf16, and its bf16 sample against the fp32 one."""
+    """The same weights read as a flow teacher in SiT's convention: its trajectory writing rate with
+    Heun over 13 steps (25 evaluations, as DDIM 25) at CFG 1.5 in bf16, and its bf16 sample against
+    the fp32 one."""
     config = dict(space="latent", prediction="velocity", noise_at=0.0, time_scale=1.0)
     noise, y = inputs(m, m["batch"], device)
     sampler = TeacherSampler(teacher, config, "heun", 13, 1.5)
@@ -392,8 +417,8 @@ def flow_teacher(m, teacher, device, clock):
 
 
 def make_inputs(m, root):
-    """A random SD-VAE-shaped AutoencoderKL saved locally, a teacher checkpoint in train.py's format that names it,
-    and a tiny ImageFolder for the GAN stage's real images."""
+    """A random SD-VAE-shaped AutoencoderKL saved locally, a teacher checkpoint in train.py's format
+    that names it, and a tiny ImageFolder for the GAN stage's real images."""
     from diffusers import AutoencoderKL
     from PIL import Image
 
@@ -436,7 +461,8 @@ def make_inputs(m, root):
             "config": config,
         },
     )
-    # The same weights read as a flow teacher in SiT's convention (t = 0 noise, t fed as it is, learned sigma).
+    # The same weights read as a flow teacher in SiT's convention (t = 0 noise, t fed as it is,
+    # learned sigma).
     flow = dict(config, prediction="velocity", noise_at=0.0, time_scale=1.0)
     save_checkpoint(
         os.path.join(root, "flow_teacher.pt"),
@@ -458,8 +484,8 @@ def make_inputs(m, root):
 
 
 def scripts(m, device, log):
-    """train_teacher_traj.py -> train_ard.py (torchrun) -> train_ard.py --gan -> sample_ddp.py -> evaluator checks,
-    in a temporary folder."""
+    """train_teacher_traj.py -> train_ard.py (torchrun) -> train_ard.py --gan -> sample_ddp.py ->
+    evaluator checks, in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as root:
         return run_scripts(m, device, root, log)
 
@@ -649,8 +675,9 @@ def run_scripts(m, device, root, log):
 
 
 def evaluator_check(samples, m, device):
-    """The evaluator's input checks on the samples, and its Inception features on the device (random weights:
-    the official ones cannot be downloaded here), so no evaluator path has a device-only crash."""
+    """The evaluator's input checks on the samples, and its Inception features on the device (random
+    weights: the official ones cannot be downloaded here), so no evaluator path has a device-only
+    crash."""
     from evaluator.__main__ import load_batch
 
     batch = load_batch(samples)
@@ -693,9 +720,9 @@ def random_inception_weights(folder):
 #################################################################################
 
 
-def compiled(m, tcfg, students, device, clock, train_batch):
-    """Graph breaks of the student's teacher-forced forward, its compiled against eager time, and a compiled
-    training step at the given batch (the lever on the share of the peak)."""
+def compiled(m, teacher_configuration, students, device, clock, train_batch):
+    """Graph breaks of the student's teacher-forced forward, its compiled against eager time, and a
+    compiled training step at the given batch (the lever on the share of the peak)."""
     student = students[m["N"]]
     noise, y = inputs(m, m["batch"], device)
     x = torch.cat([noise[:, None]] * m["K"], dim=1)
@@ -718,13 +745,12 @@ def compiled(m, tcfg, students, device, clock, train_batch):
             "compiled_ms": 1000 * clock(lambda: fast(x, y)),
             "compile_s": compile_s,
         }
-    flops, peak = training_flops(m, tcfg, students), dense_peak(device)
+    flops, peak = training_flops(m, teacher_configuration, students), dense_peak(device)
     out["train_step"] = {}
     for mode in HISTORY_ATTENTION:
         torch._dynamo.reset()
         student.history_attention = mode
-        trainer = Trainer(student.train(), device, lr=1e-4, grad_clip=1.0, compile=True)
-        step = train_step_fn(student, trainer, train_batch, m, device)
+        step = train_step_fn(student.train(), train_batch, m, device, compile=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -743,7 +769,7 @@ def compiled(m, tcfg, students, device, clock, train_batch):
             if device.type == "cuda"
             else None,
         }
-        del trainer
+        del step
     student.history_attention = "mask"
     student.eval()
     return out
@@ -757,8 +783,8 @@ def compiled(m, tcfg, students, device, clock, train_batch):
 def markdown(report):
     m, lines = report["mode"], []
     lines.append(
-        f"Device: {report['device']} (PyTorch {report['torch']}). Model {m['model']}, latents 4x{m['latent']}x{m['latent']}, "
-        f"K = {m['K']}, N = {m['N']}; random weights.\n"
+        f"Device: {report['device']} (PyTorch {report['torch']}). Model {m['model']}, latents "
+        f"4x{m['latent']}x{m['latent']}, K = {m['K']}, N = {m['N']}; random weights.\n"
     )
     if "sampling" in report:
         lines += [
@@ -766,13 +792,15 @@ def markdown(report):
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['model']} | {r['precision']} | {r['batch']} | {r['graph']} | {r['ms_per_batch']:.2f} | {r['ms_per_image']:.3f} |"
+            f"| {r['model']} | {r['precision']} | {r['batch']} | {r['graph']} | "
+            f"{r['ms_per_batch']:.2f} | {r['ms_per_image']:.3f} |"
             for r in report["sampling"]
         ]
         lines += (
             [""]
             + [
-                f"- {k}: ARD / step distillation {v['ard_over_sd']:.3f}, teacher / ARD {v['teacher_over_ard']:.2f}"
+                f"- {k}: ARD / step distillation {v['ard_over_sd']:.3f}, teacher / ARD "
+                f"{v['teacher_over_ard']:.2f}"
                 for k, v in report["sampling_ratios"].items()
             ]
             + [""]
@@ -780,9 +808,11 @@ def markdown(report):
     if "training" in report:
         t = report["training"]
         lines += [
-            f"Training step, {t['flops_per_trajectory'] / 1e12:.3f} TFLOPs per trajectory (forward + backward):",
+            f"Training step, {t['flops_per_trajectory'] / 1e12:.3f} TFLOPs per trajectory "
+            "(forward + backward):",
             "",
-            "| history attention | batch | trajectories / s | ms / step | peak GiB | TFLOPs | share of dense bf16 peak |",
+            "| history attention | batch | trajectories / s | ms / step | peak GiB | TFLOPs | "
+            "share of dense bf16 peak |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in t["batches"]:
@@ -794,30 +824,32 @@ def markdown(report):
                 )
                 mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
                 lines.append(
-                    f"| {r['history_attention']} | {r['batch']} | {r['trajectories_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem} "
-                    f"| {r['achieved_tflops']:.1f} | {share} |"
+                    f"| {r['history_attention']} | {r['batch']} | {r['trajectories_per_s']:.1f} | "
+                    f"{r['ms_per_step']:.1f} | {mem} | {r['achieved_tflops']:.1f} | {share} |"
                 )
             else:
                 lines.append(f"| {r['history_attention']} | {r['batch']} | does not fit | | | | |")
         lines.append("")
     if "trajectories" in report:
         lines.append(
-            f"Trajectory writing (DDIM 25, CFG 1.5, bf16, batch {report['trajectories']['batch']}): "
+            "Trajectory writing (DDIM 25, CFG 1.5, bf16, batch "
+            f"{report['trajectories']['batch']}): "
             f"{report['trajectories']['trajectories_per_s']:.1f} trajectories/s\n"
         )
     if "flow" in report:
         f = report["flow"]
         lines.append(
-            f"Flow teacher (the same weights, SiT's convention; Heun 13 = 25 evaluations, CFG 1.5, bf16, batch {f['batch']}): "
-            f"{f['heun13_trajectories_per_s']:.1f} trajectories/s; bf16 sample vs fp32 relative error "
-            f"{f['bf16_vs_fp32_sample_rel']:.2e}\n"
+            "Flow teacher (the same weights, SiT's convention; Heun 13 = 25 evaluations, CFG 1.5, "
+            f"bf16, batch {f['batch']}): {f['heun13_trajectories_per_s']:.1f} trajectories/s; bf16 "
+            f"sample vs fp32 relative error {f['bf16_vs_fp32_sample_rel']:.2e}\n"
         )
     if "numerics" in report:
         n = report["numerics"]
         lines.append(
-            f"Numerics: cached vs teacher-forced, relative error {n['cached_vs_forced_fp32']['rel']:.2e} (fp32), "
-            f"{n['cached_vs_forced_bf16']['rel']:.2e} (bf16); bf16 vs fp32 forward {n['bf16_vs_fp32_forward']['rel']:.2e}; "
-            f"SDPA: {n['sdpa']}\n"
+            "Numerics: cached vs teacher-forced, relative error "
+            f"{n['cached_vs_forced_fp32']['rel']:.2e} (fp32), "
+            f"{n['cached_vs_forced_bf16']['rel']:.2e} (bf16); bf16 vs fp32 forward "
+            f"{n['bf16_vs_fp32_forward']['rel']:.2e}; SDPA: {n['sdpa']}\n"
         )
     if "scripts" in report:
         lines.append(
@@ -831,8 +863,9 @@ def markdown(report):
         c = report["compile"]
         f = c["forward"]
         lines.append(
-            f"torch.compile: {c['graph_breaks']} graph breaks in the student's forward; teacher-forced forward at batch "
-            f"{f['batch']} {f['eager_ms']:.1f} -> {f['compiled_ms']:.1f} ms (compiled in {f['compile_s']:.0f} s).\n"
+            f"torch.compile: {c['graph_breaks']} graph breaks in the student's forward; "
+            f"teacher-forced forward at batch {f['batch']} {f['eager_ms']:.1f} -> "
+            f"{f['compiled_ms']:.1f} ms (compiled in {f['compile_s']:.0f} s).\n"
         )
         for mode, t in c["train_step"].items():
             share = (
@@ -844,8 +877,9 @@ def markdown(report):
                 f", peak {t['peak_memory_gib']:.1f} GiB" if t["peak_memory_gib"] is not None else ""
             )
             lines.append(
-                f"- compiled training step, history attention {mode}, batch {t['batch']}: {t['trajectories_per_s']:.1f} "
-                f"trajectories/s, {t['achieved_tflops']:.1f} TFLOPs{share}{mem} (compiled in {t['compile_s']:.0f} s)"
+                f"- compiled training step, history attention {mode}, batch {t['batch']}: "
+                f"{t['trajectories_per_s']:.1f} trajectories/s, {t['achieved_tflops']:.1f} "
+                f"TFLOPs{share}{mem} (compiled in {t['compile_s']:.0f} s)"
             )
         lines.append("")
     return "\n".join(lines)
@@ -871,7 +905,8 @@ def parse_args(argv=None):
         "--train-batch",
         type=positive_int,
         default=None,
-        help="batch of the compiled training step (default: the largest that fitted in the training section)",
+        help="batch of the compiled training step (default: the largest that fitted in the "
+        "training section)",
     )
     parser.add_argument(
         "--skip",
@@ -893,7 +928,7 @@ def main(args):
         "torch": torch.__version__,
     }
     clock, start = Clock(device), time.time()
-    tcfg, teacher, students = build(m, device)
+    teacher_configuration, teacher, students = build(m, device)
 
     def section(name, fn):
         if name in args.skip:
@@ -908,13 +943,15 @@ def main(args):
     section("sampling", lambda: sampling(m, teacher, students, device, clock))
     if "sampling" in report:
         report["sampling_ratios"] = summarise_sampling(report["sampling"], m)
-    section("training", lambda: training(m, tcfg, students, device, clock))
+    section("training", lambda: training(m, teacher_configuration, students, device, clock))
     section("trajectories", lambda: trajectories(m, teacher, device, clock))
     section("flow", lambda: flow_teacher(m, teacher, device, clock))
     if args.compile:
         fits = [r["batch"] for r in report.get("training", {}).get("batches", []) if r["fits"]]
         batch = args.train_batch or max(fits, default=32 if device.type == "cuda" else 2)
-        section("compile", lambda: compiled(m, tcfg, students, device, clock, batch))
+        section(
+            "compile", lambda: compiled(m, teacher_configuration, students, device, clock, batch)
+        )
     teacher = students = (
         None  # the scripts are processes of their own: give them the device's memory
     )

@@ -1,4 +1,5 @@
-"""The ARD student: teacher-forced forward equals KV-cached sampling, block causality, teacher loading."""
+"""The ARD student: teacher-forced forward equals KV-cached sampling, block causality, teacher
+loading."""
 
 import pytest
 import torch
@@ -215,8 +216,8 @@ def test_efficient_forward_equals_dense_all_layers_masked_forward(per_token):
 
 @pytest.mark.parametrize("K,N,patch", [(1, 2, 2), (3, 1, 4), (4, 2, 2), (5, 3, 2)])
 def test_per_step_history_attention_is_the_masked_function_with_the_same_gradients(K, N, patch):
-    """The flash-eligible pass (each step's queries over the keys of steps <= k, no mask) against the dense masked
-    reference: outputs and every parameter's gradient, within fp32 rounding."""
+    """The flash-eligible pass (each step's queries over the keys of steps <= k, no mask) against
+    the dense masked reference: outputs and every parameter's gradient, within fp32 rounding."""
     model = student(K=K, N=N, patch=patch).train()
     x, y = torch.randn(2, K, 3, 8, 8), torch.tensor([1, 4])
     target = torch.randn(2, K, 3, 8, 8)

@@ -1,5 +1,5 @@
-"""The documentation cannot point at what is not there: every relative link and image of README.md and docs/ exists,
-and every flag of every command they show is accepted by that command's parser."""
+"""The documentation cannot point at what is not there: every relative link and image of README.md
+and docs/ exists, and every flag of every command they show is accepted by that command's parser."""
 
 import os
 import re
@@ -27,8 +27,8 @@ def text(page):
 
 
 def command_lines(page):
-    """The commands a page shows: fenced shell blocks (continuations joined, comments dropped) and inline code
-    that starts with python, torchrun or bash."""
+    """The commands a page shows: fenced shell blocks (continuations joined, comments dropped) and
+    inline code that starts with python, torchrun or bash."""
     body = text(page)
     lines = []
     for block in FENCE.findall(body):
@@ -44,7 +44,8 @@ def command_lines(page):
 
 
 def target_and_flags(line):
-    """(the command python runs: a script path or a module, its --flags) of one command line, or None."""
+    """(the command python runs: a script path or a module, its --flags) of one command line, or
+    None."""
     try:
         words = shlex.split(line)
     except ValueError:

@@ -1,4 +1,5 @@
-"""Flow-matching teachers: the solvers, the official SiT and REPA layouts, and the pipeline on a flow teacher."""
+"""Flow-matching teachers: the solvers, the official SiT and REPA layouts, and the pipeline on a
+flow teacher."""
 
 import math
 import os
@@ -17,7 +18,7 @@ from helpers import (
 )
 
 from ard.checkpoints import build_model, load_model, teacher_config
-from ard.training import teacher_loss
+from ard.generation import TeacherSampler, teacher_flow, teacher_process
 from ard.trajectory_store import (
     TrajectoryStore,
     default_boundaries,
@@ -25,20 +26,22 @@ from ard.trajectory_store import (
     trajectory_noise,
 )
 from diffusion.flow import FlowMatching, sample_flow_euler, sample_flow_heun
-from diffusion.sampling import TeacherSampler, guided_model_fn, teacher_flow, teacher_process
+from diffusion.sampling import guided_model_fn
 from models import MODEL_CONFIGS
 
 pytestmark = pytest.mark.xdist_group("test_flow")  # one worker runs the module, its fixtures once
 
+# the data of the linear-Gaussian flow: every pixel N(MEAN, STD^2), independent
 MEAN, STD = (
     0.7,
     0.3,
-)  # the data of the linear-Gaussian flow: every pixel N(MEAN, STD^2), independent
+)
 
 
 def gaussian_velocity(x, t, y=None):
-    """The exact velocity (noise at t = 1000, our convention) of the linear interpolant for Gaussian data:
-    E[eps - x0 | x_s] with x_s = (1 - s) x0 + s eps. Its ODE carries noise eps to MEAN + STD eps."""
+    """The exact velocity (noise at t = 1000, our convention) of the linear interpolant for Gaussian
+    data: E[eps - x0 | x_s] with x_s = (1 - s) x0 + s eps. Its ODE carries noise eps to MEAN + STD
+    eps."""
     s = (t / 1000.0).view(-1, *([1] * (x.dim() - 1)))
     var = (1 - s) ** 2 * STD**2 + s**2
     centred = x - (1 - s) * MEAN
@@ -60,9 +63,8 @@ def test_flow_solvers_integrate_a_linear_gaussian_flow_at_their_order(solver, or
     ]
     assert errors[-1] < (0.1 if order == 1 else 0.005)
     rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
-    assert all(abs(r - order) < 0.25 for r in rates[1:]), (
-        rates
-    )  # error ~ h^order: halving h divides it by 2^order
+    # error ~ h^order: halving h divides it by 2^order
+    assert all(abs(r - order) < 0.25 for r in rates[1:]), rates
 
 
 def test_flow_solvers_report_every_state_and_end_at_the_last_x0_prediction():
@@ -74,13 +76,13 @@ def test_flow_solvers_report_every_state_and_end_at_the_last_x0_prediction():
     assert [s["step"] for s in seen] == list(range(6)) and seen[-1]["t"] == -1
     assert [s["t"] for s in seen[:-1]] == pytest.approx([1000, 800, 600, 400, 200])
     assert torch.equal(seen[0]["x"], noise) and torch.equal(seen[-1]["x"], out)
-    torch.testing.assert_close(
-        seen[-2]["denoised"], out
-    )  # the Euler step to s = 0 lands on the x0 prediction
+    # the Euler step to s = 0 lands on the x0 prediction
+    torch.testing.assert_close(seen[-2]["denoised"], out)
 
 
 def test_time_conventions_describe_the_same_flow():
-    """The same field written in SiT's convention (t = 0 noise, velocity x - eps) samples identically."""
+    """The same field written in SiT's convention (t = 0 noise, velocity x - eps) samples
+    identically."""
 
     def sit_velocity(x, t, y=None):
         return -gaussian_velocity(x, 1000.0 * (1 - t), y)
@@ -119,7 +121,7 @@ def test_flow_training_loss_is_the_velocity_mse_on_the_linear_interpolant():
     model = build_model(config).eval()
     x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6)
     torch.manual_seed(3)
-    loss = teacher_loss(model, teacher_process(config), x, y)
+    loss = teacher_process(config).training_loss(model, x, y).mean()
     torch.manual_seed(3)
     s, noise = torch.rand(6), torch.randn_like(x)
     xs = (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * noise
@@ -148,8 +150,9 @@ def test_guidance_interval_guides_only_inside_it():
 
 
 def reference_forward(sd, x, t, y, num_heads):
-    """SiT's and REPA's forward (their models/sit.py), written from the state dict with functional ops only:
-    patchify, + pos_embed, sinusoidal t (cos then sin) -> MLP, + label row, adaLN-Zero blocks, final layer."""
+    """SiT's and REPA's forward (their models/sit.py), written from the state dict with functional
+    ops only: patchify, + pos_embed, sinusoidal t (cos then sin) -> MLP, + label row, adaLN-Zero
+    blocks, final layer."""
     w = sd["x_embedder.proj.weight"]
     p, D = w.shape[-1], w.shape[0]
     h = (
@@ -211,9 +214,8 @@ def reference_forward(sd, x, t, y, num_heads):
 def test_official_sit_and_repa_layouts_load_strictly_and_match_a_reference_forward(
     family, tmp_path, capsys
 ):
-    learn_sigma = (
-        family == "sit"
-    )  # SiT-XL/2 at 256 learns sigma; REPA's SiT has C output channels and projectors
+    # SiT-XL/2 at 256 learns sigma; REPA's SiT has C output channels and projectors
+    learn_sigma = family == "sit"
     config = teacher_config("DiT-T/2", 8, 4, 10, learn_sigma, "latent", "ema", 64, None)
     sd = randomised(build_model(config)).state_dict()
     if family == "repa":
@@ -229,9 +231,8 @@ def test_official_sit_and_repa_layouts_load_strictly_and_match_a_reference_forwa
             sd[f"projectors.0.{name}"] = torch.randn(shape, generator=gen)
         path = tmp_path / "last.pt"
     else:
-        path = (
-            tmp_path / "SiT-XL-2-256x256.pt"
-        )  # SiT's and DiT's weights look alike: the official name says which
+        # SiT's and DiT's weights look alike: the official name says which
+        path = tmp_path / "SiT-XL-2-256x256.pt"
     torch.save(sd, path)
     model, loaded = load_model(str(path))
     if family == "repa":
@@ -304,9 +305,8 @@ def test_flow_store_records_the_convention_and_its_final_sample_is_the_teachers(
     assert np.array_equal(data["xt"][:, 0], noise.numpy())
     expected = TeacherSampler(model, load_model(ckpt)[1], "heun", S, cfg_scale=1.5)(noise, y)
     np.testing.assert_allclose(data["xt"][:, 1], expected.numpy(), rtol=1e-4, atol=1e-5)
-    assert (
-        np.abs(data["xt"][:, 1]).max() <= 1.0 + 1e-6
-    )  # pixel space: x0 clipped, so the sample is in range
+    # pixel space: x0 clipped, so the sample is in range
+    assert np.abs(data["xt"][:, 1]).max() <= 1.0 + 1e-6
     assert teacher_flow(m, m["num_sampling_steps"]).model_times() == pytest.approx(
         [1000, 800, 600, 400, 200]
     )
@@ -334,16 +334,15 @@ def test_student_of_a_flow_teacher_samples_as_its_teacher_forced_pass_and_is_cau
             "0",
             "--run-dir",
             str(tmp_path / "run"),
-            "--num-steps",
+            "--student-steps",
             "2",
         ]
     )
     student, config = load_model(str(tmp_path / "run" / "checkpoints" / "0000003.pt"), kind="ard")
     assert config["teacher_prediction"] == "velocity"
     store = TrajectoryStore(flow_store)
-    assert config["timesteps"] == pytest.approx(
-        store.timesteps(config["boundaries"][:-1])
-    )  # the teacher's own times
+    # the teacher's own times
+    assert config["timesteps"] == pytest.approx(store.timesteps(config["boundaries"][:-1]))
     noise, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 5, 9])
     traj = student.sample(noise, y)
     with torch.no_grad():
@@ -352,9 +351,8 @@ def test_student_of_a_flow_teacher_samples_as_its_teacher_forced_pass_and_is_cau
         x = torch.cat([noise[:, None], traj[:, :-1]], dim=1)
         changed = x.clone()
         changed[:, 1] += 1.0
-        assert torch.equal(
-            student(changed, y)[:, 0], student(x, y)[:, 0]
-        )  # step 0 sees only the noise
+        # step 0 sees only the noise
+        assert torch.equal(student(changed, y)[:, 0], student(x, y)[:, 0])
 
 
 def test_sampling_scripts_run_on_a_flow_teacher(flow_teacher, tmp_path):

@@ -1,5 +1,5 @@
-"""Nothing lost, nothing silent: every fault a user can cause stops with one sentence before any work, and
-nothing already written is lost or mixed with another run's output."""
+"""Nothing lost, nothing silent: every fault a user can cause stops with one sentence before any
+work, and nothing already written is lost or mixed with another run's output."""
 
 import json
 import os
@@ -37,7 +37,8 @@ def dead_pid():
     return proc.pid
 
 
-# Non-finite values ------------------------------------------------------------------------------------------
+# Non-finite values
+# ------------------------------------------------------------------------------------------
 
 
 def test_teacher_training_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
@@ -96,7 +97,8 @@ def test_readers_refuse_a_checkpoint_with_non_finite_weights(teacher, tmp_path):
     )
 
 
-# Run folders ------------------------------------------------------------------------------------------------
+# Run folders
+# ------------------------------------------------------------------------------------------------
 
 
 def test_a_run_folder_is_never_overwritten_without_resume_or_replace(tmp_path):
@@ -148,7 +150,8 @@ def test_stale_temporary_files_of_dead_processes_are_removed_and_live_ones_kept(
     ]
 
 
-# Provenance -------------------------------------------------------------------------------------------------
+# Provenance
+# -------------------------------------------------------------------------------------------------
 
 
 def test_resume_with_another_teacher_is_refused(teacher, store, tmp_path):
@@ -178,9 +181,8 @@ def test_resume_with_another_teacher_is_refused(teacher, store, tmp_path):
     )
     other = tmp_path / "other.pt"
     make_teacher_checkpoint(other, seed=1)
-    manifest = json.loads(
-        (traj / "manifest.json").read_text()
-    )  # the store now claims the other teacher wrote it
+    # the store now claims the other teacher wrote it
+    manifest = json.loads((traj / "manifest.json").read_text())
     (traj / "manifest.json").write_text(
         json.dumps(dict(manifest, teacher_sha256=file_sha256(str(other))))
     )
@@ -210,7 +212,8 @@ def test_evaluator_refuses_labels_of_the_wrong_shape(tmp_path):
             load_batch(str(tmp_path / "s.npz"))
 
 
-# The trajectory store ---------------------------------------------------------------------------------------
+# The trajectory store
+# ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -234,7 +237,8 @@ def test_shard_with_fewer_rows_is_named_when_the_store_opens(store_copy):
         np.save(store_copy / "shard-00002" / f"{name}.npy", array[:-1])
     with pytest.raises(
         UserError,
-        match=r"shard-00002 is damaged \(xt\.npy has shape \(31, 6, 1, 8, 8\), not \(32, 6, 1, 8, 8\)",
+        match=r"shard-00002 is damaged \(xt\.npy has shape \(31, 6, 1, 8, 8\), "
+        r"not \(32, 6, 1, 8, 8\)",
     ):
         TrajectoryStore(str(store_copy))
 
@@ -280,9 +284,8 @@ def test_writer_verifies_shards_and_rewrites_a_damaged_one(teacher, store, store
 
 def test_one_writer_per_store_and_a_dead_writers_lock_is_taken_over(teacher, store_copy):
     lock = store_copy / "LOCK"
-    lock.write_text(
-        json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-    )  # a live writer: this test
+    # a live writer: this test
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     out = run_script_expect_failure(
         [
             "train_teacher_traj.py",
@@ -312,7 +315,8 @@ def test_lock_is_released_for_the_next_writer(tmp_path):
     assert not (tmp_path / "LOCK").exists()
 
 
-# Arguments and paths ----------------------------------------------------------------------------------------
+# Arguments and paths
+# ----------------------------------------------------------------------------------------
 
 
 def test_argument_types_refuse_values_that_cannot_work():
@@ -344,7 +348,7 @@ def test_argument_types_refuse_values_that_cannot_work():
                 "x",
                 "--teacher-ckpt",
                 "y",
-                "--num-steps",
+                "--student-steps",
                 "3",
                 "--boundaries",
                 "0",
@@ -376,8 +380,7 @@ def test_official_checkpoint_name_in_a_folder_does_not_resolve_to_another_file(t
 
 
 def test_bare_state_dict_that_is_not_a_latent_dit_is_refused(teacher, tmp_path):
-    torch.save(
-        teacher[1].state_dict(), tmp_path / "bare.pt"
-    )  # 1 input channel: not an SD-VAE latent model
+    # 1 input channel: not an SD-VAE latent model
+    torch.save(teacher[1].state_dict(), tmp_path / "bare.pt")
     with pytest.raises(UserError, match="not an official DiT, SiT or REPA checkpoint"):
         load_model(str(tmp_path / "bare.pt"))

@@ -121,9 +121,8 @@ def test_guidance_applies_to_all_noise_channels_and_legacy_to_three():
     legacy = model.forward_with_cfg(x, t, y, cfg_scale=3.0, legacy_cfg=True)[:2]
     expected = uncond + 3.0 * (cond - uncond)
     torch.testing.assert_close(full[:, :4], expected[:, :4], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(
-        full[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5
-    )  # variance channels: conditional
+    # variance channels: conditional
+    torch.testing.assert_close(full[:, 4:], cond[:, 4:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(legacy[:, :3], expected[:, :3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(legacy[:, 3:], cond[:, 3:], rtol=1e-4, atol=1e-5)
 

@@ -1,6 +1,7 @@
-"""Jobs that survive a cluster: a stop signal saves the work in flight and exits with status 75, the same command
-(--resume auto) finishes the job exactly as an uninterrupted run, a full disk loses nothing, and logs meant for files
-carry neither carriage returns nor colour codes. Real processes, real signals."""
+"""Jobs that survive a cluster: a stop signal saves the work in flight and exits with status 75, the
+same command (--resume auto) finishes the job exactly as an uninterrupted run, a full disk loses
+nothing, and logs meant for files carry neither carriage returns nor colour codes. Real processes,
+real signals."""
 
 import hashlib
 import os
@@ -73,8 +74,8 @@ def worker_pid(launcher_pid, local_rank):
 
 
 def signal_when(proc, desc, at, pid=None, signum=signal.SIGTERM):
-    """Reads proc's output until its progress line `desc N/M` shows N >= at, sends signum to pid (default proc),
-    and waits for the end; returns (exit status, output)."""
+    """Reads proc's output until its progress line `desc N/M` shows N >= at, sends signum to pid
+    (default proc), and waits for the end; returns (exit status, output)."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -123,9 +124,9 @@ def flatten(state, prefix=""):
 
 
 def stop_and_resume(args, run_dir, max_steps, desc, nproc=1, rank=None):
-    """Starts `args` (which carry --resume auto), signals it at a random step (to one worker's rank if given),
-    checks that it stopped with the status and a checkpoint of the step it reached, then runs the same command to
-    the end; returns the final checkpoint."""
+    """Starts `args` (which carry --resume auto), signals it at a random step (to one worker's rank
+    if given), checks that it stopped with the status and a checkpoint of the step it reached, then
+    runs the same command to the end; returns the final checkpoint."""
     proc = start(args, nproc)
     pid = worker_pid(proc.pid, rank) if rank is not None else None
     status, output = signal_when(proc, desc, SIGNAL_AT.randint(3, max_steps // 3), pid)
@@ -323,8 +324,8 @@ def test_resume_auto_starts_a_new_folder_refuses_other_settings_and_changes_noth
 
 def test_a_second_signal_exits_at_once_and_a_duplicate_within_a_second_does_not():
     code = (
-        "import time; from ard.preemption import StopRequest; stop = StopRequest(); print('ready', flush=True)\n"
-        "while True:\n    time.sleep(0.01)"
+        "import time; from ard.preemption import StopRequest; stop = StopRequest(); "
+        "print('ready', flush=True)\nwhile True:\n    time.sleep(0.01)"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True
@@ -332,9 +333,8 @@ def test_a_second_signal_exits_at_once_and_a_duplicate_within_a_second_does_not(
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
-    proc.send_signal(
-        signal.SIGTERM
-    )  # the same request (a scheduler and torchrun's agent both deliver it)
+    # the same request (a scheduler and torchrun's agent both deliver it)
+    proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     assert proc.poll() is None
     time.sleep(1.0)
@@ -384,9 +384,8 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_earlier_ones_and_leaves
     assert status == 2 and "no space left to write" in output and "Traceback" not in output, output[
         -2000:
     ]
-    assert sorted(os.listdir(run / "checkpoints")) == [
-        "0000002.pt"
-    ]  # intact, and nothing half-written beside it
+    # intact, and nothing half-written beside it
+    assert sorted(os.listdir(run / "checkpoints")) == ["0000002.pt"]
     assert load_checkpoint(str(run / "checkpoints" / "0000002.pt"))["step"] == 2
 
 
@@ -409,9 +408,8 @@ def test_a_full_disk_during_a_shard_write_keeps_the_complete_shards_and_leaves_n
         "--batch-size",
         "8",
     ]
-    status, output = run_with_fault(
-        "fallocate", 3, args
-    )  # xt and x0 of the first shard, then the second shard's xt
+    # xt and x0 of the first shard, then the second shard's xt
+    status, output = run_with_fault("fallocate", 3, args)
     assert status == 2 and "no space left to write" in output and "Traceback" not in output, output[
         -2000:
     ]

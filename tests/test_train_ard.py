@@ -14,9 +14,8 @@ from ard.seeding import rank_seed
 from ard.training import StepBatchSampler
 from ard.trajectory_store import TrajectoryDataset, TrajectoryStore
 
-pytestmark = pytest.mark.xdist_group(
-    "test_train_ard"
-)  # one worker runs the module, its fixtures once
+# one worker runs the module, its fixtures once
+pytestmark = pytest.mark.xdist_group("test_train_ard")
 
 
 def ard_args(teacher, store, run_dir, steps, *extra):
@@ -59,8 +58,8 @@ def assert_same_weights(a, b, keys=("model", "ema")):
 
 @pytest.fixture(scope="module")
 def runs(teacher, store, tmp_path_factory):
-    """Regression runs of 30 steps (16 trajectories held out), and of 15 steps resumed to 30; the 15-step
-    checkpoint also starts the GAN stage."""
+    """Regression runs of 30 steps (16 trajectories held out), and of 15 steps resumed to 30; the
+    15-step checkpoint also starts the GAN stage."""
     root = tmp_path_factory.mktemp("ard")
     val = ["--val-count", "16", "--val-every", "30"]
     run_script(ard_args(teacher[0], store, root / "full", 30, *val))
@@ -143,7 +142,8 @@ def gan_args(teacher, store, init, run_dir, steps, warmup, *extra):
 
 @pytest.fixture(scope="module")
 def gan_runs(teacher, store, runs):
-    """GAN stages from the 15-step regression checkpoint, lambda on from step 3: 4 steps, and 2 steps resumed to 4."""
+    """GAN stages from the 15-step regression checkpoint, lambda on from step 3: 4 steps, and 2
+    steps resumed to 4."""
     init = str(runs / "part" / "checkpoints" / "0000015.pt")
     run_script(gan_args(teacher[0], store, init, runs / "gan_full", 4, 2))
     run_script(gan_args(teacher[0], store, init, runs / "gan_part", 2, 2))
@@ -168,20 +168,20 @@ def test_gan_resume_after_k_of_n_steps_equals_n_uninterrupted_steps(gan_runs):
     b = load_checkpoint(str(part / "checkpoints" / "0000004.pt"))
     assert_same_weights(a, b, keys=("model", "ema", "disc"))
     assert a["disc_blocks"] == [1, 4]
+    # lambda is on after the warm-up
     assert [r["gan_weight"] > 0 for r in metrics(full)] == [
         False,
         False,
         True,
         True,
-    ]  # lambda is on after the warm-up
+    ]
 
 
 def test_gan_update_in_warmup_equals_regression_update(teacher, store, runs, gan_runs, tmp_path):
     init = str(runs / "part" / "checkpoints" / "0000015.pt")
     run_script(ard_args(teacher[0], store, tmp_path / "reg", 2, "--init-ckpt", init))
-    gan = load_checkpoint(
-        str(gan_runs[1] / "checkpoints" / "0000002.pt")
-    )  # both steps in the warm-up
+    # both steps in the warm-up
+    gan = load_checkpoint(str(gan_runs[1] / "checkpoints" / "0000002.pt"))
     reg = load_checkpoint(str(tmp_path / "reg" / "checkpoints" / "0000002.pt"))
     assert_same_weights(gan, reg)
     assert all(r["gan_weight"] == 0 and np.isfinite(r["d_loss"]) for r in metrics(gan_runs[1])[:2])
@@ -211,9 +211,8 @@ def test_two_process_training_logs_the_mean_over_ranks(store, ddp_gan_run):
         with torch.no_grad():
             losses.append((student(inputs, y) - targets).square().mean().item())
     assert abs(losses[0] - losses[1]) > 1e-6
-    assert logged["loss"] == pytest.approx(
-        sum(losses) / 2, rel=1e-5
-    )  # the regression loss, before the GAN term
+    # the regression loss, before the GAN term
+    assert logged["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
 
 
 def test_two_process_gan_stage_runs(ddp_gan_run):
@@ -261,7 +260,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(teacher, s
 
 
 def test_a_checkpoint_after_k_steps_does_not_depend_on_max_steps(teacher, store, tmp_path):
-    # The headroom rows of the main job read the 400-step checkpoint of 800-step runs as a 400-step run's.
+    # The headroom rows of the main job read the 400-step checkpoint of 800-step runs as a 400-step
+    # run's.
     run_script(
         ard_args(
             teacher[0],
