@@ -184,7 +184,7 @@ def student_stage(
             str(history_layers),
             "--target",
             target,
-            "--num-steps",
+            "--student-steps",
             str(num_steps),
             "--global-batch-size",
             str(b["student_batch"]),
