@@ -83,9 +83,8 @@ class FlowMatching:
         channels, in our sign."""
         time = float(self.model_time(s))
         t = torch.full((x.shape[0],), time, device=x.device, dtype=x.dtype)
-        if hasattr(
-            model_fn, "at_time"
-        ):  # see guided_model_fn: the time as t holds it, rounded on the host
+        # see guided_model_fn: the time as t holds it, rounded on the host
+        if hasattr(model_fn, "at_time"):
             model_fn = model_fn.at_time(
                 float(np.float32(time)) if t.dtype == torch.float32 else time
             )
