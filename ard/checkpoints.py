@@ -3,8 +3,8 @@
 Our checkpoints hold plain types only (state dicts, numbers, strings, lists and dicts), are written
 atomically and load with torch.load(weights_only=True), so a checkpoint from the internet cannot run
 code. Each holds a `config` that says what model it is (teacher_config / student_config below), so
-every script rebuilds the model from the file alone. Official DiT checkpoints (bare state dicts) load
-too; their config is read off the weights.
+every script rebuilds the model from the file alone. Official DiT checkpoints (bare state dicts)
+load too; their config is read off the weights.
 """
 
 import os
@@ -15,8 +15,9 @@ from ard.cli import MissingFileError, UserError
 from ard.fileio import atomic_write
 from models import MODEL_CONFIGS, DiT_models
 
-# Official checkpoints, bare state dicts in DiT's module names, looked up under pretrained_models/ first, then
-# downloaded. SiT and REPA train SiT-XL/2, which is DiT-XL/2's architecture, as flow-matching models.
+# Official checkpoints, bare state dicts in DiT's module names, looked up under
+# pretrained_models/ first, then downloaded. SiT and REPA train SiT-XL/2, which is DiT-XL/2's
+# architecture, as flow-matching models.
 PRETRAINED = {
     "DiT-XL-2-256x256.pt": dict(
         family="dit",
@@ -28,29 +29,33 @@ PRETRAINED = {
         image_size=512,
         url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
     ),
+    # SiT's download.py
     "SiT-XL-2-256x256.pt": dict(
         family="sit",
         image_size=256,
         url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
         "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
-    ),  # SiT's download.py
+    ),
+    # REPA's 'last.pt', 4M iterations
     "REPA-SiT-XL-2-256x256.pt": dict(
         family="repa",
         image_size=256,
         url="https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/"
         "last.pt?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0",
-    ),  # REPA's 'last.pt', 4M iterations
+    ),
 }
 PRETRAINED_DIR = "pretrained_models"
-# What each family's network predicts and how its time input reads (diffusion/flow.py): DiT predicts noise (and a
-# variance) at integer timesteps 0..999; SiT (ICPlan) a velocity with t = 0 the noise; REPA a velocity with t = 1 the
-# noise. SiT and REPA feed t in [0, 1] to the timestep embedder as it is.
+# What each family's network predicts and how its time input reads (diffusion/flow.py): DiT
+# predicts noise (and a variance) at integer timesteps 0..999; SiT (ICPlan) a velocity with
+# t = 0 the noise; REPA a velocity with t = 1 the noise. SiT and REPA feed t in [0, 1] to the
+# timestep embedder as it is.
 FAMILIES = {
     "dit": dict(prediction="eps", noise_at=None, time_scale=None),
     "sit": dict(prediction="velocity", noise_at=0.0, time_scale=1.0),
     "repa": dict(prediction="velocity", noise_at=1.0, time_scale=1.0),
 }
-REPA_PROJECTORS = "projectors."  # REPA's alignment MLPs on an intermediate block: training only, not part of the sampler
+# REPA's alignment MLPs on an intermediate block: training only, not part of the sampler
+REPA_PROJECTORS = "projectors."
 KINDS = {"dit": "a DiT teacher", "ard": "an ARD student"}
 
 
@@ -60,7 +65,8 @@ KINDS = {"dit": "a DiT teacher", "ard": "an ARD student"}
 
 
 def non_finite_tensors(state):
-    """The names of the floating-point tensors holding a NaN or an infinity, anywhere in a nested state."""
+    """The names of the floating-point tensors holding a NaN or an infinity,
+    anywhere in a nested state."""
     if isinstance(state, torch.Tensor):
         return [""] if state.is_floating_point() and not torch.isfinite(state).all() else []
     items = (
@@ -74,8 +80,8 @@ def non_finite_tensors(state):
 
 
 def save_checkpoint(path, state):
-    """Writes `state` to a temporary file in the same folder, then renames it over `path`. A state holding a
-    non-finite weight is never written: it raises instead."""
+    """Writes `state` to a temporary file in the same folder, then renames it over `path`. A state
+    holding a non-finite weight is never written: it raises instead."""
     bad = non_finite_tensors({k: state[k] for k in ("model", "ema", "disc") if k in state})
     if bad:
         raise FloatingPointError(
@@ -85,7 +91,8 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True on the CPU, with a clear error for a missing or unsafe file."""
+    """torch.load with weights_only=True on the CPU, with a clear error for a
+    missing or unsafe file."""
     if not os.path.isfile(path):
         raise MissingFileError(f"checkpoint {path} does not exist")
     try:
@@ -107,8 +114,8 @@ def check_finite(state_dict, path):
 
 
 def find_checkpoint(name_or_path):
-    """A local path as given; else a bare official name (no folder) under pretrained_models/, downloaded if
-    absent and checked to be the official model it names before it is kept."""
+    """A local path as given; else a bare official name (no folder) under pretrained_models/,
+    downloaded if absent and checked to be the official model it names before it is kept."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path not in PRETRAINED:
@@ -135,8 +142,9 @@ def find_checkpoint(name_or_path):
 
 
 def verify_official(path, name):
-    """The official checkpoints come without checksums: a download is accepted if it loads with weights_only=True,
-    has the official XL/2 config of its family at its image size, and holds only finite weights."""
+    """The official checkpoints come without checksums: a download is accepted if it loads
+    with weights_only=True, has the official XL/2 config of its family at its image size, and
+    holds only finite weights."""
     official = PRETRAINED[name]
     state_dict = load_checkpoint(path)
     config = infer_dit_config(
@@ -153,14 +161,16 @@ def verify_official(path, name):
         k.startswith(REPA_PROJECTORS) for k in state_dict
     ):
         raise UserError(
-            f"the download {path} is not the official {name} (it has {config}); remove it and try again"
+            f"the download {path} is not the official {name} (it has {config}); "
+            "remove it and try again"
         )
     check_finite(state_dict, path)
 
 
 def bare_family(state_dict, path):
-    """Which official family a bare state dict belongs to: REPA's hold its projector weights; SiT's and DiT's have
-    the same names and shapes, so a SiT checkpoint is known by its official file name (or imported, see below)."""
+    """Which official family a bare state dict belongs to: REPA's hold its projector weights; SiT's
+    and DiT's have the same names and shapes, so a SiT checkpoint is known by its official file name
+    (or imported, see below)."""
     if any(k.startswith(REPA_PROJECTORS) for k in state_dict):
         return "repa"
     name = os.path.basename(path)
@@ -186,10 +196,11 @@ def teacher_config(
     noise_at=None,
     time_scale=None,
 ):
-    """What a teacher checkpoint says about its model: the DiT_models key and its constructor arguments,
-    the space it works in ('pixel' or 'latent', with the VAE), the image size and the data it learnt, and what
-    it predicts: 'eps' (DiT) or 'velocity' (a flow, with its time convention: the end of t in [0, 1] that is
-    noise, and the factor its time embedding is fed t with; see diffusion/flow.py)."""
+    """What a teacher checkpoint says about its model: the DiT_models key and its constructor
+    arguments, the space it works in ('pixel' or 'latent', with the VAE), the image size and the
+    data it learnt, and what it predicts: 'eps' (DiT) or 'velocity' (a flow, with its time
+    convention: the end of t in [0, 1] that is noise, and the factor its time embedding is fed t
+    with; see diffusion/flow.py)."""
     return dict(
         kind="dit",
         model=model,
@@ -208,8 +219,9 @@ def teacher_config(
 
 
 def student_config(teacher, timesteps, history_layers, boundaries, target, teacher_sha256, gan):
-    """What a student checkpoint says: its teacher's shapes and space, the input timestep of each step,
-    N, the solver steps it was distilled between, the target, the teacher's hash, and the stage."""
+    """What a student checkpoint says: its teacher's shapes and space, the input
+    timestep of each step, N, the solver steps it was distilled between, the target, the
+    teacher's hash, and the stage."""
     return dict(
         kind="ard",
         model=teacher["model"],
@@ -231,7 +243,8 @@ def student_config(teacher, timesteps, history_layers, boundaries, target, teach
 
 
 def infer_dit_config(state_dict):
-    """The DiT_models key and constructor arguments of a bare DiT state dict, read off its shapes."""
+    """The DiT_models key and constructor arguments of a bare DiT state dict,
+    read off its shapes."""
     proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
@@ -254,20 +267,21 @@ def infer_dit_config(state_dict):
 
 
 def bare_weights_and_config(state_dict, family):
-    """(state_dict, config) of an official bare state dict of a family in FAMILIES: models of SD-VAE latents
-    (4 channels, 8x downsampling). REPA's projector weights are dropped, and said so."""
+    """(state_dict, config) of an official bare state dict of a family in FAMILIES: models of SD-VAE
+    latents (4 channels, 8x downsampling). REPA's projector weights are dropped, and said so."""
     projectors = [k for k in state_dict if k.startswith(REPA_PROJECTORS)]
     if projectors:
         print(
-            f"dropping REPA's {len(projectors)} projector tensors ({REPA_PROJECTORS}*): they align features in training "
-            f"and take no part in sampling"
+            f"dropping REPA's {len(projectors)} projector tensors ({REPA_PROJECTORS}*): they align "
+            "features in training and take no part in sampling"
         )
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(REPA_PROJECTORS)}
     inferred = infer_dit_config(state_dict)
     if inferred["in_channels"] != 4:
         raise UserError(
-            f"a bare state dict with {inferred['in_channels']} input channels is not an official DiT, SiT or REPA "
-            f"checkpoint, whose space is unknown: save it in train.py's format, with its config"
+            f"a bare state dict with {inferred['in_channels']} input channels is not an "
+            "official DiT, SiT or REPA checkpoint, whose space is unknown: save it in "
+            "train.py's format, with its config"
         )
     return state_dict, teacher_config(
         **inferred,
@@ -280,8 +294,8 @@ def bare_weights_and_config(state_dict, family):
 
 
 def weights_and_config(ckpt, path=""):
-    """(state_dict, config) of a loaded checkpoint: ours (EMA weights) or an official bare DiT, SiT or REPA state
-    dict (see bare_family; `path` is the file it came from)."""
+    """(state_dict, config) of a loaded checkpoint: ours (EMA weights) or an official bare DiT, SiT
+    or REPA state dict (see bare_family; `path` is the file it came from)."""
     if isinstance(ckpt, dict) and "config" in ckpt and "ema" in ckpt:
         return ckpt["ema"], ckpt["config"]
     if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:
@@ -319,8 +333,8 @@ def build_model(config, **kwargs):
 
 
 def load_model(name_or_path, device="cpu", kind=None):
-    """The model of a checkpoint (its EMA weights for ours), loaded strictly, in eval mode, and its config.
-    kind='dit' or 'ard' refuses a checkpoint of the other kind."""
+    """The model of a checkpoint (its EMA weights for ours), loaded strictly, in eval mode, and its
+    config. kind='dit' or 'ard' refuses a checkpoint of the other kind."""
     path = find_checkpoint(name_or_path)
     state_dict, config = weights_and_config(load_checkpoint(path), path)
     if kind is not None and config["kind"] != kind:
@@ -333,14 +347,16 @@ def load_model(name_or_path, device="cpu", kind=None):
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise UserError(
-            f"{path}: the weights do not match the model its config describes ({str(e).splitlines()[0]})"
+            f"{path}: the weights do not match the model its config describes "
+            f"({str(e).splitlines()[0]})"
         ) from e
     return model.to(device).eval(), config
 
 
 def import_official(src, family, dst):
-    """Writes a bare official state dict of `family` (under any file name) as a checkpoint of this repository,
-    with its config, so every script reads its prediction type and time convention from the file."""
+    """Writes a bare official state dict of `family` (under any file name) as a checkpoint of
+    this repository, with its config, so every script reads its prediction type and time
+    convention from the file."""
     state_dict, config = bare_weights_and_config(load_checkpoint(src), family)
     check_finite(state_dict, src)
     model = build_model(config)

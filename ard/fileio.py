@@ -1,6 +1,6 @@
-"""Files that are never seen half-written: atomic writes (a temporary file in the same folder, renamed
-into place), JSON and .npz through them, file hashes, and resumable outputs that refuse to mix runs made
-with other settings."""
+"""Files that are never seen half-written: atomic writes (a temporary file in the same folder,
+renamed into place), JSON and .npz through them, file hashes, and resumable outputs that refuse to
+mix runs made with other settings."""
 
 import errno
 import hashlib
@@ -19,8 +19,9 @@ TEMPORARY = re.compile(r"\.tmp-(?P<pid>\d+)@(?P<host>[^/]+)$")
 
 
 def temporary_name(path):
-    """PATH.tmp-PID@HOST: where a file or folder is written before it is renamed into place. The process and host
-    in the name let remove_stale_temporaries tell the leftovers of a dead process from work in progress."""
+    """PATH.tmp-PID@HOST: where a file or folder is written before it is renamed into place. The
+    process and host in the name let remove_stale_temporaries tell the leftovers of a dead process
+    from work in progress."""
     return f"{path}.tmp-{os.getpid()}@{socket.gethostname()}"
 
 
@@ -35,7 +36,8 @@ def _alive(pid):
 
 
 def remove_stale_temporaries(folder):
-    """Removes the temporary files and folders in `folder` left by dead processes of this host; returns their names."""
+    """Removes the temporary files and folders in `folder` left by dead processes of this
+    host; returns their names."""
     removed = []
     if not os.path.isdir(folder):
         return removed
@@ -52,16 +54,19 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def no_space_error(path, error):
-    """The UserError for a write that ran out of disk space (or quota): nothing half-written is left in place."""
+    """The UserError for a write that ran out of disk space (or quota): nothing
+    half-written is left in place."""
     return UserError(
-        f"no space left to write {path} ({os.strerror(error.errno)}): it was not written and the files "
-        f"written before it are intact; free space on that filesystem, or write elsewhere, and run again"
+        f"no space left to write {path} ({os.strerror(error.errno)}): it was not written "
+        "and the files written before it are intact; free space on that filesystem, or "
+        "write elsewhere, and run again"
     )
 
 
 def atomic_write(path, write, mode="wb"):
-    """Calls write(f) on a temporary file beside `path`, syncs it and renames it over `path`. A failure, a full disk
-    among them (a UserError then), leaves `path` as it was and no temporary file."""
+    """Calls write(f) on a temporary file beside `path`, syncs it and renames it over
+    `path`. A failure, a full disk among them (a UserError then), leaves `path` as it was
+    and no temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = temporary_name(path)
@@ -81,16 +86,16 @@ def atomic_write(path, write, mode="wb"):
 
 
 def check_free_space(path, need_bytes, what):
-    """Refuses, before a long write, when the filesystem that will hold `path` has less free space than the
-    `need_bytes` the job estimates it will write."""
+    """Refuses, before a long write, when the filesystem that will hold `path` has less free space
+    than the `need_bytes` the job estimates it will write."""
     folder = os.path.abspath(path)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     if need_bytes > free:
         raise UserError(
-            f"{what} needs about {need_bytes / 2**30:.2f} GiB more and the filesystem of {folder} has "
-            f"{free / 2**30:.2f} GiB free: free space there, or write elsewhere"
+            f"{what} needs about {need_bytes / 2**30:.2f} GiB more and the filesystem of {folder} "
+            f"has {free / 2**30:.2f} GiB free: free space there, or write elsewhere"
         )
 
 
@@ -116,9 +121,10 @@ def file_sha256(path, chunk=1 << 20):
 
 
 class WriterLock:
-    """One writer at a time for an output folder: rank 0 creates LOCK (host and pid) atomically, and removes it on
-    exit. A lock left by a dead process of this host is taken over; a live writer's, or one from another host,
-    stops this run with the lock's path, to remove by hand if its process is gone."""
+    """One writer at a time for an output folder: rank 0 creates LOCK (host and pid) atomically,
+    and removes it on exit. A lock left by a dead process of this host is taken over; a live
+    writer's, or one from another host, stops this run with the lock's path, to remove by hand
+    if its process is gone."""
 
     def __init__(self, folder, what):
         self.path, self.what, self.held = os.path.join(folder, "LOCK"), what, False
@@ -152,8 +158,9 @@ class WriterLock:
                     os.remove(self.path)  # left by a dead process of this host
                     continue
                 return (
-                    f"another process (pid {owner.get('pid')} on {owner.get('host')}) is writing {self.what}; wait for it "
-                    f"to finish, or remove {self.path} if that process is gone"
+                    f"another process (pid {owner.get('pid')} on {owner.get('host')}) "
+                    f"is writing {self.what}; wait for it to finish, or remove "
+                    f"{self.path} if that process is gone"
                 )
             with os.fdopen(fd, "w") as f:
                 json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
@@ -169,9 +176,9 @@ class WriterLock:
 
 
 def start_or_resume(path, settings, what, before_writing=None):
-    """For a resumable output described by the JSON file at `path`: stop if it was started with other settings,
-    then run the check `before_writing` (rank 0; it raises UserError to refuse), else record the settings (rank 0).
-    Every rank calls it and returns when the file is in place."""
+    """For a resumable output described by the JSON file at `path`: stop if it was started with
+    other settings, then run the check `before_writing` (rank 0; it raises UserError to refuse),
+    else record the settings (rank 0). Every rank calls it and returns when the file is in place."""
     check_same_settings(path, settings, what)
     error = None
     if before_writing is not None and dist_util.is_main():
@@ -189,7 +196,8 @@ def start_or_resume(path, settings, what, before_writing=None):
 
 
 def check_same_settings(path, settings, what):
-    """If the JSON file at `path` exists, it must hold `settings`; else stop naming every difference."""
+    """If the JSON file at `path` exists, it must hold `settings`; else stop
+    naming every difference."""
     if not os.path.isfile(path):
         return
     with open(path) as f:

@@ -1,16 +1,21 @@
-"""Sampling as a replayed CUDA graph: a K-step student at batch 1 is a few hundred small kernels, and launching them
-one by one from Python costs more than running them. `CapturedSampler` records a sampler's kernels once per input
-shape and replays the recording for every later batch of that shape.
+"""Sampling as a replayed CUDA graph: a K-step student at batch 1 is a few hundred small
+kernels, and launching them one by one from Python costs more than running them.
+`CapturedSampler` records a sampler's kernels once per input shape and replays the recording for
+every later batch of that shape.
 
-    generate = CapturedSampler(sample_fn(model, config))    # noise, y -> samples, as the eager function
-    samples = generate(noise, y)                           # first call of a shape: warm up, capture, replay
+    # noise, y -> samples, as the eager function
+    generate = CapturedSampler(sample_fn(model, config))
+    # first call of a shape: warm up, capture, replay
+    samples = generate(noise, y)
 
-What a captured function may do is narrower than eager code (torch.cuda.graphs): it may not read a GPU value on the
-host (`.item()`, `float(t[0])`, `if tensor:`), copy host memory to the GPU (`torch.tensor(list, device=...)`,
-`torch.from_numpy(a).to(device)`), or draw random numbers it expects to change between replays. Its Python runs once,
-at capture: every replay repeats those kernels on the same buffers, so the inputs are copied into buffers the graph
-owns and the output is copied out of the buffer it writes. `capture_hazards` finds the first two kinds of op on any
-machine, by running the function on the `meta` device after one warm-up call (which may fill caches).
+What a captured function may do is narrower than eager code (torch.cuda.graphs): it may not
+read a GPU value on the host (`.item()`, `float(t[0])`, `if tensor:`), copy host memory to the
+GPU (`torch.tensor(list, device=...)`, `torch.from_numpy(a).to(device)`), or draw random
+numbers it expects to change between replays. Its Python runs once, at capture: every replay
+repeats those kernels on the same buffers, so the inputs are copied into buffers the graph
+owns and the output is copied out of the buffer it writes. `capture_hazards` finds the first
+two kinds of op on any machine, by running the function on the `meta` device after one warm-up
+call (which may fill caches).
 """
 
 import contextlib
@@ -23,7 +28,8 @@ MAX_SHAPES = 4  # graphs kept at once (each holds its own activations); a furthe
 
 
 def _signature(tensors):
-    """What a recording depends on: every input's shape, dtype and device, and the autocast setting it ran under."""
+    """What a recording depends on: every input's shape, dtype and device, and the
+    autocast setting it ran under."""
     device_type = tensors[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (
@@ -33,11 +39,13 @@ def _signature(tensors):
 
 
 class CudaGraph:
-    """Records fn(*inputs) as a CUDA graph: `warmup` eager calls on a side stream first (they fill caches and let
-    cuDNN and the allocator settle, as torch.cuda.graphs asks), then the capture. Returns (replay, output).
+    """Records fn(*inputs) as a CUDA graph: `warmup` eager calls on a side stream first (they fill
+    caches and let cuDNN and the allocator settle, as torch.cuda.graphs asks), then the capture.
+    Returns (replay, output).
 
-    Under autocast the weight casts are recorded too (autocast's cache is off while recording): a cached bf16 copy of
-    a weight would be freed when the caller's autocast block ends, and every later replay would read freed memory."""
+    Under autocast the weight casts are recorded too (autocast's cache is off while recording): a
+    cached bf16 copy of a weight would be freed when the caller's autocast block ends, and every
+    later replay would read freed memory."""
 
     def __init__(self, warmup=2):
         self.warmup = warmup
@@ -58,10 +66,11 @@ class CudaGraph:
 
 
 class CapturedSampler:
-    """fn(*tensors) -> tensor, replayed from a recording per input signature (shapes, dtypes, devices, autocast).
-    Each call copies its inputs into the recording's own buffers, replays, and returns a copy of the output: the
-    next replay overwrites the buffer, not a result already returned. At most MAX_SHAPES recordings are kept; a
-    further signature runs fn eagerly. `record(fn, inputs) -> (replay, output)` makes a recording (CudaGraph)."""
+    """fn(*tensors) -> tensor, replayed from a recording per input signature (shapes, dtypes,
+    devices, autocast). Each call copies its inputs into the recording's own buffers, replays, and
+    returns a copy of the output: the next replay overwrites the buffer, not a result already
+    returned. At most MAX_SHAPES recordings are kept; a further signature runs fn eagerly.
+    `record(fn, inputs) -> (replay, output)` makes a recording (CudaGraph)."""
 
     def __init__(self, fn, record=None, max_shapes=MAX_SHAPES):
         self.fn, self.record, self.max_shapes = fn, record or CudaGraph(), max_shapes
@@ -84,8 +93,9 @@ class CapturedSampler:
 
 
 class _Hazards(TorchDispatchMode):
-    """Records the ops that a CUDA graph cannot hold: a read of a device value on the host, and an op that takes a
-    host tensor (more than a scalar) into device work, i.e. a host-to-device copy."""
+    """Records the ops that a CUDA graph cannot hold: a read of a device value on the
+    host, and an op that takes a host tensor (more than a scalar) into device work, i.e.
+    a host-to-device copy."""
 
     def __init__(self):
         super().__init__()
@@ -109,10 +119,11 @@ class _Hazards(TorchDispatchMode):
 
 
 def capture_hazards(fn, *tensors):
-    """The ops of fn(*tensors) that would break or go stale in a CUDA graph, found without a GPU. The inputs are moved
-    to the `meta` device (the modules fn calls must be there already: `module.to("meta")`); fn runs once unchecked (the
-    warm-up before a capture, which may fill caches), then once more with every op checked. Returns a list of
-    descriptions, empty when nothing was found."""
+    """The ops of fn(*tensors) that would break or go stale in a CUDA graph, found without a
+    GPU. The inputs are moved to the `meta` device (the modules fn calls must be there
+    already: `module.to("meta")`); fn runs once unchecked (the warm-up before a capture, which
+    may fill caches), then once more with every op checked. Returns a list of descriptions,
+    empty when nothing was found."""
     meta = [t.to("meta") for t in tensors]
     mode = _Hazards()
     try:
@@ -129,8 +140,9 @@ def capture_hazards(fn, *tensors):
 
 @contextlib.contextmanager
 def _watch_host_data(found):
-    """torch.tensor(data, device=...), torch.as_tensor and indexing by a Python list copy host data below the
-    dispatcher, out of a dispatch mode's sight: they are watched at the Python level instead."""
+    """torch.tensor(data, device=...), torch.as_tensor and indexing by a Python list copy
+    host data below the dispatcher, out of a dispatch mode's sight: they are watched at
+    the Python level instead."""
     originals = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
     getitem = torch.Tensor.__getitem__
 
@@ -139,7 +151,8 @@ def _watch_host_data(found):
             out = originals[name](data, *args, **kwargs)
             if out.device.type != "cpu" and out.dim() > 0 and not isinstance(data, torch.Tensor):
                 found.append(
-                    f"torch.{name} of host data on {out.device.type} {tuple(out.shape)}: a host-to-device copy"
+                    f"torch.{name} of host data on {out.device.type} "
+                    f"{tuple(out.shape)}: a host-to-device copy"
                 )
             return out
 
@@ -149,7 +162,8 @@ def _watch_host_data(found):
         parts = index if isinstance(index, tuple) else (index,)
         if self.device.type != "cpu" and any(isinstance(p, list) for p in parts):
             found.append(
-                f"indexing a {self.device.type} tensor by a Python list: a host-to-device copy of the index"
+                f"indexing a {self.device.type} tensor by a Python list: a "
+                "host-to-device copy of the index"
             )
         return getitem(self, index)
 

@@ -1,9 +1,10 @@
 """What a job prints, fit for a terminal and for a file: the run's logger and progress bars.
 
-Under a scheduler, stdout and stderr are files that people read with less and grep. There a progress bar's
-carriage-return refreshes and a terminal's colour codes are noise, so when the stream is not a terminal progress is
-a plain line every ARD_PROGRESS_SECONDS seconds (default 30, and at the end), in tqdm's own figures
-("train 350/1400 [00:30<01:20, 11.60it/s]", which the main job's stage runner reads), and log lines carry no colour.
+Under a scheduler, stdout and stderr are files that people read with less and grep. There a progress
+bar's carriage-return refreshes and a terminal's colour codes are noise, so when the stream is not a
+terminal progress is a plain line every ARD_PROGRESS_SECONDS seconds (default 30, and at the end),
+in tqdm's own figures ("train 350/1400 [00:30<01:20, 11.60it/s]", which the main job's stage runner
+reads), and log lines carry no colour.
 """
 
 import logging
@@ -23,8 +24,8 @@ def is_terminal(stream):
 
 
 def create_logger(logging_dir):
-    """A logger that writes to logging_dir/log.txt and stdout on rank 0 and does nothing elsewhere; the time stamp is
-    coloured on a terminal only."""
+    """A logger that writes to logging_dir/log.txt and stdout on rank 0 and does nothing elsewhere;
+    the time stamp is coloured on a terminal only."""
     logger = logging.getLogger(f"run:{logging_dir}")
     logger.propagate = False
     logger.handlers.clear()
@@ -53,7 +54,8 @@ def _clock(seconds):
 
 
 class LineProgress:
-    """tqdm's interface (update, set_postfix, close) printing one plain line every `every` seconds and at the end."""
+    """tqdm's interface (update, set_postfix, close) printing one plain line every `every`
+    seconds and at the end."""
 
     def __init__(self, total, initial=0, desc="", unit="it", every=30.0, stream=None):
         self.total, self.n, self.desc, self.unit, self.every = total, initial, desc, unit, every
@@ -76,7 +78,8 @@ class LineProgress:
         left = _clock((self.total - self.n) / rate) if rate > 0 and self.total else "?"
         postfix = f", {self.postfix}" if self.postfix else ""
         print(
-            f"{self.desc} {self.n}/{self.total} [{_clock(elapsed)}<{left}, {rate:.2f}{self.unit}/s{postfix}]",
+            f"{self.desc} {self.n}/{self.total} [{_clock(elapsed)}<{left}, "
+            f"{rate:.2f}{self.unit}/s{postfix}]",
             file=self.stream,
             flush=True,
         )
@@ -97,7 +100,8 @@ class _Silent:
 
 
 def progress(total, desc, initial=0, unit="it", disable=False):
-    """A progress bar on rank 0 (and not when `disable`): tqdm on a terminal, a LineProgress into a file."""
+    """A progress bar on rank 0 (and not when `disable`): tqdm on a terminal, a
+    LineProgress into a file."""
     if disable or not dist_util.is_main():
         return _Silent()
     if is_terminal(sys.stderr):

@@ -6,12 +6,14 @@ resumed run continues exactly and a file written on 1 or 8 processes is the same
   training step    all the randomness of step s on rank r (noise, timesteps, class dropout, flips,
                    VAE posterior samples, GAN noise levels) comes from step_seed(seed, s, r);
   sample index     sample i of a file (its noise, and its label where drawn at random) comes from
-                   its own generator, sample_generator(seed, i, stream); the trajectory writer and the
-                   evaluation sampler use different streams, so evaluation noise never repeats training noise;
-  data order       epoch e of a dataset is epoch_permutation(n, seed, e); a rank that reads its own part
-                   of the data has the seed rank_seed(seed, r).
+                   its own generator, sample_generator(seed, i, stream); the trajectory writer and
+                   the evaluation sampler use different streams, so evaluation noise never repeats
+                   training noise;
+  data order       epoch e of a dataset is epoch_permutation(n, seed, e); a rank that reads its own
+                   part of the data has the seed rank_seed(seed, r).
 
-The formulas are those the first release used, so that its stores, samples and figures stay the same.
+The formulas are those the first release used, so that its stores, samples and
+figures stay the same.
 """
 
 import numpy as np
@@ -44,15 +46,17 @@ def epoch_permutation(num_items, seed, epoch):
 
 
 def rank_seed(seed, rank):
-    """The data-order seed of a rank that reads only its own part of the data (train_ard.py's shards)."""
+    """The data-order seed of a rank that reads only its own part of the data
+    (train_ard.py's shards)."""
     return seed * 1009 + rank
 
 
 def per_index_noise(seed, indices, shape, stream, num_classes=None, label_seed=None):
-    """Each index's noise (len(indices), *shape) from its own generator, so that sample i is the same
-    whichever process makes it. With num_classes, a random label per index is drawn first (before the
-    noise) and (labels, noise) is returned; else the noise alone. label_seed (default: seed) draws the labels
-    from another seed's generators, leaving the noise as it is: the same labels with other noises."""
+    """Each index's noise (len(indices), *shape) from its own generator, so that sample i is the
+    same whichever process makes it. With num_classes, a random label per index is drawn first
+    (before the noise) and (labels, noise) is returned; else the noise alone. label_seed (default:
+    seed) draws the labels from another seed's generators, leaving the noise as it is: the same
+    labels with other noises."""
     noise = torch.empty(len(indices), *shape)
     labels = torch.empty(len(indices), dtype=torch.long)
     for n, i in enumerate(indices):

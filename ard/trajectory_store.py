@@ -3,19 +3,23 @@ training uses.
 
 A store is a folder:
 
-    manifest.json          what was run (teacher sha256, model, shape, solver, S, CFG, saved steps, dtype, seed, ...)
+    manifest.json          what was run (teacher sha256, model, shape, solver, S, CFG, saved steps,
+                           dtype, seed, ...)
     shard-00000/           one folder per shard of consecutive sample indices, plain .npy arrays:
-        xt.npy             (n, J, C, H, W)  ODE states at the J saved solver steps, noise first, sample last
+        xt.npy             (n, J, C, H, W)  ODE states at the J saved solver steps, noise first,
+                                            sample last
         x0.npy             (n, J, C, H, W)  the teacher's x0 prediction at each of those states
         y.npy              (n,)             class labels
         index.npy          (n,)             global sample indices
     shard-00001/ ...
 
-Solver steps are counted from the noise: step 0 is the noise (model timestep 999 on DiT's 25-step grid),
-step s the state after s solver steps, step S the final sample (timestep -1: the model never sees it).
-The public re-implementation counts the other way: its states at "teacher-grid index 25, 15, 10, 5, 0" are
-solver steps 0, 10, 15, 20, 25, but its x0 predictions at indices 25, 15, 10, 5 are made from the states of
-solver steps 0, 9, 14, 19 (t = 999, 624, 416, 208): its x0 data are --boundaries 0 9 14 19 25. A shard is written under a temporary name and renamed when complete.
+Solver steps are counted from the noise: step 0 is the noise (model timestep 999 on DiT's 25-step
+grid), step s the state after s solver steps, step S the final sample (timestep -1: the model never
+sees it). The public re-implementation counts the other way: its states at "teacher-grid index
+25, 15, 10, 5, 0" are solver steps 0, 10, 15, 20, 25, but its x0 predictions at indices
+25, 15, 10, 5 are made from the states of solver steps 0, 9, 14, 19 (t = 999, 624, 416, 208):
+its x0 data are --boundaries 0 9 14 19 25. A shard is written under a temporary name and renamed
+when complete.
 """
 
 import bisect
@@ -58,8 +62,8 @@ def shard_ranges(count, shard_size):
 
 
 def complete_shards(store_dir, manifest):
-    """(complete, damaged) shards of a store being written: those intact, and the errors of those whose folder
-    exists but fails verification (their writer replaces them)."""
+    """(complete, damaged) shards of a store being written: those intact, and the errors of those
+    whose folder exists but fails verification (their writer replaces them)."""
     complete, damaged = set(), []
     for s, (start, stop) in enumerate(shard_ranges(manifest["count"], manifest["shard_size"])):
         folder = os.path.join(store_dir, shard_name(s))
@@ -79,7 +83,8 @@ def complete_shards(store_dir, manifest):
 
 
 def trajectory_noise(seed, indices, shape):
-    """The noise of each trajectory index: (len(indices), *shape), the same for any number of writers."""
+    """The noise of each trajectory index: (len(indices), *shape), the same for
+    any number of writers."""
     return per_index_noise(seed, indices, shape, TRAJECTORY_STREAM)
 
 
@@ -91,9 +96,9 @@ def trajectory_labels(indices, num_classes):
 def write_shard(
     store_dir, shard, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch=None
 ):
-    """Writes trajectories [start, stop) as one shard: solve(noise, y) -> (xt, x0), each (n, J, C, H, W), runs
-    batch by batch into memory-mapped arrays of a temporary folder, renamed into place when complete.
-    Returns the shard's size in bytes."""
+    """Writes trajectories [start, stop) as one shard: solve(noise, y) -> (xt, x0), each
+    (n, J, C, H, W), runs batch by batch into memory-mapped arrays of a temporary folder, renamed
+    into place when complete. Returns the shard's size in bytes."""
     final = os.path.join(store_dir, shard_name(shard))
     shutil.rmtree(final, ignore_errors=True)  # a damaged shard (complete_shards did not count it)
     tmp = temporary_name(final)
@@ -113,7 +118,8 @@ def write_shard(
 
 
 def _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_size, on_batch):
-    """write_shard's work in its temporary folder: the arrays batch by batch, then their verification."""
+    """write_shard's work in its temporary folder: the arrays batch by batch,
+    then their verification."""
     indices = np.arange(start, stop, dtype=np.int64)
     labels = trajectory_labels(indices, num_classes)
     arrays = {}
@@ -136,15 +142,14 @@ def _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_
     del arrays
     np.save(os.path.join(tmp, "y.npy"), labels.numpy())
     np.save(os.path.join(tmp, "index.npy"), indices)
-    open_shard(
-        tmp, start, stop, (len(indices), *xt.shape[1:]), dtype
-    )  # verify before it counts as complete
+    # verify before it counts as complete
+    open_shard(tmp, start, stop, (len(indices), *xt.shape[1:]), dtype)
 
 
 def reserve(path):
-    """Allocates a memory-mapped file's blocks now: on a full disk this fails at once with ENOSPC, where writing
-    into an unallocated mapping would kill the process with SIGBUS later. Filesystems that cannot preallocate
-    are left as they are."""
+    """Allocates a memory-mapped file's blocks now: on a full disk this fails at once with ENOSPC,
+    where writing into an unallocated mapping would kill the process with SIGBUS later. Filesystems
+    that cannot preallocate are left as they are."""
     if not hasattr(os, "posix_fallocate"):
         return
     with open(path, "r+b") as f:
@@ -160,32 +165,37 @@ def read_manifest(path):
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise MissingFileError(
-            f"{path} is not a trajectory store: it has no {MANIFEST} (make one with train_teacher_traj.py)"
+            f"{path} is not a trajectory store: it has no {MANIFEST} (make one "
+            "with train_teacher_traj.py)"
         )
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except ValueError as e:
         raise UserError(
-            f"{manifest_path} is not valid JSON ({e}): the store is damaged; write it again with train_teacher_traj.py"
+            f"{manifest_path} is not valid JSON ({e}): the store is damaged; write it again "
+            "with train_teacher_traj.py"
         ) from e
     missing = [k for k in REQUIRED if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise UserError(
-            f"{manifest_path} lacks {', '.join(missing)}: the store is damaged or not a trajectory store"
+            f"{manifest_path} lacks {', '.join(missing)}: the store is damaged "
+            "or not a trajectory store"
         )
     expected = [shard_name(i) for i in range(len(manifest["shards"]))]
     if manifest["shards"] != expected:
         raise UserError(
-            f"{manifest_path} lists shards {manifest['shards'][:3]}..., not {expected[:3]}...: the store is damaged"
+            f"{manifest_path} lists shards {manifest['shards'][:3]}..., not "
+            f"{expected[:3]}...: the store is damaged"
         )
     return manifest
 
 
 def open_shard(folder, start, stop, state_shape, dtype):
-    """The memory-mapped arrays of one shard, verified: every array readable, xt and x0 of shape
-    (stop - start, J, C, H, W) = state_shape and the store's dtype, y and index of length stop - start, and
-    index = start, ..., stop - 1. Any other content is a damaged shard, named in the error."""
+    """The memory-mapped arrays of one shard, verified: every array readable, xt and x0 of
+    shape (stop - start, J, C, H, W) = state_shape and the store's dtype, y and index of
+    length stop - start, and index = start, ..., stop - 1. Any other content is a damaged
+    shard, named in the error."""
     arrays = {}
     for a in ARRAYS:
         path = os.path.join(folder, f"{a}.npy")
@@ -193,8 +203,8 @@ def open_shard(folder, start, stop, state_shape, dtype):
             arrays[a] = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(
-                f"{path} cannot be read ({e}): the shard is damaged; remove {folder} and run the same "
-                f"train_teacher_traj.py command again to rewrite it"
+                f"{path} cannot be read ({e}): the shard is damaged; remove {folder} and run the "
+                "same train_teacher_traj.py command again to rewrite it"
             ) from e
     n = stop - start
     problems = [
@@ -216,8 +226,8 @@ def open_shard(folder, start, stop, state_shape, dtype):
         problems.append(f"index.npy does not hold the indices {start}..{stop - 1}")
     if problems:
         raise UserError(
-            f"{folder} is damaged ({'; '.join(problems)}): remove it and run the same train_teacher_traj.py "
-            f"command again to rewrite it"
+            f"{folder} is damaged ({'; '.join(problems)}): remove it and run the same "
+            "train_teacher_traj.py command again to rewrite it"
         )
     return arrays
 
@@ -230,17 +240,16 @@ def log_snr(t):
     return float(np.log(alpha_bar / (1.0 - alpha_bar)))
 
 
-BOUNDARY_SCHEDULES = (
-    "t",
-    "logsnr",
-)  # evenly spaced in the noise level, or in log-SNR (more content per step)
+# evenly spaced in the noise level, or in log-SNR (more content per step)
+BOUNDARY_SCHEDULES = ("t", "logsnr")
 
 
 def schedule_coordinate(schedule, flow=None):
-    """The coordinate a boundary schedule spaces evenly, as a function of a saved timestep. For DiT's diffusion
-    (flow=None): the timestep itself ('t': 999, 749, 500, 250 for K = 4, most steps at low signal) or its log-SNR
-    ('logsnr': 999, 708, 291, 42 on DiT's 25-step grid). For a flow (diffusion/flow.py): the noise level s, or
-    2 log((1 - s) / s) (K = 4 on a 25-step grid: s = 1, 0.84, 0.48, 0.16)."""
+    """The coordinate a boundary schedule spaces evenly, as a function of a saved timestep. For
+    DiT's diffusion (flow=None): the timestep itself ('t': 999, 749, 500, 250 for K = 4, most
+    steps at low signal) or its log-SNR ('logsnr': 999, 708, 291, 42 on DiT's 25-step grid). For a
+    flow (diffusion/flow.py): the noise level s, or 2 log((1 - s) / s) (K = 4 on a 25-step grid:
+    s = 1, 0.84, 0.48, 0.16)."""
     if schedule not in BOUNDARY_SCHEDULES:
         raise UserError(
             f"unknown boundary schedule {schedule!r}: use one of {', '.join(BOUNDARY_SCHEDULES)}"
@@ -249,16 +258,18 @@ def schedule_coordinate(schedule, flow=None):
         return float if schedule == "t" else log_snr
     if schedule == "t":
         return flow.noise_level
-    # The noise (s = 1) has log-SNR -inf: levels are clamped to the grid's inner range [1/S, 1 - 1/S].
+    # The noise (s = 1) has log-SNR -inf: levels are clamped to the grid's inner
+    # range [1/S, 1 - 1/S].
     lo = 1.0 / flow.num_timesteps
     return lambda t: flow_log_snr(min(max(flow.noise_level(t), lo), 1.0 - lo))
 
 
 def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t", flow=None):
-    """K + 1 solver steps among the saved ones, from the noise to the sample: boundary k is the saved state whose
-    coordinate (see schedule_coordinate) is nearest to the k-th of K + 1 evenly spaced values between the noise's
-    and that of the last time the teacher's solver evaluates (timestep 0 on DiT's grids, noise level 1 / S for a
-    flow). A pure function of the store's manifest, K and the schedule."""
+    """K + 1 solver steps among the saved ones, from the noise to the sample: boundary k is the
+    saved state whose coordinate (see schedule_coordinate) is nearest to the k-th of K + 1 evenly
+    spaced values between the noise's and that of the last time the teacher's solver evaluates
+    (timestep 0 on DiT's grids, noise level 1 / S for a flow). A pure function of the store's
+    manifest, K and the schedule."""
     if num_steps < 1:
         raise UserError("the student needs at least one step")
     coord = schedule_coordinate(schedule, flow)
@@ -278,7 +289,8 @@ def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t", fl
 
 
 class TrajectoryStore:
-    """Memory-mapped, random-access view of a complete store, verified when opened (see open_shard)."""
+    """Memory-mapped, random-access view of a complete store, verified when
+    opened (see open_shard)."""
 
     def __init__(self, path):
         self.path = path
@@ -291,14 +303,16 @@ class TrajectoryStore:
         ]
         if missing:
             raise UserError(
-                f"{path} is incomplete ({len(missing)} of {len(self.manifest['shards'])} shards missing, "
-                f"e.g. {missing[0]}): run the same train_teacher_traj.py command again to finish it"
+                f"{path} is incomplete ({len(missing)} of {len(self.manifest['shards'])} "
+                f"shards missing, e.g. {missing[0]}): run the same train_teacher_traj.py "
+                "command again to finish it"
             )
         ranges = shard_ranges(self.manifest["count"], self.manifest["shard_size"])
         if len(ranges) != len(self.manifest["shards"]):
             raise UserError(
-                f"{path}: the manifest lists {len(self.manifest['shards'])} shards for {self.manifest['count']} "
-                f"trajectories in shards of {self.manifest['shard_size']}: the store is damaged"
+                f"{path}: the manifest lists {len(self.manifest['shards'])} shards for "
+                f"{self.manifest['count']} trajectories in shards of "
+                f"{self.manifest['shard_size']}: the store is damaged"
             )
         for name, (start, stop) in zip(self.manifest["shards"], ranges):
             state_shape = (stop - start, len(self.saved_steps), *self.manifest["shape"])
@@ -325,8 +339,9 @@ class TrajectoryStore:
         return range(start, start + len(self.shards[shard]["y"]))
 
     def rank_indices(self, indices, rank, world_size):
-        """The indices (of those given) that a rank reads: whole shards round-robin when there are enough shards
-        (each rank then touches only its own files), otherwise every world_size-th index."""
+        """The indices (of those given) that a rank reads: whole shards round-robin when
+        there are enough shards (each rank then touches only its own files), otherwise
+        every world_size-th index."""
         allowed = set(indices)
         if len(self.shards) >= world_size:
             mine = [
@@ -344,12 +359,14 @@ class TrajectoryStore:
         return mine
 
     def positions(self, steps):
-        """Positions in the saved-step axis of the given solver steps, with a clear error for any not saved."""
+        """Positions in the saved-step axis of the given solver steps, with a clear
+        error for any not saved."""
         missing = [s for s in steps if s not in self.saved_steps]
         if missing:
             raise UserError(
-                f"the store {self.path} did not save solver steps {missing}; it saved {self.saved_steps}. "
-                f"Pick --boundaries among those, or write a store with --save-steps that include them"
+                f"the store {self.path} did not save solver steps {missing}; it saved "
+                f"{self.saved_steps}. Pick --boundaries among those, or write a store with "
+                "--save-steps that include them"
             )
         return [self.saved_steps.index(s) for s in steps]
 
@@ -357,16 +374,19 @@ class TrajectoryStore:
         return [self.saved_timesteps[p] for p in self.positions(steps)]
 
     def check_model(self, shape=None, num_classes=None, model=None):
-        """Stops with a clear message when the store was written for another model shape or class count."""
+        """Stops with a clear message when the store was written for another
+        model shape or class count."""
         m = self.manifest
         if shape is not None and tuple(shape) != self.shape:
             raise UserError(
-                f"the store {self.path} holds {'x'.join(map(str, self.shape))} trajectories "
-                f"but the model expects {'x'.join(map(str, shape))}: use a store made by a teacher of this shape"
+                f"the store {self.path} holds {'x'.join(map(str, self.shape))} "
+                f"trajectories but the model expects {'x'.join(map(str, shape))}: use a "
+                "store made by a teacher of this shape"
             )
         if num_classes is not None and num_classes != m["num_classes"]:
             raise UserError(
-                f"the store {self.path} has {m['num_classes']} classes but the model has {num_classes}"
+                f"the store {self.path} has {m['num_classes']} classes but "
+                f"the model has {num_classes}"
             )
         if model is not None and model != m["model"]:
             raise UserError(
@@ -374,8 +394,9 @@ class TrajectoryStore:
             )
 
     def read(self, indices, steps, arrays=("xt", "x0")):
-        """For sample indices (any order) and solver steps: {array: (len(indices), len(steps), C, H, W), 'y': (n,)},
-        in the store's dtype (torch converts float16 faster than numpy does)."""
+        """For sample indices (any order) and solver steps:
+        {array: (len(indices), len(steps), C, H, W), 'y': (n,)}, in the store's dtype (torch
+        converts float16 faster than numpy does)."""
         pos = self.positions(steps)
         dtype = np.dtype(self.manifest.get("dtype", "float32"))
         out = {a: np.empty((len(indices), len(steps), *self.shape), dtype=dtype) for a in arrays}
@@ -398,11 +419,14 @@ class TrajectoryStore:
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):
-    """Student training examples: (inputs (K, C, H, W), targets (K, C, H, W), y) at the K + 1 boundaries.
+    """Student training examples: (inputs (K, C, H, W), targets (K, C, H, W), y)
+    at the K + 1 boundaries.
 
-    target='state': inputs are the ODE states at boundaries 0..K-1 and targets those at 1..K (the paper's figure).
-    target='x0': the first input is the noise; later inputs and the targets are the teacher's x0 predictions at
-    the boundaries (the public re-implementation's default). The last target is the final sample in both.
+    target='state': inputs are the ODE states at boundaries 0..K-1 and targets those at 1..K
+    (the paper's figure).
+    target='x0': the first input is the noise; later inputs and the targets are the teacher's x0
+    predictions at the boundaries (the public re-implementation's default). The last target is the
+    final sample in both.
     """
 
     def __init__(self, store, boundaries, target="state", indices=None):
@@ -414,21 +438,21 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             )
         if boundaries[0] != store.saved_steps[0] or boundaries[-1] != store.saved_steps[-1]:
             raise UserError(
-                f"boundaries must start at the noise (step {store.saved_steps[0]}) and end at the sample "
-                f"(step {store.saved_steps[-1]}), got {boundaries}"
+                f"boundaries must start at the noise (step {store.saved_steps[0]}) and end at the "
+                f"sample (step {store.saved_steps[-1]}), got {boundaries}"
             )
         store.positions(boundaries)  # every boundary must have been saved
         self.store, self.boundaries, self.target = store, list(boundaries), target
         self.indices = list(range(len(store))) if indices is None else list(indices)
-        self.timesteps = store.timesteps(
-            self.boundaries[:-1]
-        )  # the student's input timesteps t_0 .. t_{K-1}
+        # the student's input timesteps t_0 .. t_{K-1}
+        self.timesteps = store.timesteps(self.boundaries[:-1])
 
     def __len__(self):
         return len(self.indices)
 
     def __getitems__(self, items):
-        """A whole batch at once (the DataLoader uses this when present): one read per shard and array."""
+        """A whole batch at once (the DataLoader uses this when present): one
+        read per shard and array."""
         indices = [self.indices[i] for i in items]
         if self.target == "state":
             data = self.store.read(indices, self.boundaries, arrays=("xt",))

@@ -1,4 +1,5 @@
-"""The Stable Diffusion VAE that maps images to DiT's latent space (through diffusers' AutoencoderKL)."""
+"""The Stable Diffusion VAE that maps images to DiT's latent space (through
+diffusers' AutoencoderKL)."""
 
 import torch
 
@@ -10,7 +11,8 @@ SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse
 
 
 def load_vae(name_or_path, device="cpu"):
-    """diffusers' AutoencoderKL from a local folder, an SD_VAES short name ('ema', 'mse') or a hub id."""
+    """diffusers' AutoencoderKL from a local folder, an SD_VAES short name
+    ('ema', 'mse') or a hub id."""
     from diffusers.models import AutoencoderKL
 
     source = SD_VAES.get(name_or_path, name_or_path)
@@ -18,15 +20,17 @@ def load_vae(name_or_path, device="cpu"):
         vae = AutoencoderKL.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise MissingFileError(
-            f"cannot load the VAE {source!r}: it is neither a local folder nor in the Hugging Face cache, "
-            f"and the hub could not be reached; pass --vae PATH to a folder saved with save_pretrained ({e})"
+            f"cannot load the VAE {source!r}: it is neither a local folder nor in the "
+            "Hugging Face cache, and the hub could not be reached; pass --vae PATH to a folder "
+            f"saved with save_pretrained ({e})"
         ) from e
     return vae.to(device).eval()
 
 
 @torch.no_grad()
 def vae_encode(vae, x):
-    """Images in [-1, 1], (N, 3, H, W) -> scaled latents (N, 4, H/8, W/8), sampled from the posterior."""
+    """Images in [-1, 1], (N, 3, H, W) -> scaled latents (N, 4, H/8, W/8),
+    sampled from the posterior."""
     return vae.encode(x).latent_dist.sample().mul_(VAE_SCALE)
 
 

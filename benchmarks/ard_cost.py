@@ -1,7 +1,8 @@
-"""What history costs: FLOPs and CPU wall time of the ARD student against step distillation (N = 0), and of
-its teacher-forced training step against a dense implementation that masks all K x L tokens in every layer.
+"""What history costs: FLOPs and CPU wall time of the ARD student against step distillation
+(N = 0), and of its teacher-forced training step against a dense implementation that masks all
+K x L tokens in every layer.
 
-    python -m benchmarks.ard_cost                      # DiT-XL/2 FLOPs (N=6), DiT-S/2 CPU wall time (N=3), 256x256, K=4
+    python -m benchmarks.ard_cost  # DiT-XL/2 FLOPs (N=6), DiT-S/2 CPU wall time (N=3), 256x256, K=4
     python -m benchmarks.ard_cost --flops-model DiT-B/2 --time-model DiT-B/2 --history-layers 3
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the meta device (nothing is
@@ -60,18 +61,22 @@ def flops_report(args):
     )
     s_public = count_flops(lambda: dense_forward(ard, x, y, per_token_conditioning=True))
     print(
-        f"== FLOPs, {args.flops_model} at {args.image_size}x{args.image_size}, K={K}, batch {args.flops_batch} (meta device)"
+        f"== FLOPs, {args.flops_model} at {args.image_size}x{args.image_size}, K={K}, batch "
+        f"{args.flops_batch} (meta device)"
     )
     print(f"sample, step distillation (N=0):        {f_sd / 1e12:8.3f} TFLOPs")
     print(
-        f"sample, ARD (N={N}):                     {f_ard / 1e12:8.3f} TFLOPs   ratio {f_ard / f_sd:.4f}"
+        f"sample, ARD (N={N}):                     {f_ard / 1e12:8.3f} TFLOPs   "
+        f"ratio {f_ard / f_sd:.4f}"
     )
     print(f"train step (fwd+bwd), ARD:              {t_ours / 1e12:8.3f} TFLOPs")
     print(
-        f"train step, dense masked K*L all layers: {t_dense / 1e12:8.3f} TFLOPs   ours/dense {t_ours / t_dense:.3f}"
+        f"train step, dense masked K*L all layers: {t_dense / 1e12:8.3f} TFLOPs   "
+        f"ours/dense {t_ours / t_dense:.3f}"
     )
     print(
-        f"train step, dense + per-token adaLN:     {t_public / 1e12:8.3f} TFLOPs   ours/that {t_ours / t_public:.3f}"
+        f"train step, dense + per-token adaLN:     {t_public / 1e12:8.3f} TFLOPs   "
+        f"ours/that {t_ours / t_public:.3f}"
     )
     print(
         f"K steps recomputed densely, per-token adaLN (no KV cache): {s_public / 1e12:.3f} TFLOPs "
@@ -98,12 +103,12 @@ def time_report(args):
             [lambda: sd.sample(x[:, 0], y), lambda: ard.sample(x[:, 0], y)], args.repeats
         )
     print(
-        f"== CPU wall time, {args.time_model} at {args.image_size}x{args.image_size}, K={K}, batch {args.time_batch}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+        f"== CPU wall time, {args.time_model} at {args.image_size}x{args.image_size}, K={K}, batch "
+        f"{args.time_batch}, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
     print(
-        f"sample, N=0: {1000 * t_sd:.1f} ms   N={N}: {1000 * t_ard:.1f} ms   ratio {t_ard / t_sd:.4f} "
-        f"(FLOPs ratio of this config {flop_ratio:.4f})"
+        f"sample, N=0: {1000 * t_sd:.1f} ms   N={N}: {1000 * t_ard:.1f} ms   "
+        f"ratio {t_ard / t_sd:.4f} (FLOPs ratio of this config {flop_ratio:.4f})"
     )
     x_train, _ = inputs(ard, args.train_batch, "cpu")
     y_train = y[:1].expand(args.train_batch)
@@ -116,8 +121,8 @@ def time_report(args):
         max(3, args.repeats // 2),
     )
     print(
-        f"train step (fwd+bwd), batch {args.train_batch}: ARD {1000 * t_ours:.0f} ms   dense masked {1000 * t_dense:.0f} ms   "
-        f"ratio {t_ours / t_dense:.3f}"
+        f"train step (fwd+bwd), batch {args.train_batch}: ARD {1000 * t_ours:.0f} ms   "
+        f"dense masked {1000 * t_dense:.0f} ms   ratio {t_ours / t_dense:.3f}"
     )
 
 
@@ -160,7 +165,8 @@ def parse_args(argv=None):
         "--time-history-layers",
         type=non_negative_int,
         default=3,
-        help="N for the wall-time runs: 3 of 12 blocks is the paper's share (6 of 28) at DiT-S/B depth",
+        help="N for the wall-time runs: 3 of 12 blocks is the paper's share "
+        "(6 of 28) at DiT-S/B depth",
     )
     parser.add_argument(
         "--flops-batch", type=positive_int, default=1, help="batch of the FLOP counts"

@@ -1,11 +1,11 @@
-"""What a distillation step costs against a teacher training step of the same batch: FLOPs at DiT-XL/2
-shapes (meta device) and steps per second on this CPU for the digits config.
+"""What a distillation step costs against a teacher training step of the same batch: FLOPs at
+DiT-XL/2 shapes (meta device) and steps per second on this CPU for the digits config.
 
     python -m benchmarks.train_cost
 
-The teacher step is DiT's: one forward and backward of B images at one random timestep each (plus the VB
-term's cheap extras). The student step is ARD's teacher-forced pass over all K steps of B trajectories,
-forward and backward, so it sees K times the tokens.
+The teacher step is DiT's: one forward and backward of B images at one random timestep each (plus
+the VB term's cheap extras). The student step is ARD's teacher-forced pass over all K steps of B
+trajectories, forward and backward, so it sees K times the tokens.
 """
 
 import argparse
@@ -101,7 +101,8 @@ def main(args):
     print(f"== FLOPs per training step, DiT-XL/2 at 256x256, batch {args.xl_batch} (meta device)")
     print(f"teacher (DiT) step:           {f_teacher / 1e12:.3f} TFLOPs")
     print(
-        f"ARD student step (K={K}, N={args.xl_history_layers}): {f_student / 1e12:.3f} TFLOPs   ratio {f_student / f_teacher:.2f}"
+        f"ARD student step (K={K}, N={args.xl_history_layers}): {f_student / 1e12:.3f} TFLOPs   "
+        f"ratio {f_student / f_teacher:.2f}"
     )
 
     torch.manual_seed(0)
@@ -123,10 +124,12 @@ def main(args):
             fn()
         rates.append(args.repeats / (time.perf_counter() - start))
     print(
-        f"== CPU steps per second, DiT-T/2 on 8x8 digits, batch {args.digits_batch}, {torch.get_num_threads()} threads"
+        f"== CPU steps per second, DiT-T/2 on 8x8 digits, batch {args.digits_batch}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(
-        f"teacher step: {rates[0]:.2f} steps/s   ARD student step (K={K}, N={args.digits_history_layers}): {rates[1]:.2f} steps/s "
+        f"teacher step: {rates[0]:.2f} steps/s   "
+        f"ARD student step (K={K}, N={args.digits_history_layers}): {rates[1]:.2f} steps/s "
         f"(student / teacher time {rates[0] / rates[1]:.2f})"
     )
 

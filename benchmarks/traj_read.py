@@ -1,12 +1,14 @@
-"""Read throughput of the trajectory store against one .npz file per sample per saved step (the public
-re-implementation's layout), built from the same random data in a temporary folder, measured in one run.
+"""Read throughput of the trajectory store against one .npz file per sample per saved step
+(the public re-implementation's layout), built from the same random data in a temporary
+folder, measured in one run.
 
-    python -m benchmarks.traj_read                       # 2,000 ImageNet-shaped trajectories (4x32x32), 26 saved steps
+    python -m benchmarks.traj_read  # 2,000 ImageNet-shaped trajectories (4x32x32), 26 saved steps
     python -m benchmarks.traj_read --shape 1 8 8 --count 10000
 
-Each read is a random batch of --batch-size trajectories, both arrays (xt and x0) at the K + 1 = 5 default
-boundaries (at most what train_ard.py reads per step; each .npz is opened once). Both layouts are read warm from the page cache, where the difference is
-pure file-handling overhead; a cold disk only widens it. Also prints the number of files each layout
+Each read is a random batch of --batch-size trajectories, both arrays (xt and x0) at the
+K + 1 = 5 default boundaries (at most what train_ard.py reads per step; each .npz is opened
+once). Both layouts are read warm from the page cache, where the difference is pure
+file-handling overhead; a cold disk only widens it. Also prints the number of files each layout
 needs for 1.2 M ImageNet trajectories.
 """
 
@@ -74,7 +76,8 @@ def build_store(root, count, steps, shape, shard_size, dtype, rng):
 
 
 def read_per_sample(folder, indices, steps):
-    """The public layout's read: one file per sample and step, then the same float32 tensors as ours."""
+    """The public layout's read: one file per sample and step, then the same
+    float32 tensors as ours."""
     xt, x0 = [], []
     for i in indices:
         for k in steps:
@@ -130,8 +133,8 @@ def main(args):
     root = tempfile.mkdtemp(prefix="traj_read_")
     try:
         print(
-            f"Writing {args.count} random trajectories of {args.steps} steps of {'x'.join(map(str, args.shape))} float16 "
-            f"in both layouts to {root} ...",
+            f"Writing {args.count} random trajectories of {args.steps} steps of "
+            f"{'x'.join(map(str, args.shape))} float16 in both layouts to {root} ...",
             flush=True,
         )
         per_sample = build_store(
@@ -159,13 +162,15 @@ def main(args):
         print(f"random batches of {args.batch_size} at boundaries {bounds}, warm page cache:")
         print(f"  trajectory store ({n_files} files):                 {ours:10.0f} trajectories/s")
         print(
-            f"  one .npz per sample per step ({len(os.listdir(per_sample))} files): {theirs:10.0f} trajectories/s"
+            f"  one .npz per sample per step ({len(os.listdir(per_sample))} files): "
+            f"{theirs:10.0f} trajectories/s"
         )
         print(f"  ratio: {ours / theirs:.1f}x")
         imagenet = 1_281_167
         shards = -(-imagenet // args.shard_size)
         print(
-            f"files for {imagenet:,} ImageNet trajectories: store {4 * shards + 1:,} (shards of {args.shard_size}); "
+            f"files for {imagenet:,} ImageNet trajectories: store {4 * shards + 1:,} "
+            f"(shards of {args.shard_size}); "
             f"per-sample-per-step {imagenet * 5:,} at 5 saved steps, {imagenet * 26:,} at 26"
         )
     finally:

@@ -15,9 +15,9 @@ def create_diffusion(
     rescale_learned_sigmas=False,
     diffusion_steps=1000,
 ):
-    """DiT's diffusion: 1000 linear-schedule steps, epsilon prediction, learned-range variance trained
-    with the hybrid MSE + VB loss; timestep_respacing ("" for all steps, "25", "ddim50", ...) picks
-    the steps a sampler visits."""
+    """DiT's diffusion: 1000 linear-schedule steps, epsilon prediction, learned-range variance
+    trained with the hybrid MSE + VB loss; timestep_respacing ("" for all steps, "25", "ddim50",
+    ...) picks the steps a sampler visits."""
     betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL

@@ -30,7 +30,8 @@ def approx_standard_normal_cdf(x):
 
 
 def discretized_gaussian_log_likelihood(x, *, means, log_scales):
-    """Log-likelihood of images x in [-1, 1] (256 bins) under a discretised Gaussian, in nats, elementwise."""
+    """Log-likelihood of images x in [-1, 1] (256 bins) under a discretised
+    Gaussian, in nats, elementwise."""
     assert x.shape == means.shape == log_scales.shape
     centered_x = x - means
     inv_stdv = torch.exp(-log_scales)

@@ -1,8 +1,9 @@
 # Gaussian diffusion after openai/guided-diffusion (Dhariwal & Nichol, 2021) and
-# openai/improved-diffusion, as trimmed by DiT (facebookresearch/DiT, diffusion/gaussian_diffusion.py):
-# noise schedules, the forward process, the learned-range variance, the hybrid MSE + VB training loss,
-# ancestral (DDPM) sampling and DDIM sampling. Names and semantics follow upstream so that models
-# and numbers carry over; the code is written for this repository. New solvers live in ode.py.
+# openai/improved-diffusion, as trimmed by DiT (facebookresearch/DiT,
+# diffusion/gaussian_diffusion.py): noise schedules, the forward process, the learned-range
+# variance, the hybrid MSE + VB training loss, ancestral (DDPM) sampling and DDIM sampling. Names
+# and semantics follow upstream so that models and numbers carry over; the code is written for this
+# repository. New solvers live in ode.py.
 
 import enum
 import math
@@ -92,12 +93,14 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
     return np.array(betas)
 
 
-_ON_DEVICE = {}  # (id of a schedule array, device) -> its copy there, dropped when the array is freed
+# (id of a schedule array, device) -> its copy there, dropped when the array is freed
+_ON_DEVICE = {}
 
 
 def _on_device(arr, device):
-    """The 1-D numpy array `arr` as a tensor on `device`, copied there once: a sampler's later steps then copy nothing
-    from the host, which a captured CUDA graph requires (ard/graphs.py). Schedule arrays are never modified."""
+    """The 1-D numpy array `arr` as a tensor on `device`, copied there once: a sampler's later steps
+    then copy nothing from the host, which a captured CUDA graph requires (ard/graphs.py). Schedule
+    arrays are never modified."""
     if torch.device(device).type == "cpu":
         return torch.from_numpy(arr)  # shares the array's memory: nothing to copy or cache
     key = (id(arr), str(device))
@@ -108,7 +111,8 @@ def _on_device(arr, device):
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
-    """Values of the 1-D numpy array `arr` at integer `timesteps`, as float32, broadcast to broadcast_shape."""
+    """Values of the 1-D numpy array `arr` at integer `timesteps`, as float32,
+    broadcast to broadcast_shape."""
     res = _on_device(arr, timesteps.device)[timesteps].float()
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
@@ -156,7 +160,8 @@ class GaussianDiffusion:
             if len(self.posterior_variance) > 1
             else np.array([])
         )
-        # The variances p_mean_variance reads, computed once (a sampler's steps then use arrays already on the device).
+        # The variances p_mean_variance reads, computed once (a sampler's steps then use arrays
+        # already on the device).
         self.log_betas = np.log(betas)
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
@@ -201,9 +206,11 @@ class GaussianDiffusion:
         """Applies the model to get p(x_{t-1} | x_t) and a prediction of x_0.
 
         :param clip_denoised: if True, clip the x_0 prediction to [-1, 1].
-        :param denoised_fn: if not None, applied to the x_0 prediction before it is used (after clipping).
+        :param denoised_fn: if not None, applied to the x_0 prediction before it is used (after
+                            clipping).
         :return: a dict with 'mean', 'variance', 'log_variance', 'pred_xstart' and 'model_output'
-                 (the predicted noise, or whatever model_mean_type says, without the variance channels).
+                 (the predicted noise, or whatever model_mean_type says, without the variance
+                 channels).
         """
         if model_kwargs is None:
             model_kwargs = {}
@@ -224,7 +231,8 @@ class GaussianDiffusion:
             model_variance = torch.exp(model_log_variance)
         else:
             model_variance, model_log_variance = {
-                # For FIXED_LARGE, the initial (log-)variance is set like so to get a better decoder log likelihood.
+                # For FIXED_LARGE, the initial (log-)variance is set like so to get a better
+                # decoder log likelihood.
                 ModelVarType.FIXED_LARGE: (
                     self.fixed_large_variance,
                     self.fixed_large_log_variance,
@@ -284,9 +292,8 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
         )
         noise = torch.randn_like(x)
-        nonzero_mask = (
-            (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
-        )  # no noise when t == 0
+        # no noise when t == 0
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -355,7 +362,8 @@ class GaussianDiffusion:
     def ddim_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
     ):
-        """One DDIM step from timestep t to the previous one; eta = 0 is the deterministic (ODE) step."""
+        """One DDIM step from timestep t to the previous one; eta = 0 is the
+        deterministic (ODE) step."""
         out = self.p_mean_variance(
             model,
             x,
@@ -364,7 +372,8 @@ class GaussianDiffusion:
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
         )
-        # Recompute eps from the (possibly clipped) x_0 prediction, so that the step is consistent with it.
+        # Recompute eps from the (possibly clipped) x_0 prediction, so that the
+        # step is consistent with it.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
@@ -423,8 +432,9 @@ class GaussianDiffusion:
         progress=False,
         eta=0.0,
     ):
-        """Yields {'sample', 'pred_xstart'} after every DDIM step: the new state and the x_0 prediction
-        made at the state before it. With eta = 0 this walks the probability-flow ODE's trajectory."""
+        """Yields {'sample', 'pred_xstart'} after every DDIM step: the new state and the
+        x_0 prediction made at the state before it. With eta = 0 this walks the
+        probability-flow ODE's trajectory."""
         if device is None:
             device = (
                 next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
@@ -451,8 +461,8 @@ class GaussianDiffusion:
                 img = out["sample"]
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
-        """The variational bound term of timestep t, in bits per dimension: the KL to the true posterior,
-        or the decoder NLL at t = 0."""
+        """The variational bound term of timestep t, in bits per dimension: the KL to the true
+        posterior, or the decoder NLL at t = 0."""
         true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
             x_start=x_start, x_t=x_t, t=t
         )

@@ -4,11 +4,11 @@ Every solver has one signature, in the manner of k-diffusion's samplers:
 
     x_final = solver(diffusion, model, noise, model_kwargs=None, clip_denoised=False, callback=None)
 
-and walks the S steps of a (respaced) `diffusion` from its noisiest timestep down to t = 0. After the
-model has been evaluated at state s (s = 0 is the noise, s = S the final sample), `callback` receives
-{"step": s, "t": the model timestep of that state (-1 for the final sample), "x": the state,
-"denoised": the x0 prediction at it}; the final sample is its own x0 prediction. `trajectory` collects
-those into stacked tensors.
+and walks the S steps of a (respaced) `diffusion` from its noisiest timestep down to t = 0. After
+the model has been evaluated at state s (s = 0 is the noise, s = S the final sample), `callback`
+receives {"step": s, "t": the model timestep of that state (-1 for the final sample), "x": the
+state, "denoised": the x0 prediction at it}; the final sample is its own x0 prediction. `trajectory`
+collects those into stacked tensors.
 
 In the variables x_bar = x / sqrt(alpha_bar) and sigma = sqrt(1 / alpha_bar - 1) the ODE reads
 d x_bar / d sigma = eps(x, t): DDIM with eta = 0 is its Euler method (Song et al., 2021; Karras et
@@ -18,14 +18,13 @@ al., 2022), Heun its second-order trapezoidal correction.
 import numpy as np
 import torch
 
-FINAL_TIMESTEP = (
-    -1
-)  # the timestep recorded for the final (clean) sample, which the model never sees
+# the timestep recorded for the final (clean) sample, which the model never sees
+FINAL_TIMESTEP = -1
 
 
 def model_timesteps(diffusion):
-    """The original model timestep of each solver state but the last, noisiest first: [999, 957, ..., 0] for '25'.
-    A flow (diffusion/flow.py) gives its model times instead."""
+    """The original model timestep of each solver state but the last, noisiest first:
+    [999, 957, ..., 0] for '25'. A flow (diffusion/flow.py) gives its model times instead."""
     if hasattr(diffusion, "model_times"):
         return diffusion.model_times()
     timestep_map = getattr(diffusion, "timestep_map", list(range(diffusion.num_timesteps)))
@@ -33,7 +32,8 @@ def model_timesteps(diffusion):
 
 
 def solver_grid(diffusion):
-    """The timestep of every solver state, the noise first and the final sample (FINAL_TIMESTEP) last: S + 1 values."""
+    """The timestep of every solver state, the noise first and the final sample
+    (FINAL_TIMESTEP) last: S + 1 values."""
     return model_timesteps(diffusion) + [FINAL_TIMESTEP]
 
 
@@ -53,8 +53,9 @@ def _sigma(diffusion, i):
 
 @torch.no_grad()
 def _integrate(diffusion, model, noise, model_kwargs, clip_denoised, callback, update):
-    """The loop every solver shares: evaluate the model at each state, report it to the callback, and move to
-    the next state with update(x, x0, eps, i) (i is the respaced index of x); the final sample is reported last."""
+    """The loop every solver shares: evaluate the model at each state, report it to the callback,
+    and move to the next state with update(x, x0, eps, i) (i is the respaced index of x); the final
+    sample is reported last."""
     timesteps = model_timesteps(diffusion)
     x = noise
     for step, i in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
@@ -78,7 +79,8 @@ def sample_ddim(diffusion, model, noise, model_kwargs=None, clip_denoised=False,
 
 
 def sample_heun(diffusion, model, noise, model_kwargs=None, clip_denoised=False, callback=None):
-    """Heun's second-order method on the same grid: two evaluations per step, one on the last (Euler) step."""
+    """Heun's second-order method on the same grid: two evaluations per step, one on
+    the last (Euler) step."""
 
     def update(x, x0, eps, i):
         sigma, sigma_next = _sigma(diffusion, i), _sigma(diffusion, i - 1)
@@ -95,8 +97,9 @@ def sample_heun(diffusion, model, noise, model_kwargs=None, clip_denoised=False,
 
 
 def trajectory(solver, diffusion, model, noise, model_kwargs=None, clip_denoised=False, steps=None):
-    """Runs `solver` and returns (xt, x0), each (B, J, *noise.shape[1:]): the states and x0 predictions at
-    the solver states listed in `steps` (default: all S + 1 of them), ordered from the noise to the sample."""
+    """Runs `solver` and returns (xt, x0), each (B, J, *noise.shape[1:]): the states and x0
+    predictions at the solver states listed in `steps` (default: all S + 1 of them), ordered from
+    the noise to the sample."""
     steps = list(range(diffusion.num_timesteps + 1)) if steps is None else list(steps)
     wanted = set(steps)
     states, denoised = {}, {}

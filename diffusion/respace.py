@@ -32,7 +32,8 @@ def space_timesteps(num_timesteps, section_counts):
         if size < section_count:
             raise ValueError(f"cannot divide section of {size} steps into {section_count}")
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
-        # Accumulate the fractional position as upstream does: the rounding of the sum is what fixes the grid.
+        # Accumulate the fractional position as upstream does: the rounding of the sum
+        # is what fixes the grid.
         cur_idx = 0.0
         taken_steps = []
         for _ in range(section_count):
@@ -82,7 +83,8 @@ class _WrappedModel:
     def __init__(self, model, timestep_map, maps):
         self.model = model
         self.timestep_map = timestep_map
-        self.maps = maps  # (device, dtype) -> the map there, copied once per diffusion (no host copy per step)
+        # (device, dtype) -> the map there, copied once per diffusion (no host copy per step)
+        self.maps = maps
 
     def __call__(self, x, ts, **kwargs):
         key = (str(ts.device), ts.dtype)

@@ -1,11 +1,13 @@
 """python -m evaluator REF.npz SAMPLE.npz: the ADM evaluator's figures for a batch of samples.
 
-Both files are ADM-format .npz: `arr_0` uint8 images (N, H, W, 3), optionally `arr_1` labels; a reference
-batch may instead (or also) hold precomputed `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial), like
-ADM's VIRTUAL_imagenet256_labeled.npz. Precision and recall need the reference images.
+Both files are ADM-format .npz: `arr_0` uint8 images (N, H, W, 3), optionally `arr_1`
+labels; a reference batch may instead (or also) hold precomputed `mu`, `sigma` (pool_3) and
+`mu_s`, `sigma_s` (spatial), like ADM's VIRTUAL_imagenet256_labeled.npz. Precision and
+recall need the reference images.
 
     python -m evaluator VIRTUAL_imagenet256_labeled.npz samples.npz
-    python -m evaluator runs/digits/ref_test.npz samples.npz --features digits --feature-net runs/digits/digits_net.pt
+    python -m evaluator runs/digits/ref_test.npz samples.npz --features digits \
+        --feature-net runs/digits/digits_net.pt
 """
 
 import argparse
@@ -27,8 +29,8 @@ from evaluator.metrics import (
 
 
 def load_batch(path):
-    """An ADM-format batch, checked: arr_0 uint8 images (N, H, W, 3); arr_1, if present, N integer labels; or, for
-    a reference batch, precomputed statistics."""
+    """An ADM-format batch, checked: arr_0 uint8 images (N, H, W, 3); arr_1, if present, N integer
+    labels; or, for a reference batch, precomputed statistics."""
     if not os.path.isfile(path):
         raise MissingFileError(f"{path} does not exist")
     try:
@@ -40,7 +42,8 @@ def load_batch(path):
         images = batch["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(
-                f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}"
+                f"{path}: arr_0 must be uint8 images (N, H, W, 3), got "
+                f"{images.dtype} {images.shape}"
             )
         if "arr_1" in batch:
             labels = batch["arr_1"]
@@ -75,15 +78,16 @@ def evaluate_inception(ref, sample, weights=None, device="cpu"):
 
 
 def evaluate_embedded(ref, sample, net_path, data, teacher_ref=None, bootstrap=0):
-    """The figures of an embedded dataset (`data`), with its feature network: against the real reference and, with
-    teacher_ref, against the teacher's own samples of the same noises and labels (teacher fidelity, 'teacher_*')."""
+    """The figures of an embedded dataset (`data`), with its feature network: against the real
+    reference and, with teacher_ref, against the teacher's own samples of the same noises and labels
+    (teacher fidelity, 'teacher_*')."""
     from evaluator.feature_net import features, load_feature_net
 
     net, net_data = load_feature_net(net_path)
     if net_data != data:
         raise UserError(
-            f"{net_path} is the feature network of {net_data}, not of {data}: pass --features {net_data} or "
-            f"another --feature-net"
+            f"{net_path} is the feature network of {net_data}, not of {data}: pass --features "
+            f"{net_data} or another --feature-net"
         )
     if "arr_0" not in ref:
         raise UserError(f"the {data} reference batch must hold its images (arr_0)")
@@ -124,8 +128,8 @@ def parse_args(argv=None):
         "--features",
         choices=["inception", *EMBEDDED_NETS],
         default="inception",
-        help="the feature network: ADM's Inception (ImageNet-scale images), or the network of an embedded "
-        "dataset (8x8 digits, 28x28 Fashion-MNIST)",
+        help="the feature network: ADM's Inception (ImageNet-scale images), or the network of an "
+        "embedded dataset (8x8 digits, 28x28 Fashion-MNIST)",
     )
     parser.add_argument(
         "--inception-weights",
@@ -143,20 +147,21 @@ def parse_args(argv=None):
     parser.add_argument(
         "--teacher-ref",
         default=None,
-        help="embedded datasets: also the figures against this batch, the teacher's samples of the same "
-        "noises and labels",
+        help="embedded datasets: also the figures against this batch, the teacher's samples of "
+        "the same noises and labels",
     )
     parser.add_argument(
         "--bootstrap",
         type=non_negative_int,
         default=0,
-        help="embedded datasets: 95%% intervals of FID, precision and recall over this many resamples of the samples",
+        help="embedded datasets: 95%% intervals of FID, precision and recall over this "
+        "many resamples of the samples",
     )
     args = parser.parse_args(argv)
     if args.features != "inception" and args.feature_net is None:
         parser.error(
-            f"--features {args.features} needs --feature-net PATH (train one with python -m evaluator.train_feature_net "
-            f"--data {args.features} --out PATH)"
+            f"--features {args.features} needs --feature-net PATH (train one with "
+            f"python -m evaluator.train_feature_net --data {args.features} --out PATH)"
         )
     return args
 

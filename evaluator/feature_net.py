@@ -1,13 +1,14 @@
-"""The feature networks of the embedded datasets: small CNN classifiers trained on the real training images.
-Inception has no weights here and is far too big for 8x8 digits or 28x28 Fashion-MNIST; a network of this kind
-plays its part for the same metric code (FID on its 128-d penultimate features, precision/recall on them, class
-accuracy and an Inception-Score analogue from its 10-way logits).
+"""The feature networks of the embedded datasets: small CNN classifiers trained on the real training
+images. Inception has no weights here and is far too big for 8x8 digits or 28x28 Fashion-MNIST; a
+network of this kind plays its part for the same metric code (FID on its 128-d penultimate features,
+precision/recall on them, class accuracy and an Inception-Score analogue from its 10-way logits).
 
     python -m evaluator.train_feature_net --data digits --out runs/digits/digits_net.pt
     python -m evaluator.train_feature_net --data fashion --out runs/fashion/fashion_net.pt
 
-A network sees images as the evaluator does: uint8, grey, quantised exactly like generated samples. It is trained
-and run in float64 on one thread (see train_feature_net), so that it is the same network on any CPU.
+A network sees images as the evaluator does: uint8, grey, quantised exactly like generated
+samples. It is trained and run in float64 on one thread (see train_feature_net), so that it is
+the same network on any CPU.
 """
 
 import os
@@ -23,8 +24,9 @@ from ard.data import EMBEDDED, load_embedded, to_uint8
 
 
 class FeatureNet(nn.Module):
-    """conv 32 - conv 64 - fc 128 (the features) - fc 10 (the logits) on side x side grey images, 2x2 max-pooled after
-    the second convolution (8x8 digits: 4x4 left) or after both (28x28 Fashion-MNIST: 7x7 left)."""
+    """conv 32 - conv 64 - fc 128 (the features) - fc 10 (the logits) on side x side grey images,
+    2x2 max-pooled after the second convolution (8x8 digits: 4x4 left) or after both (28x28
+    Fashion-MNIST: 7x7 left)."""
 
     feature_dim = 128
 
@@ -50,7 +52,8 @@ NETS = {
     "digits": dict(side=8, classes=EMBEDDED["digits"][1], pools=1),
     "fashion": dict(side=28, classes=EMBEDDED["fashion"][1], pools=2),
 }
-# Training: epochs, batch size, the largest random shift in pixels (shape, not exact position, should make a feature).
+# Training: epochs, batch size, the largest random shift in pixels (shape, not exact position,
+# should make a feature).
 TRAINING = {
     "digits": dict(epochs=40, batch_size=64, shift=1),
     "fashion": dict(epochs=8, batch_size=128, shift=2),
@@ -70,19 +73,21 @@ def uint8_to_input(images, side):
 
 
 def real_uint8(data, split):
-    """Real images of an embedded dataset's split, quantised like generated samples: (uint8 (N, S, S, 3), labels (N,))."""
+    """Real images of an embedded dataset's split, quantised like generated samples:
+    (uint8 (N, S, S, 3), labels (N,))."""
     x, y = load_embedded(data, split)
     return to_uint8(x), y.numpy()
 
 
 def train_feature_net(data="digits", epochs=None, seed=0):
-    """The feature network of `data`, trained in float64 on one thread. Training amplifies a difference in the last
-    bit of a sum into another network, and every real-data FID moves with the network (for the digits by 0.1-0.4 at
-    an FID of 11, where the small teacher-fidelity FIDs moved by less than their last printed digit). In float32 the
-    last bit depends on the thread count and on the CPU's kernels: trained with the AVX2 kernels of PyTorch, oneDNN
-    or MKL instead of this machine's AVX-512 ones (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR), each gave
-    another digits network. In float64 those differences start 1e9 times smaller and stay far below what any figure
-    prints."""
+    """The feature network of `data`, trained in float64 on one thread. Training amplifies a
+    difference in the last bit of a sum into another network, and every real-data FID moves with
+    the network (for the digits by 0.1-0.4 at an FID of 11, where the small teacher-fidelity FIDs
+    moved by less than their last printed digit). In float32 the last bit depends on the thread
+    count and on the CPU's kernels: trained with the AVX2 kernels of PyTorch, oneDNN or MKL instead
+    of this machine's AVX-512 ones (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR), each gave
+    another digits network. In float64 those differences start 1e9 times smaller and stay far below
+    what any figure prints."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -124,11 +129,12 @@ def test_accuracy(net, data):
 
 
 def load_feature_net(path):
-    """(network, the dataset it was trained on) of a checkpoint of train_feature_net; a file without its dataset
-    is a digits network of an earlier version (float32, which loads as it is)."""
+    """(network, the dataset it was trained on) of a checkpoint of train_feature_net; a file without
+    its dataset is a digits network of an earlier version (float32, which loads as it is)."""
     if not os.path.isfile(path):
         raise MissingFileError(
-            f"no feature network at {path}: train one with python -m evaluator.train_feature_net --out {path}"
+            f"no feature network at {path}: train one with "
+            f"python -m evaluator.train_feature_net --out {path}"
         )
     ckpt = load_checkpoint(path)
     data = ckpt.get("data", "digits")

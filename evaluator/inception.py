@@ -1,6 +1,6 @@
-"""The ADM evaluator's Inception network, through torch-fidelity's port of the TF FID Inception graph
-(weights-inception-2015-12-05-6726825d.pth, equal to the TF graph's; TF1-style bilinear resize to 299x299,
-(x - 128) / 128). ADM's three outputs:
+"""The ADM evaluator's Inception network, through torch-fidelity's port of the TF FID Inception
+graph (weights-inception-2015-12-05-6726825d.pth, equal to the TF graph's; TF1-style bilinear resize
+to 299x299, (x - 128) / 128). ADM's three outputs:
 
   pool      pool_3, (N, 2048)                                    FID, precision, recall
   spatial   mixed_6/conv (torchvision: Mixed_6d.branch1x1), first 7 of its 192 channels at 17x17,
@@ -24,7 +24,8 @@ SPATIAL_CHANNELS = 7
 
 
 def find_weights(path=None):
-    """A local weights file: the given path, then ./pretrained_models/, then torch.hub's checkpoint cache."""
+    """A local weights file: the given path, then ./pretrained_models/, then
+    torch.hub's checkpoint cache."""
     candidates = (
         [path]
         if path
@@ -37,19 +38,19 @@ def find_weights(path=None):
         if candidate and os.path.isfile(candidate):
             return candidate
     raise MissingFileError(
-        f"the Inception weights were not found ({', '.join(c for c in candidates if c)}); download {WEIGHTS_URL} "
-        f"into pretrained_models/ (or pass --inception-weights PATH)"
+        f"the Inception weights were not found ({', '.join(c for c in candidates if c)}); download "
+        f"{WEIGHTS_URL} into pretrained_models/ (or pass --inception-weights PATH)"
     )
 
 
 def verify_weights(path):
-    """Refuses any file but torch-fidelity's port of the TF FID Inception: another network gives figures that
-    cannot be compared with ADM's."""
+    """Refuses any file but torch-fidelity's port of the TF FID Inception: another network gives
+    figures that cannot be compared with ADM's."""
     digest = file_sha256(path)
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
         raise UserError(
-            f"{path} is not {WEIGHTS_NAME} (its sha256 starts with {digest[:8]}, not {WEIGHTS_SHA256_PREFIX}): "
-            f"download {WEIGHTS_URL}"
+            f"{path} is not {WEIGHTS_NAME} (its sha256 starts with {digest[:8]}, not "
+            f"{WEIGHTS_SHA256_PREFIX}): download {WEIGHTS_URL}"
         )
 
 
@@ -79,7 +80,8 @@ class InceptionFeatures:
         weights_path = find_weights(weights_path)
         if verify:
             verify_weights(weights_path)
-        # torch-fidelity unpickles the file without weights_only; refuse anything that is not plain weights first.
+        # torch-fidelity unpickles the file without weights_only; refuse anything that is
+        # not plain weights first.
         try:
             torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -100,9 +102,8 @@ class InceptionFeatures:
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
     def _keep_spatial(self, module, inputs, output):
-        self._spatial = (
-            output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
-        )  # NHWC order, (N, 7*17*17)
+        # NHWC order, (N, 7*17*17)
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
     @torch.no_grad()
     def __call__(self, images, batch_size=100):

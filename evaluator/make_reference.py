@@ -2,10 +2,11 @@
 
     python -m evaluator.make_reference --data digits --split test --out runs/digits/ref_test.npz
     python -m evaluator.make_reference --data fashion --split test --out runs/fashion/ref_test.npz
-    python -m evaluator.make_reference --data /data/imagenet/val --image-size 256 --num 50000 --out ref_256.npz
+    python -m evaluator.make_reference --data /data/imagenet/val --image-size 256 --num 50000 \
+        --out ref_256.npz
 
-Image folders are centre-cropped as ADM does (ard.data.center_crop_arr); the embedded datasets are quantised
-exactly like generated samples (ard.data.to_uint8).
+Image folders are centre-cropped as ADM does (ard.data.center_crop_arr); the embedded datasets are
+quantised exactly like generated samples (ard.data.to_uint8).
 """
 
 import argparse

@@ -1,10 +1,13 @@
-"""The metric formulas of the ADM evaluation protocol (openai/guided-diffusion, evaluations/evaluator.py),
-on numpy arrays of features. Written for this repository; the definitions are those of the papers:
+"""The metric formulas of the ADM evaluation protocol (openai/guided-diffusion,
+evaluations/evaluator.py), on numpy arrays of features. Written for this repository; the
+definitions are those of the papers:
 
-  FID / sFID  Heusel et al., 2017: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), on pool_3 (FID) or on
-              spatial mixed_6/conv features (sFID, Nash et al., 2021).
-  IS          Salimans et al., 2016: exp(E_x KL(p(y|x) || p(y))), per split of consecutive samples, mean over splits.
-  P / R       Kynkaenniemi et al., 2019: the fraction of one set inside the k-NN balls of the other set.
+  FID / sFID  Heusel et al., 2017: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), on pool_3 (FID)
+              or on spatial mixed_6/conv features (sFID, Nash et al., 2021).
+  IS          Salimans et al., 2016: exp(E_x KL(p(y|x) || p(y))), per split of consecutive samples,
+              mean over splits.
+  P / R       Kynkaenniemi et al., 2019: the fraction of one set inside the k-NN balls of the
+              other set.
 """
 
 import warnings
@@ -24,8 +27,9 @@ def feature_statistics(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
-    When the product of the covariances is (nearly) singular, eps is added to both diagonals, as ADM does;
-    imaginary parts of the matrix square root beyond 1e-3 are an error, smaller ones are dropped.
+    When the product of the covariances is (nearly) singular, eps is added to both
+    diagonals, as ADM does; imaginary parts of the matrix square root beyond 1e-3 are an
+    error, smaller ones are dropped.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = (
@@ -34,7 +38,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise UserError(
-            f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}"
+            f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs "
+            f"{mu2.shape}/{sigma2.shape}"
         )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -52,9 +57,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, splits=None, split_size=5000):
-    """exp(E_x KL(p(y|x) || p(y))) with p(y|x) = softmax(logits), over consecutive, unshuffled splits, averaged,
-    as ADM computes it: splits of `split_size` samples (ADM: 5,000, so 10 splits for 50k), or `splits` splits of
-    ceil(N / splits) samples. Takes logits (N, classes), like every output of the evaluator."""
+    """exp(E_x KL(p(y|x) || p(y))) with p(y|x) = softmax(logits), over consecutive, unshuffled
+    splits, averaged, as ADM computes it: splits of `split_size` samples (ADM: 5,000, so 10 splits
+    for 50k), or `splits` splits of ceil(N / splits) samples. Takes logits (N, classes), like every
+    output of the evaluator."""
     x = np.asarray(logits, dtype=np.float64)
     x = np.exp(x - x.max(axis=1, keepdims=True))
     x /= x.sum(axis=1, keepdims=True)
@@ -74,13 +80,13 @@ def _pairwise_sq_distances(a, b):
 
 
 def _knn_radii(features, k, block):
-    """Squared distance of each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    """Squared distance of each point to its k-th nearest neighbour in the same
+    set (itself excluded)."""
     radii = np.empty(len(features))
     for start in range(0, len(features), block):
         d = _pairwise_sq_distances(features[start : start + block], features)
-        radii[start : start + block] = np.partition(d, k, axis=1)[
-            :, k
-        ]  # index 0 is the point itself
+        # index 0 is the point itself
+        radii[start : start + block] = np.partition(d, k, axis=1)[:, k]
     return radii
 
 
@@ -94,8 +100,9 @@ def _coverage(points, manifold, radii, block):
 
 
 def precision_recall(real_features, fake_features, k=3, block=10_000):
-    """Improved precision and recall: precision is the fraction of fake samples within the real manifold
-    (k-NN balls around real features), recall the fraction of real samples within the fake manifold."""
+    """Improved precision and recall: precision is the fraction of fake samples within the
+    real manifold (k-NN balls around real features), recall the fraction of real samples
+    within the fake manifold."""
     real, fake = np.asarray(real_features), np.asarray(fake_features)
     if len(real) <= k or len(fake) <= k:
         raise UserError(f"precision/recall with k={k} needs more than {k} samples in each set")
@@ -105,24 +112,26 @@ def precision_recall(real_features, fake_features, k=3, block=10_000):
 
 
 def _resampled_precision_recall(real, fake, k, near=64):
-    """A function of indices idx giving precision_recall(real, fake[idx], k), from distances computed once: which fakes
-    lie in the real manifold does not depend on the resample, and the resample's own k-NN radii come from the fake-fake
-    distances. For bootstrap intervals over many resamples of a few thousand samples (it holds the n x n distances,
-    where precision_recall works in blocks and suits 50,000).
+    """A function of indices idx giving precision_recall(real, fake[idx], k), from distances
+    computed once: which fakes lie in the real manifold does not depend on the resample, and the
+    resample's own k-NN radii come from the fake-fake distances. For bootstrap intervals over many
+    resamples of a few thousand samples (it holds the n x n distances, where precision_recall works
+    in blocks and suits 50,000).
 
-    A resample repeats points, so a point's k-NN radius within it is the k-th smallest (0-based, itself included) of
-    its distances to the other points each counted as often as it was drawn. That order statistic is read off each
-    point's `near` nearest neighbours, sorted once, by accumulating the draw counts along them: the same value as
-    partitioning the resample's own n x n distances, at a fraction of the cost."""
+    A resample repeats points, so a point's k-NN radius within it is the k-th smallest (0-based,
+    itself included) of its distances to the other points each counted as often as it was drawn.
+    That order statistic is read off each point's `near` nearest neighbours, sorted once, by
+    accumulating the draw counts along them: the same value as partitioning the resample's own n x n
+    distances, at a fraction of the cost."""
     real, fake = np.asarray(real), np.asarray(fake)
     real_radii = _knn_radii(real, k, 10_000)
     fake_real = _pairwise_sq_distances(fake, real)  # (n_fake, n_real)
     in_real = (fake_real <= real_radii[None, :]).any(axis=1)
     fake_fake = _pairwise_sq_distances(fake, fake)
     near = min(near, len(fake))
-    # (n, near): each point's nearest in order of distance, itself among them. A partial sort, a tenth of a full
-    # one's time at 2,000 points: the order among equal distances may differ from a full sort's, but no radius
-    # depends on it.
+    # (n, near): each point's nearest in order of distance, itself among them. A partial sort, a
+    # tenth of a full one's time at 2,000 points: the order among equal distances may differ from a
+    # full sort's, but no radius depends on it.
     nearest = np.argpartition(fake_fake, near - 1, axis=1)[:, :near]
     order = np.take_along_axis(
         nearest, np.argsort(np.take_along_axis(fake_fake, nearest, axis=1), axis=1), axis=1
@@ -132,9 +141,8 @@ def _resampled_precision_recall(real, fake, k, near=64):
     def figures(idx):
         counts = np.bincount(idx, minlength=len(fake))
         drawn = np.flatnonzero(counts)
-        reached = np.cumsum(
-            counts[order[drawn]], axis=1
-        )  # draws among each drawn point's nearest, cumulated
+        # draws among each drawn point's nearest, cumulated
+        reached = np.cumsum(counts[order[drawn]], axis=1)
         pos = (reached <= k).sum(axis=1)  # the first neighbour at which k + 1 draws are reached
         radii = np.empty(len(drawn))
         found = pos < near
@@ -148,11 +156,12 @@ def _resampled_precision_recall(real, fake, k, near=64):
 
 
 def two_set_figures(real, fake, bootstrap=0, seed=0, k=3):
-    """FID, precision and recall of `fake` features against `real` ones. With bootstrap > 0, also each figure's
-    95% interval, the figure +- 1.96 bootstrap standard errors over that many resamples (with replacement) of the
-    fake set, the reference fixed: the spread that comes from drawing this many samples of the model. (Not the
-    percentiles of the resamples: a resample repeats samples, which moves FID, precision and recall themselves,
-    so the percentile interval need not even contain the figure.)"""
+    """FID, precision and recall of `fake` features against `real` ones. With bootstrap > 0, also
+    each figure's 95% interval, the figure +- 1.96 bootstrap standard errors over that many
+    resamples (with replacement) of the fake set, the reference fixed: the spread that comes from
+    drawing this many samples of the model. (Not the percentiles of the resamples: a resample
+    repeats samples, which moves FID, precision and recall themselves, so the percentile interval
+    need not even contain the figure.)"""
     out = {"fid": frechet_distance(*feature_statistics(fake), *feature_statistics(real))}
     out["precision"], out["recall"] = precision_recall(real, fake, k=k)
     if bootstrap:

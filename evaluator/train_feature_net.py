@@ -1,8 +1,9 @@
-"""Trains the feature network of an embedded dataset (evaluator/feature_net.py) on its real training images, in
-float64 on one thread, and prints its accuracy on the held-out test images and a calibration of its FID.
+"""Trains the feature network of an embedded dataset (evaluator/feature_net.py) on its real
+training images, in float64 on one thread, and prints its accuracy on the held-out test images and
+a calibration of its FID.
 
-    python -m evaluator.train_feature_net --data digits --out runs/digits/digits_net.pt      # seconds
-    python -m evaluator.train_feature_net --data fashion --out runs/fashion/fashion_net.pt   # minutes
+    python -m evaluator.train_feature_net --data digits --out runs/digits/digits_net.pt    # seconds
+    python -m evaluator.train_feature_net --data fashion --out runs/fashion/fashion_net.pt # minutes
 """
 
 import argparse
@@ -70,10 +71,11 @@ def main(args):
     )
     images, _ = real_uint8(args.data, "all")
     print(
-        f"Saved the {args.data} feature network to {args.out}; accuracy on the {len(real_uint8(args.data, 'test')[1]):,} "
-        f"held-out real images: {100 * accuracy:.1f}%"
+        f"Saved the {args.data} feature network to {args.out}; accuracy on the "
+        f"{len(real_uint8(args.data, 'test')[1]):,} held-out real images: {100 * accuracy:.1f}%"
     )
-    # Calibration of its FID: two random halves of the real images, and one half against uniform noise.
+    # Calibration of its FID: two random halves of the real images, and one half
+    # against uniform noise.
     perm = np.random.default_rng(args.seed).permutation(len(images))
     half_a, half_b = (features(net, images[perm[i::2]])[0] for i in (0, 1))
     noise = np.random.default_rng(args.seed).integers(
@@ -81,8 +83,10 @@ def main(args):
     )
     stats_a = feature_statistics(half_a)
     print(
-        f"FID between two halves of the real images: {frechet_distance(*stats_a, *feature_statistics(half_b)):.2f}; "
-        f"real half against uniform noise: {frechet_distance(*stats_a, *feature_statistics(features(net, noise)[0])):.1f}"
+        "FID between two halves of the real images: "
+        f"{frechet_distance(*stats_a, *feature_statistics(half_b)):.2f}; "
+        "real half against uniform noise: "
+        f"{frechet_distance(*stats_a, *feature_statistics(features(net, noise)[0])):.1f}"
     )
 
 

@@ -1,6 +1,7 @@
-"""Imports an official DiT, SiT or REPA state dict saved under another file name as a checkpoint of this
-repository, with its config (prediction type and time convention), so that every script reads them from the file.
-SiT's weights use DiT's module names and cannot be told apart from DiT's by their shapes: say whose they are.
+"""Imports an official DiT, SiT or REPA state dict saved under another file name as a checkpoint of
+this repository, with its config (prediction type and time convention), so that every script reads
+them from the file. SiT's weights use DiT's module names and cannot be told apart from DiT's by
+their shapes: say whose they are.
 
     python scripts/import_checkpoint.py --family sit my-sit.pt pretrained_models/sit-imported.pt
 """
@@ -9,9 +10,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # the repository root
+# the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ard import cli  # noqa: E402
 from ard.checkpoints import FAMILIES, import_official  # noqa: E402

@@ -1,11 +1,13 @@
-"""Fixtures shared by the test modules: one tiny teacher and the trajectory stores it writes, made once per session."""
+"""Fixtures shared by the test modules: one tiny teacher and the trajectory stores it writes,
+made once per session."""
 
 import os
 import sys
 
 import pytest
 
-# The modules under test live in the repository root (pytest itself puts tests/, with the shared helpers, on the path).
+# The modules under test live in the repository root (pytest itself puts tests/, with the
+# shared helpers, on the path).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from helpers import make_teacher_checkpoint, write_store  # noqa: E402
@@ -21,7 +23,8 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def store(teacher, tmp_path_factory):
-    """A store of 96 trajectories in 3 shards, every one of the S + 1 solver states saved, written by one process."""
+    """A store of 96 trajectories in 3 shards, every one of the S + 1 solver states saved,
+    written by one process."""
     path = tmp_path_factory.mktemp("store") / "traj"
     write_store(teacher[0], path)
     return str(path)
@@ -39,7 +42,8 @@ LONGEST_FIRST = ["test_pipeline", "test_train_ard", "test_training"]  # modules,
 
 
 def pytest_collection_modifyitems(items):
-    """Run the longest modules first, so that with `-n 2` the two workers start on the two longest and share
-    out the short ones at the end, instead of one worker waiting for a long module started last."""
+    """Run the longest modules first, so that with `-n 2` the two workers start on the two
+    longest and share out the short ones at the end, instead of one worker waiting for a
+    long module started last."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))

@@ -14,7 +14,8 @@ def _run(cmd, timeout):
 
 
 def run_script(args, nproc=1, timeout=300):
-    """Runs `python SCRIPT ARGS` (or torchrun with nproc processes) in the repository root; returns stdout+stderr."""
+    """Runs `python SCRIPT ARGS` (or torchrun with nproc processes) in the repository root;
+    returns stdout+stderr."""
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -41,8 +42,9 @@ def run_script_expect_failure(args, timeout=300):
 def make_teacher_checkpoint(
     path, key="DiT-T/4", input_size=8, in_channels=1, num_classes=10, seed=0, scale=0.05, flow=False
 ):
-    """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests: a DiT (noise
-    prediction, learned sigma) or, with flow=True, a velocity model in train.py --objective flow's convention."""
+    """A teacher checkpoint in train.py's format with random (non-zero) weights, for tests: a DiT
+    (noise prediction, learned sigma) or, with flow=True, a velocity model in
+    train.py --objective flow's convention."""
     import torch
 
     from ard.checkpoints import build_model, save_checkpoint, teacher_config
@@ -106,15 +108,17 @@ def write_store(ckpt, out, n=96, nproc=1, shard_size=32, extra=()):
 
 
 def randomised(model, seed=0):
-    """models.randomise_weights at the tests' scale (std 0.1), so that tiny models give non-trivial outputs."""
+    """models.randomise_weights at the tests' scale (std 0.1), so that tiny models
+    give non-trivial outputs."""
     from models import randomise_weights
 
     return randomise_weights(model, std=0.1, seed=seed)
 
 
 def write_fashion_idx(folder, n_train=64, n_test=32, gz=True, seed=0):
-    """Tiny Fashion-MNIST-format idx files (random 28x28 images, labels cycling through the 10 classes), as Debian's
-    package installs them (gzipped) or as torchvision extracts them; returns {split: (images uint8, labels)}."""
+    """Tiny Fashion-MNIST-format idx files (random 28x28 images, labels cycling through the 10
+    classes), as Debian's package installs them (gzipped) or as torchvision extracts them; returns
+    {split: (images uint8, labels)}."""
     import gzip
     import struct
 

@@ -1,4 +1,5 @@
-"""Data: the embedded digits, Fashion-MNIST from its idx files, ADM's centre crop and the VAE latent path."""
+"""Data: the embedded digits, Fashion-MNIST from its idx files, ADM's centre crop
+and the VAE latent path."""
 
 import numpy as np
 import pytest
@@ -19,9 +20,8 @@ def test_digits_are_real_scaled_and_split_without_overlap():
     assert len(x_train) + len(x_test) == 1797 and len(x_test) == 360
     assert set(y_train.tolist()) == set(y_test.tolist()) == set(range(10))
     train_rows = {tuple(r) for r in x_train.flatten(1).tolist()}
-    assert (
-        sum(tuple(r) in train_rows for r in x_test.flatten(1).tolist()) < 5
-    )  # at most exact duplicates in the data
+    # at most exact duplicates in the data
+    assert sum(tuple(r) in train_rows for r in x_test.flatten(1).tolist()) < 5
     assert load_digits("train")[1].tolist() == y_train.tolist()  # the split is fixed
 
 
@@ -102,9 +102,8 @@ def test_fashion_mnist_is_read_from_its_idx_files_gzipped_or_not(tmp_path, gz):
             and x.dtype == torch.float32
             and -1 <= x.min() <= x.max() <= 1
         )
-        assert np.array_equal(
-            to_uint8(x)[..., 0], written[split][0]
-        )  # quantised back, the very pixels written
+        # quantised back, the very pixels written
+        assert np.array_equal(to_uint8(x)[..., 0], written[split][0])
         assert np.array_equal(y.numpy(), written[split][1])
 
 

@@ -73,7 +73,8 @@ def test_trajectory_stacks_states_from_noise_to_sample():
 
 
 def gaussian_eps_model(data_std, diffusion):
-    """The exact noise predictor for data ~ N(0, data_std^2 I): E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab)."""
+    """The exact noise predictor for data ~ N(0, data_std^2 I):
+    E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab)."""
     alphas = torch.tensor(create_diffusion("").alphas_cumprod)  # indexed by original timestep
 
     def model(x, t, y=None):
@@ -91,7 +92,8 @@ def test_heun_is_more_accurate_than_ddim_on_the_exact_gaussian_ode():
         diffusion = create_diffusion(str(steps))
         model = gaussian_eps_model(s, diffusion)
         noise = torch.randn(4, 1, 2, 2, dtype=torch.float32)
-        # The exact probability-flow ODE map for Gaussian data, in x_bar = x / sqrt(ab), sigma = sqrt(1/ab - 1).
+        # The exact probability-flow ODE map for Gaussian data, in x_bar = x / sqrt(ab),
+        # sigma = sqrt(1/ab - 1).
         ab_T = diffusion.alphas_cumprod[-1]
         sigma_T = np.sqrt(1 / ab_T - 1)
         exact = noise / np.sqrt(ab_T) * s / np.sqrt(s**2 + sigma_T**2)

@@ -1,4 +1,5 @@
-"""The evaluator: metric formulas against their definitions, the Inception wrapper, the digits features."""
+"""The evaluator: metric formulas against their definitions, the Inception
+wrapper, the digits features."""
 
 from unittest import mock
 
@@ -40,9 +41,8 @@ def test_frechet_distance_is_zero_for_identical_statistics():
 
 def test_frechet_distance_stays_finite_and_real_with_singular_covariances():
     rng = np.random.default_rng(2)
-    low_rank = rng.standard_normal((5, 2)) @ rng.standard_normal(
-        (2, 20)
-    )  # 5 samples in 20-d: rank 2
+    # 5 samples in 20-d: rank 2
+    low_rank = rng.standard_normal((5, 2)) @ rng.standard_normal((2, 20))
     mu1, s1 = feature_statistics(low_rank)
     mu2, s2 = feature_statistics(low_rank[:, ::-1] + 1.0)
     value = frechet_distance(mu1, s1, mu2, s2)
@@ -103,9 +103,8 @@ def test_inception_score_uses_consecutive_unshuffled_splits():
     assert inception_score(logits, split_size=100) == pytest.approx(2.5, rel=1e-6)
     assert inception_score(logits[::-1], splits=2) == pytest.approx(2.5, rel=1e-6)
     shuffled = logits[np.random.default_rng(0).permutation(200)]
-    assert (
-        inception_score(shuffled, splits=2) > 2.8
-    )  # mixed splits (about 2.93): the order matters, as in ADM
+    # mixed splits (about 2.93): the order matters, as in ADM
+    assert inception_score(shuffled, splits=2) > 2.8
 
 
 def test_inception_score_takes_logits_and_is_invariant_to_a_shift_per_sample():
@@ -120,7 +119,8 @@ def test_inception_score_takes_logits_and_is_invariant_to_a_shift_per_sample():
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
     fid = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    # Build torch-fidelity's network without its download, with random weights, and save them as a plain file.
+    # Build torch-fidelity's network without its download, with random weights, and
+    # save them as a plain file.
     with (
         mock.patch.object(fid, "load_state_dict_from_url", lambda *a, **k: {}),
         mock.patch.object(
@@ -205,9 +205,9 @@ def test_digits_fid_is_small_between_real_halves_and_large_against_noise(digits_
 
 
 def test_digits_network_is_the_same_whatever_kernels_the_cpu_runs(tmp_path):
-    """Trained with PyTorch's, oneDNN's and MKL's AVX2 kernels instead of the machine's own, the network must be
-    the same to 1e-10: in float32 (the earlier version) each of these alone gave another network, and every
-    real-data FID moved by 0.1-0.4."""
+    """Trained with PyTorch's, oneDNN's and MKL's AVX2 kernels instead of the machine's own, the
+    network must be the same to 1e-10: in float32 (the earlier version) each of these alone gave
+    another network, and every real-data FID moved by 0.1-0.4."""
     import os
     import subprocess
     import sys

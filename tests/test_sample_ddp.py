@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from helpers import run_script, run_script_expect_failure
 
-pytestmark = pytest.mark.xdist_group(
-    "test_sample_ddp"
-)  # one worker runs the module, its fixtures once
+# one worker runs the module, its fixtures once
+pytestmark = pytest.mark.xdist_group("test_sample_ddp")
 
 
 def sample_args(ckpt, out, n=24):
@@ -54,15 +53,15 @@ def test_one_and_two_processes_write_identical_adm_batches(teacher, one_process_
 
 def test_interrupted_sampling_makes_only_missing_chunks(teacher, one_process_batch, tmp_path):
     images, labels = load(one_process_batch)
-    # Simulate a run stopped after its first chunk: the chunk folder with its settings and chunk 0 only.
+    # Simulate a run stopped after its first chunk: the chunk folder with its
+    # settings and chunk 0 only.
     out = tmp_path / "s.npz"
     chunks = tmp_path / "s.npz.chunks"
     os.makedirs(chunks)
     np.savez(chunks / "chunk-00000.npz", arr_0=images[:8], arr_1=labels[:8])
     with open(f"{one_process_batch}.json") as f:
-        settings = json.load(
-            f
-        )  # what made the finished file: the settings the interrupted run would have written
+        # what made the finished file: the settings the interrupted run would have written
+        settings = json.load(f)
     with open(chunks / "settings.json", "w") as f:
         json.dump(dict(settings, cfg_scale=4.0), f)
     assert "other settings (cfg_scale: 4.0 there, 1.5 now)" in run_script_expect_failure(
