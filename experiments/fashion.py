@@ -21,7 +21,7 @@ import os
 from ard import cli
 from ard.cli import positive_int
 from experiments import pipeline, report
-from experiments.pipeline import Setting
+from experiments.pipeline import Setting, teacher_row
 
 BUDGETS = {
     "quick": dict(
@@ -103,97 +103,94 @@ ESTIMATES = {
 }
 
 
-def declare(p, b, est, args):
-    """Every stage, declared on the runner p; returns (the table's rows, {row: its figures' path}, the real training
-    images' figures' path)."""
-    s = FASHION
-    teacher, ref, net, traj = pipeline.prepare(p, s, b, est)
+def declare(runner, budget, estimates, args):
+    """Every stage, declared on the runner; returns (the table's rows, {row name: its figures' path}, the real
+    training images' figures' path)."""
+    teacher, ref, net, traj = pipeline.prepare(runner, FASHION, budget, estimates)
     rows = []
     seeds = list(range(args.seeds))
     for target in ("state", "x0"):
         for seed in seeds:
-            for n in (0, s.history_layers):
-                name = f"k4_n{n}_{target}_s{seed}"
+            for history_layers in (0, FASHION.history_layers):
                 rows.append(
-                    (
-                        name,
-                        4,
-                        "student",
-                        pipeline.student_stage(p, s, b, est, name, traj, teacher, n, seed, target),
-                        f"k4_n{n}_{target}",
+                    pipeline.student_stage(
+                        runner,
+                        FASHION,
+                        budget,
+                        estimates,
+                        traj,
+                        teacher,
+                        history_layers,
+                        seed,
+                        target,
                     )
                 )
-    for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
-        for n in (0, s.history_layers):
-            name = f"k4_n{n}_state_s{seed}"
-            rows.append(
-                (
-                    f"gan_{name}",
-                    4,
-                    "student",
-                    pipeline.gan_stage(p, s, b, est, name, traj, teacher, n, seed),
-                    f"k4_n{n}_state_gan",
-                )
-            )
-    steps = [2, 4, 25] if args.quick else TEACHER_STEPS
-    rows += [(f"teacher_ddim{n}", n, "teacher", teacher, f"teacher_ddim{n}") for n in steps]
-    rows.append(
-        ("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1")
-    )  # other noises: the teacher-fidelity floor
-    figures_of = pipeline.evaluate(p, s, b, rows, ref, net, est)
-    real = pipeline.evaluate_real_train(p, s, ref, net, est)
+    # The GAN stage, from step distillation and from ARD (state target).
+    for student in [row for row in rows if row.target == "state"]:
+        rows.append(pipeline.gan_stage(runner, FASHION, budget, estimates, traj, teacher, student))
+    teacher_steps = [2, 4, 25] if args.quick else TEACHER_STEPS
+    rows += [teacher_row(teacher, "ddim", steps) for steps in teacher_steps]
+    # Other noises: the teacher-fidelity floor.
+    rows.append(teacher_row(teacher, "ddim", 25, seed=1))
+    figures_of = pipeline.evaluate(runner, FASHION, budget, rows, ref, net, estimates)
+    real = pipeline.evaluate_real_train(runner, FASHION, ref, net, estimates)
     pipeline.history_probe(
-        p, s, b, est, rows, traj, os.path.join(args.assets_dir, "fashion_history_probe.png")
+        runner,
+        FASHION,
+        budget,
+        estimates,
+        rows,
+        traj,
+        os.path.join(args.assets_dir, "fashion_history_probe.png"),
     )
     return rows, figures_of, real
 
 
-def figures(p, rows, results, args):
+def figures(runner, rows, results, args):
     """The docs' figures: a grid of samples (same noise and classes, one row per model), the held-out MSE during
     distillation, the GAN stage's logged figures, and FID against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
-    s, n = FASHION, FASHION.history_layers
+    layers = FASHION.history_layers
     shown = [
         ("teacher_ddim25", "Teacher, DDIM 25 steps"),
         ("teacher_ddim4", "Teacher, DDIM 4 steps"),
         ("k4_n0_state_s0", "Step distillation, 4 steps"),
-        (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
+        (f"k4_n{layers}_state_s0", f"ARD (N={layers}), 4 steps"),
         ("k4_n0_x0_s0", "Step distillation, x0 target"),
-        (f"k4_n{n}_x0_s0", f"ARD (N={n}), x0 target"),
-        (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps"),
+        (f"k4_n{layers}_x0_s0", f"ARD (N={layers}), x0 target"),
+        (f"gan_k4_n{layers}_state_s0", f"ARD (N={layers}) + GAN, 4 steps"),
     ]
-    report.samples_figure(p, os.path.join(args.assets_dir, "fashion_samples.png"), shown)
-    report.val_mse_figure(s, p, os.path.join(args.assets_dir, "fashion_val_mse.png"))
-    report.gan_figure(s, p, os.path.join(args.assets_dir, "fashion_gan.png"))
+    report.samples_figure(runner, os.path.join(args.assets_dir, "fashion_samples.png"), shown)
+    report.val_mse_figure(FASHION, runner, os.path.join(args.assets_dir, "fashion_val_mse.png"))
+    report.gan_figure(FASHION, runner, os.path.join(args.assets_dir, "fashion_gan.png"))
     report.fid_steps_figure(
-        s, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png")
+        FASHION, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png")
     )
 
 
 def main(args):
-    p = pipeline.runner(args, "fashion")
-    b, est = (
-        BUDGETS["quick" if args.quick else "default"],
-        ESTIMATES["quick" if args.quick else "default"],
-    )
-    if (
-        args.teacher_steps is not None
-    ):  # another teacher budget (its stages and everything after them change)
-        est = dict(est, teacher=est["teacher"] * args.teacher_steps / b["teacher_steps"])
-        b = dict(b, teacher_steps=args.teacher_steps)
-    rows, figures_of, real = declare(p, b, est, args)
+    runner = pipeline.make_runner(args, "fashion")
+    budget = BUDGETS["quick" if args.quick else "default"]
+    estimates = ESTIMATES["quick" if args.quick else "default"]
+    if args.teacher_steps is not None:
+        # Another teacher budget: its stages and everything after them change.
+        estimates = dict(
+            estimates, teacher=estimates["teacher"] * args.teacher_steps / budget["teacher_steps"]
+        )
+        budget = dict(budget, teacher_steps=args.teacher_steps)
+    rows, figures_of, real = declare(runner, budget, estimates, args)
     pipeline.finish(
-        p,
+        runner,
         FASHION,
-        b,
+        budget,
         args,
         rows,
         figures_of,
         real,
         f"{args.seeds} seed(s)",
-        draw=lambda results: figures(p, rows, results, args),
+        draw=lambda results: figures(runner, rows, results, args),
     )
 
 

@@ -120,30 +120,33 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
 
 
 def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_step(tmp_path):
-    from experiments import digits as pipeline
+    from experiments import digits
     from experiments.pipeline import ROOT as root
     from experiments.stage_runner import StageRunner
 
-    args = pipeline.parse_args(
+    args = digits.parse_args(
         ["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")]
     )
-    b, est = pipeline.BUDGETS["default"], pipeline.ESTIMATES["default"]
-    p = StageRunner(str(tmp_path / "run"), root)
-    rows, _, _ = pipeline.declare(p, b, est, args)
-    short = [r for r in rows if r[4] in ("k4_n0_short", f"k4_n{pipeline.HISTORY_LAYERS}_short")]
-    assert len(short) == 6 and all(r[3].endswith(f"{b['headroom_steps']:07d}.pt") for r in short)
+    budget, estimates = digits.BUDGETS["default"], digits.ESTIMATES["default"]
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = digits.declare(runner, budget, estimates, args)
+    short = [row for row in rows if row.variant == "short"]
+    assert {row.group for row in short} == {"k4_n0_short", f"k4_n{digits.HISTORY_LAYERS}_short"}
+    assert len(short) == 6
+    assert all(row.checkpoint.endswith(f"{budget['headroom_steps']:07d}.pt") for row in short)
+    # Seed 0 is the default row; seeds 1 and 2 train only to the headroom step.
     for seed, steps in (
-        (0, b["student_steps"]),
-        (1, b["headroom_steps"]),
-        (2, b["headroom_steps"]),
+        (0, budget["student_steps"]),
+        (1, budget["headroom_steps"]),
+        (2, budget["headroom_steps"]),
     ):
-        stage = p.stages[
-            f"student_k4_n0_state_s{seed}"
-        ]  # seed 0 is the default row; 1 and 2 train only to the headroom step
+        stage = runner.stages[f"student_k4_n0_state_s{seed}"]
         assert stage.args[stage.args.index("--max-steps") + 1] == str(steps)
         every = int(stage.args[stage.args.index("--ckpt-every") + 1])
-        assert b["headroom_steps"] % every == 0  # so the headroom checkpoint is written
-    assert "history_probe_short" in p.stages
+        assert budget["headroom_steps"] % every == 0  # so the headroom checkpoint is written
+    # A headroom row's samples wait for the student that writes its checkpoint.
+    assert runner.stages["sample_short_k4_n0_state_s1"].after == ("student_k4_n0_state_s1",)
+    assert "history_probe_short" in runner.stages
 
 
 def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(
@@ -163,9 +166,11 @@ def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_t
             str(tmp_path / "assets"),
         ]
     )
-    p = StageRunner(str(tmp_path / "run"), root)
-    rows, _, _ = fashion.declare(p, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args)
-    groups = {r[4] for r in rows}
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = fashion.declare(
+        runner, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args
+    )
+    groups = {row.group for row in rows}
     n = fashion.FASHION.history_layers
     assert {
         "k4_n0_state",
@@ -178,17 +183,18 @@ def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_t
     assert {
         f"teacher_ddim{k}" for k in (2, 3, 4, 5, 8, 16, 25)
     } <= groups and "teacher_ddim25_s1" in groups
-    assert sum(r[4] == "k4_n0_x0" for r in rows) == 3  # one row per seed
-    teacher = p.stages["teacher"].args
+    assert sum(row.group == "k4_n0_x0" for row in rows) == 3  # one row per seed
+    teacher = runner.stages["teacher"].args
     assert (
         teacher[teacher.index("--data") + 1] == "fashion"
         and teacher[teacher.index("--model") + 1] == "DiT-T/4"
     )
-    gan = p.stages["student_gan_k4_n0_state_s0"].args
+    gan = runner.stages["student_gan_k4_n0_state_s0"].args
     assert (
         gan[gan.index("--data") + 1] == "fashion"
     )  # the GAN stage's real images are the teacher's data
-    evaluation = p.stages["eval_k4_n0_x0_s0"].args
+    evaluation = runner.stages["eval_k4_n0_x0_s0"].args
     assert (
-        evaluation[evaluation.index("--features") + 1] == "fashion" and "history_probe" in p.stages
+        evaluation[evaluation.index("--features") + 1] == "fashion"
+        and "history_probe" in runner.stages
     )
