@@ -15,11 +15,11 @@
 Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
 writer and the sampler resume partial work; an interrupted training stage resumes from its last checkpoint,
 --resume auto). On SIGTERM or SIGUSR1 the running stages save their work and the job exits with status 75; the same
-command continues it. Everything goes to
---run-dir: checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md and results.json;
---assets-dir receives the figures. Set OMP_NUM_THREADS only to limit the cores: the runner gives the teacher and
-the trajectory writer all of them (--full's two teachers, and then their writers, share them), and every other stage
-a single thread, as many side by side as there are cores.
+command continues it. Everything goes to --run-dir: checkpoints, stores, samples, logs/ (one per stage),
+timings.json, results.md, results.json and figures/ (the PNGs the docs show); --assets-dir DIR also copies
+figures/ to DIR at the end (--assets-dir assets refreshes the repository's own). Set OMP_NUM_THREADS only to
+limit the cores: the runner gives the teacher and the trajectory writer all of them (--full's two teachers, and
+then their writers, share them), and every other stage a single thread, as many side by side as there are cores.
 """
 
 import argparse
@@ -232,23 +232,13 @@ def declare(runner, budget, estimates, args):
     figures_of = pipeline.evaluate(runner, DIGITS, budget, rows, ref, net, estimates)
     real = pipeline.evaluate_real_train(runner, DIGITS, ref, net, estimates)
     for variant in ["plain"] + (["short"] if args.full or args.headroom else []):
-        suffix = "" if variant == "plain" else f"_{variant}"
-        pipeline.history_probe(
-            runner,
-            DIGITS,
-            budget,
-            estimates,
-            rows,
-            traj,
-            os.path.join(args.assets_dir, f"digits_history_probe{suffix}.png"),
-            variant,
-        )
+        pipeline.history_probe(runner, DIGITS, budget, estimates, rows, traj, variant)
     return rows, figures_of, real
 
 
-def figures(runner, rows, results, args):
-    """The docs' figures: a grid of samples (same noise and classes, one row per model), the held-out MSE during
-    distillation, the GAN stage's logged figures and, with --full, FID against steps."""
+def figures(runner, rows, results, full):
+    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row per model), the
+    held-out MSE during distillation, the GAN stage's logged figures and, with --full, FID against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,11 +250,11 @@ def figures(runner, rows, results, args):
         (f"k4_n{layers}_state_s0", f"ARD (N={layers}), 4 steps"),
         (f"gan_k4_n{layers}_state_s0", f"ARD (N={layers}) + GAN, 4 steps"),
     ]
-    report.samples_figure(runner, os.path.join(args.assets_dir, "digits_samples.png"), shown)
+    report.samples_figure(runner, pipeline.figure_path(runner, "digits_samples.png"), shown)
     if any(row.teacher_objective == "flow" for row in rows):
         report.samples_figure(
             runner,
-            os.path.join(args.assets_dir, "digits_flow_samples.png"),
+            pipeline.figure_path(runner, "digits_flow_samples.png"),
             [
                 (
                     FLOW_TEACHER,
@@ -275,11 +265,11 @@ def figures(runner, rows, results, args):
                 (f"flow_k4_n{layers}_state_s0", f"Its ARD (N={layers}), 4 steps"),
             ],
         )
-    report.val_mse_figure(DIGITS, runner, os.path.join(args.assets_dir, "digits_val_mse.png"))
-    report.gan_figure(DIGITS, runner, os.path.join(args.assets_dir, "digits_gan.png"))
-    if args.full:
+    report.val_mse_figure(DIGITS, runner, pipeline.figure_path(runner, "digits_val_mse.png"))
+    report.gan_figure(DIGITS, runner, pipeline.figure_path(runner, "digits_gan.png"))
+    if full:
         report.fid_steps_figure(
-            DIGITS, rows, results, os.path.join(args.assets_dir, "digits_fid_vs_steps.png")
+            DIGITS, rows, results, pipeline.figure_path(runner, "digits_fid_vs_steps.png")
         )
 
 
@@ -302,7 +292,7 @@ def main(args):
         figures_of,
         real,
         mode,
-        draw=lambda results: figures(runner, rows, results, args),
+        draw=lambda results: figures(runner, rows, results, args.full),
     )
 
 

@@ -12,11 +12,11 @@ own scripts run it: does what the digits showed (4 tokens a step) hold with 49 t
 
 It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS: `apt-get install dataset-fashion-mnist` on
 Debian). Finished stages are reused when the command is run again; an interrupted training stage resumes from its
-last checkpoint; on SIGTERM the running stages save their work and the job exits with status 75.
+last checkpoint; on SIGTERM the running stages save their work and the job exits with status 75. The plots go
+to RUN_DIR/figures/, and with --assets-dir DIR to DIR as well.
 """
 
 import argparse
-import os
 
 from ard import cli
 from ard.cli import positive_int
@@ -134,21 +134,13 @@ def declare(runner, budget, estimates, args):
     rows.append(teacher_row(teacher, "ddim", 25, seed=1))
     figures_of = pipeline.evaluate(runner, FASHION, budget, rows, ref, net, estimates)
     real = pipeline.evaluate_real_train(runner, FASHION, ref, net, estimates)
-    pipeline.history_probe(
-        runner,
-        FASHION,
-        budget,
-        estimates,
-        rows,
-        traj,
-        os.path.join(args.assets_dir, "fashion_history_probe.png"),
-    )
+    pipeline.history_probe(runner, FASHION, budget, estimates, rows, traj)
     return rows, figures_of, real
 
 
-def figures(runner, rows, results, args):
-    """The docs' figures: a grid of samples (same noise and classes, one row per model), the held-out MSE during
-    distillation, the GAN stage's logged figures, and FID against steps."""
+def figures(runner, rows, results):
+    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row per model), the
+    held-out MSE during distillation, the GAN stage's logged figures, and FID against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,11 +154,11 @@ def figures(runner, rows, results, args):
         (f"k4_n{layers}_x0_s0", f"ARD (N={layers}), x0 target"),
         (f"gan_k4_n{layers}_state_s0", f"ARD (N={layers}) + GAN, 4 steps"),
     ]
-    report.samples_figure(runner, os.path.join(args.assets_dir, "fashion_samples.png"), shown)
-    report.val_mse_figure(FASHION, runner, os.path.join(args.assets_dir, "fashion_val_mse.png"))
-    report.gan_figure(FASHION, runner, os.path.join(args.assets_dir, "fashion_gan.png"))
+    report.samples_figure(runner, pipeline.figure_path(runner, "fashion_samples.png"), shown)
+    report.val_mse_figure(FASHION, runner, pipeline.figure_path(runner, "fashion_val_mse.png"))
+    report.gan_figure(FASHION, runner, pipeline.figure_path(runner, "fashion_gan.png"))
     report.fid_steps_figure(
-        FASHION, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png")
+        FASHION, rows, results, pipeline.figure_path(runner, "fashion_fid_vs_steps.png")
     )
 
 
@@ -190,7 +182,7 @@ def main(args):
         figures_of,
         real,
         f"{args.seeds} seed(s)",
-        draw=lambda results: figures(runner, rows, results, args),
+        draw=lambda results: figures(runner, rows, results),
     )
 
 

@@ -9,8 +9,9 @@ trajectories of the store it was distilled from:
                    by sigma * N(0, I) before it becomes the next input: robustness to the student's own errors
 
     python -m experiments.history_probe --traj runs/digits/traj --val-count 500 \
-        --students runs/digits/students/k4_n0_state_s0/checkpoints/0000800.pt runs/digits/students/k4_n3_state_s0/checkpoints/0000800.pt \
-        --json runs/digits/history_probe.json --figure assets/digits_history_probe.png
+        --students runs/digits/students/k4_n0_state_s0/checkpoints/0000800.pt \
+                   runs/digits/students/k4_n3_state_s0/checkpoints/0000800.pt \
+        --json runs/digits/history_probe.json --figure runs/digits/figures/digits_history_probe.png
 """
 
 import argparse

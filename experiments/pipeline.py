@@ -12,6 +12,7 @@ names and stage names, which is what lets a later invocation reuse a run folder'
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The stage that trains the teacher of each objective (train.py --objective), and its run folder.
 TEACHER_STAGES = {"ddpm": "teacher", "flow": "flow_teacher"}
+# The run folder's folder of figures; --assets-dir receives a copy.
+FIGURES = "figures"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ def student_row(
         target=target,
         variant=variant,
     )
+
+
+def figure_path(runner, name):
+    """Where a run draws its figure NAME: RUN_DIR/figures/NAME."""
+    return runner.path(FIGURES, name)
 
 
 def train_teacher(runner, setting, budget, estimates, objective="ddpm"):
@@ -453,7 +461,7 @@ def evaluate_real_train(runner, setting, ref, net, estimates):
     )
 
 
-def history_probe(runner, setting, budget, estimates, rows, traj, figure, variant="plain"):
+def history_probe(runner, setting, budget, estimates, rows, traj, variant="plain"):
     """The history probe of the seed-0 4-step state students N = 0 and ARD of the DDPM teacher, their `variant`
     rows (plain, or short: the headroom checkpoints): history_probe[_short].json and its figure."""
     suffix = "" if variant == "plain" else f"_{variant}"
@@ -465,9 +473,11 @@ def history_probe(runner, setting, budget, estimates, rows, traj, figure, varian
         and (row.steps, row.target, row.variant, row.seed) == (4, "state", variant, 0)
         and row.history_layers in (0, setting.history_layers)
     ]
+    figure = figure_path(runner, f"{setting.data}_history_probe{suffix}.png")
+    # Its output is the figure, the last file it writes.
     runner.add(
         f"history_probe{suffix}",
-        runner.path(f"history_probe{suffix}.json"),
+        figure,
         [
             "-m",
             "experiments.history_probe",
@@ -515,7 +525,8 @@ def measure_costs(runner, setting, budget, rows):
 
 def make_runner(args, default_run_dir):
     """The stage runner of an experiment's command line, after checking where it writes."""
-    check_output_path(args.assets_dir, "--assets-dir", folder=True)
+    if args.assets_dir:
+        check_output_path(args.assets_dir, "--assets-dir", folder=True)
     if args.run_dir:
         check_output_path(args.run_dir, "--run-dir", folder=True)
     run_dir = args.run_dir or os.path.join(
@@ -525,8 +536,8 @@ def make_runner(args, default_run_dir):
 
 
 def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=None):
-    """Runs the declared stages, then writes the tables (results.md, results.json), prints them, and draws the
-    figures with draw(results) unless --quick."""
+    """Runs the declared stages, writes the tables (results.md, results.json) and prints them, draws the figures
+    into RUN_DIR/figures/ with draw(results) unless --quick, and copies that folder to --assets-dir if given."""
     start = time.time()
     runner.run()
     results = {}
@@ -552,8 +563,11 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
     write_json(runner.path("results.json"), table["json"])
     print("\n" + table["markdown"])
     if draw is not None and not args.quick:
-        os.makedirs(args.assets_dir, exist_ok=True)
+        os.makedirs(runner.path(FIGURES), exist_ok=True)
         draw(results)
+    # At the end, and from the folder: figures drawn by stages of an earlier invocation are copied too.
+    if args.assets_dir:
+        copy_figures(runner.path(FIGURES), args.assets_dir)
     print(
         f"\nTotal wall time of this invocation: {(time.time() - start) / 60:.1f} min; stage timings in "
         f"{runner.timings_path}"
@@ -563,6 +577,15 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
         f"{sum(runner.cpu.values()):.0f} s for {len(runner.cpu)} of {len(runner.stages)} stages; each stage's in "
         f"{runner.cpu_path}"
     )
+
+
+def copy_figures(folder, assets_dir):
+    """Copies every file of a run's folder of figures into assets_dir."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    os.makedirs(assets_dir, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(assets_dir, name))
+    print(f"[figures] copied {len(names)} from {folder} to {assets_dir}: {', '.join(names)}")
 
 
 def add_arguments(parser, default_run_dir):
@@ -575,9 +598,15 @@ def add_arguments(parser, default_run_dir):
     parser.add_argument(
         "--run-dir",
         default=None,
-        help=f"default: runs/{default_run_dir} (runs/{default_run_dir}-quick with --quick)",
+        help=f"default: runs/{default_run_dir} (runs/{default_run_dir}-quick with --quick); the figures go "
+        "to its figures/",
     )
-    parser.add_argument("--assets-dir", default="assets", help="where the figures go")
+    parser.add_argument(
+        "--assets-dir",
+        default=None,
+        help="also copy the run's figures (RUN_DIR/figures/) into this folder at the end, e.g. assets to "
+        "refresh the figures the docs show (default: not given, the figures stay in the run folder)",
+    )
     parser.add_argument(
         "--no-fork",
         action="store_true",

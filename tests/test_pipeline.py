@@ -95,28 +95,20 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
     )  # 25 evaluations each; no variance channels
     assert "| model | steps |" in out and "Degradation ratio" in out and "teacher fidelity" in out
     probe = json.loads((run_dir / "history_probe.json").read_text())
-    assert [r["history_layers"] for r in probe] == [0, 3] and os.path.isfile(
-        tmp_path / "assets" / "digits_history_probe.png"
-    )
+    assert [result["history_layers"] for result in probe] == [0, 3]
+    # The figures are drawn in the run folder, and --assets-dir receives a copy.
+    figure = (run_dir / "figures" / "digits_history_probe.png").read_bytes()
+    assert (tmp_path / "assets" / "digits_history_probe.png").read_bytes() == figure
     with open(run_dir / "timings.json") as f:
         assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(
             json.load(f)
         )
-    # A second run reuses every finished stage.
-    again = run_script(
-        [
-            "-m",
-            "experiments.digits",
-            "--quick",
-            "--flow",
-            "--run-dir",
-            str(run_dir),
-            "--assets-dir",
-            str(tmp_path / "assets"),
-        ]
-    )
+    # A second run reuses every finished stage, and still copies the figures an earlier one drew.
+    os.remove(tmp_path / "assets" / "digits_history_probe.png")
+    again = run_script(command)
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")
+    assert (tmp_path / "assets" / "digits_history_probe.png").read_bytes() == figure
 
 
 def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_step(tmp_path):
@@ -147,6 +139,8 @@ def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_ste
     # A headroom row's samples wait for the student that writes its checkpoint.
     assert runner.stages["sample_short_k4_n0_state_s1"].after == ("student_k4_n0_state_s1",)
     assert "history_probe_short" in runner.stages
+    # Without --assets-dir, nothing is written outside the run folder.
+    assert digits.parse_args([]).assets_dir is None
 
 
 def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(
