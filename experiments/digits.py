@@ -1,25 +1,32 @@
 """The main job on the embedded digits default, end to end, as the project's own scripts run it:
 
-    teacher (train.py) -> trajectories (train_teacher_traj.py) -> 4-step students, step distillation (N = 0)
-    and ARD (N > 0) (train_ard.py), each also fine-tuned by the GAN stage (train_ard.py --gan) -> samples
-    (sample_ddp.py) -> evaluation against held-out real digits and against the teacher's own samples with the digits
-    feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
+    teacher (train.py) -> trajectories (train_teacher_traj.py) -> 4-step students, step
+    distillation (N = 0) and ARD (N > 0) (train_ard.py), each also fine-tuned by the GAN stage
+    (train_ard.py --gan) -> samples (sample_ddp.py) -> evaluation against held-out real digits and
+    against the teacher's own samples with the digits feature network (python -m evaluator
+    --features digits) -> the history probe -> tables in the paper's form.
 
-    python -m experiments.digits              # the default (about 8 minutes on 2 CPU cores)
-    python -m experiments.digits --quick      # every stage with tiny budgets: an end-to-end smoke test (about 35 s)
-    python -m experiments.digits --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
-    python -m experiments.digits --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
-    python -m experiments.digits --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
-    python -m experiments.digits --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 44 min)
+    python -m experiments.digits                 # the default (about 8 minutes on 2 CPU cores)
+    python -m experiments.digits --quick         # every stage with tiny budgets: an end-to-end
+                                                 # smoke test (about 35 s)
+    python -m experiments.digits --quick --flow  # the same with the flow teacher's stages (one
+                                                 # seed; the test suite runs it)
+    python -m experiments.digits --headroom      # the default plus N = 0 and ARD after 400 steps,
+                                                 # 3 seeds (about 4 min more)
+    python -m experiments.digits --flow          # the default plus a flow-matching teacher and its
+                                                 # students, 3 seeds (about 15 min more)
+    python -m experiments.digits --full          # 3 seeds, both targets, GAN, headroom, 2-5 step
+                                                 # students, flow (about 44 min)
 
-Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
-writer and the sampler resume partial work; an interrupted training stage resumes from its last checkpoint,
---resume auto). On SIGTERM or SIGUSR1 the running stages save their work and the job exits with status 75; the same
-command continues it. Everything goes to --run-dir: checkpoints, stores, samples, logs/ (one per stage),
-timings.json, results.md, results.json and figures/ (the PNGs the docs show); --assets-dir DIR also copies
-figures/ to DIR at the end (--assets-dir assets refreshes the repository's own). Set OMP_NUM_THREADS only to
-limit the cores: the runner gives the teacher and the trajectory writer all of them (--full's two teachers, and
-then their writers, share them), and every other stage a single thread, as many side by side as there are cores.
+Finished stages are reused when the command is run again (each is skipped when its output exists;
+the trajectory writer and the sampler resume partial work; an interrupted training stage resumes
+from its last checkpoint, --resume auto). On SIGTERM or SIGUSR1 the running stages save their work
+and the job exits with status 75; the same command continues it. Everything goes to --run-dir:
+checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md, results.json and
+figures/ (the PNGs the docs show); --assets-dir DIR also copies figures/ to DIR at the end
+(--assets-dir assets refreshes the repository's own). Set OMP_NUM_THREADS only to limit the cores:
+the runner gives the teacher and the trajectory writer all of them (--full's two teachers, then
+their writers, share them), and every other stage one thread, one per core, side by side.
 """
 
 import argparse
@@ -63,9 +70,10 @@ BUDGETS = {
         bootstrap=100,
     ),
 }
-# The tiny teacher: DiT-T (depth 6, width 128) with 4x4 patches, four tokens per 8x8 digit. It reaches a better FID
-# than 2x2 patches (16 tokens) at the same 1,400 steps, and every stage after it runs 2.5-4x faster. N = 3 of its 6
-# blocks see the history; the students' learning rate is constant (the headroom rows read a checkpoint half-way).
+# The tiny teacher: DiT-T (depth 6, width 128) with 4x4 patches, four tokens per 8x8 digit. It
+# reaches a better FID than 2x2 patches (16 tokens) at the same 1,400 steps, and every stage after
+# it runs 2.5-4x faster. N = 3 of its 6 blocks see the history; the students' learning rate is
+# constant (the headroom rows read a checkpoint half-way).
 DIGITS_MODEL = "DiT-T/4"
 DIGITS = Setting(
     data="digits",
@@ -80,8 +88,8 @@ DIGITS = Setting(
 )
 HISTORY_LAYERS = DIGITS.history_layers
 
-# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
-# fast this machine turns out to be.
+# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner
+# rescales them by how fast this machine turns out to be.
 ESTIMATES = {
     "quick": dict(
         teacher=8,
@@ -111,8 +119,9 @@ ESTIMATES = {
 
 
 def flow_rows(runner, budget, estimates, seeds):
-    """The flow-matching teacher, its trajectories (Heun), its 4-step students N = 0 and ARD over the seeds, and its
-    own samples at a few step counts (only the trajectories' solver for a single seed: --quick); returns the rows."""
+    """The flow-matching teacher, its trajectories (Heun), its 4-step students N = 0 and ARD over
+    the seeds, and its own samples at a few step counts (only the trajectories' solver for a single
+    seed: --quick); returns the rows."""
     teacher = pipeline.train_teacher(runner, DIGITS, budget, estimates, objective="flow")
     traj = runner.path("traj_flow")
     runner.add(
@@ -191,9 +200,10 @@ def distil(runner, budget, args, teacher, traj, estimates):
             for history_layers in (0, HISTORY_LAYERS):
                 rows.append(declare_student(history_layers, seed, target))
     if args.full or args.headroom:
-        # The setting with headroom: the same students after headroom_steps of their steps, where step distillation
-        # still falls short of its teacher. A constant learning rate makes that checkpoint the same as a run of
-        # headroom_steps; --headroom trains seeds 1 and 2 only that far.
+        # The setting with headroom: the same students after headroom_steps of their steps, where
+        # step distillation still falls short of its teacher. A constant learning rate makes that
+        # checkpoint the same as a run of headroom_steps, so --headroom trains seeds 1 and 2 only
+        # that far.
         for seed in (0, 1, 2):
             for history_layers in (0, HISTORY_LAYERS):
                 if seed not in seeds:
@@ -218,8 +228,8 @@ def distil(runner, budget, args, teacher, traj, estimates):
 
 
 def declare(runner, budget, estimates, args):
-    """Every stage of the mode, declared on the runner; returns (the table's rows, {row name: its figures' path},
-    the real training digits' figures' path)."""
+    """Every stage of the mode, declared on the runner; returns (the table's rows, {row name: its
+    figures' path}, the real training digits' figures' path)."""
     teacher, ref, net, traj = pipeline.prepare(runner, DIGITS, budget, estimates)
     rows = distil(runner, budget, args, teacher, traj, estimates)
     # --flow: the steps each teacher needs.
@@ -237,8 +247,9 @@ def declare(runner, budget, estimates, args):
 
 
 def figures(runner, rows, results, full):
-    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row per model), the
-    held-out MSE during distillation, the GAN stage's logged figures and, with --full, FID against steps."""
+    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row
+    per model), the held-out MSE during distillation, the GAN stage's logged figures and, with
+    --full, FID against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,17 +315,20 @@ def parse_args(argv=None):
     mode.add_argument(
         "--headroom",
         action="store_true",
-        help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds",
+        help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps "
+        "steps, 3 seeds",
     )
     mode.add_argument(
         "--full",
         action="store_true",
-        help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow teacher, FID-vs-steps plot",
+        help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow "
+        "teacher, FID-vs-steps plot",
     )
     mode.add_argument(
         "--flow",
         action="store_true",
-        help="the default rows plus a flow-matching teacher (train.py --objective flow) and its N = 0 and ARD students, 3 seeds",
+        help="the default rows plus a flow-matching teacher (train.py --objective flow) and its "
+        "N = 0 and ARD students, 3 seeds",
     )
     pipeline.add_arguments(parser, "digits")
     return parser.parse_args(argv)

@@ -1,19 +1,23 @@
-"""ARD on Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes), end to end, as the project's
-own scripts run it: does what the digits showed (4 tokens a step) hold with 49 tokens a step?
+"""ARD on Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes), end to
+end, as the project's own scripts run it: does what the digits showed (4 tokens a step) hold with
+49 tokens a step?
 
-    teacher (train.py --data fashion, DiT-T/4: 7x7 = 49 tokens) -> trajectories (DDIM 25, CFG 1.5) -> 4-step students,
-    step distillation (N = 0) and ARD (N = 3), with the state target and with the x0 target, and the GAN stage on both
-    state students -> samples -> figures against the 10,000 test images and against the teacher's own samples, with
-    the Fashion-MNIST feature network -> the history probe -> the teacher at 2 to 25 steps -> tables.
+    teacher (train.py --data fashion, DiT-T/4: 7x7 = 49 tokens) -> trajectories (DDIM 25, CFG 1.5)
+    -> 4-step students, step distillation (N = 0) and ARD (N = 3), with the state target and with
+    the x0 target, and the GAN stage on both state students -> samples -> figures against the 10,000
+    test images and against the teacher's own samples, with the Fashion-MNIST feature network -> the
+    history probe -> the teacher at 2 to 25 steps -> tables.
 
-    python -m experiments.fashion             # one seed of each student (about 2.3 hours on 2 CPU cores)
+    python -m experiments.fashion             # one seed of each student (about 2.3 hours on
+                                              # 2 CPU cores)
     python -m experiments.fashion --seeds 3   # three (for a GPU)
     python -m experiments.fashion --quick     # every stage with tiny budgets (a smoke test)
 
-It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS: `apt-get install dataset-fashion-mnist` on
-Debian). Finished stages are reused when the command is run again; an interrupted training stage resumes from its
-last checkpoint; on SIGTERM the running stages save their work and the job exits with status 75. The plots go
-to RUN_DIR/figures/, and with --assets-dir DIR to DIR as well.
+It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS:
+`apt-get install dataset-fashion-mnist` on Debian). Finished stages are reused when the command is
+run again; an interrupted training stage resumes from its last checkpoint; on SIGTERM the running
+stages save their work and the job exits with status 75. The plots go to RUN_DIR/figures/ (and with
+--assets-dir DIR to DIR as well).
 """
 
 import argparse
@@ -57,9 +61,10 @@ BUDGETS = {
         sample_batch=250,
     ),
 }
-# DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks see the history.
-# The teacher's EMA: at 0.999 its 2,000-step average still held the first, untrained steps' weights and its samples
-# were noise where the raw weights' were clean garments; 0.995 averages about the last 200 steps.
+# DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks
+# see the history. The teacher's EMA: at 0.999 its 2,000-step average still held the first,
+# untrained steps' weights and its samples were noise where the raw weights' were clean garments;
+# 0.995 averages about the last 200 steps.
 FASHION = Setting(
     data="fashion",
     model="DiT-T/4",
@@ -73,8 +78,8 @@ FASHION = Setting(
 )
 TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at these step counts
 
-# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
-# fast this machine turns out to be.
+# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner
+# rescales them by how fast this machine turns out to be.
 ESTIMATES = {
     "quick": dict(
         teacher=10,
@@ -104,8 +109,8 @@ ESTIMATES = {
 
 
 def declare(runner, budget, estimates, args):
-    """Every stage, declared on the runner; returns (the table's rows, {row name: its figures' path}, the real
-    training images' figures' path)."""
+    """Every stage, declared on the runner; returns (the table's rows, {row name: its figures'
+    path}, the real training images' figures' path)."""
     teacher, ref, net, traj = pipeline.prepare(runner, FASHION, budget, estimates)
     rows = []
     seeds = list(range(args.seeds))
@@ -139,8 +144,9 @@ def declare(runner, budget, estimates, args):
 
 
 def figures(runner, rows, results):
-    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row per model), the
-    held-out MSE during distillation, the GAN stage's logged figures, and FID against steps."""
+    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row
+    per model), the held-out MSE during distillation, the GAN stage's logged figures, and FID
+    against steps."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,13 +1,15 @@
-"""The stages every embedded experiment declares (experiments/digits.py, experiments/fashion.py), as the project's
-own scripts run them: the teacher (train.py), its feature network and reference batches (evaluator), trajectories
-(train_teacher_traj.py), students (train_ard.py, and its GAN stage), samples (sample_ddp.py), their figures against
-the real test images and against the teacher's own samples (python -m evaluator), the history probe, the costs; and
-the end of a run: the tables of experiments/report.py and the figures.
+"""The stages every embedded experiment declares (experiments/digits.py, experiments/fashion.py), as
+the project's own scripts run them: the teacher (train.py), its feature network and reference
+batches (evaluator), trajectories (train_teacher_traj.py), students (train_ard.py, and its GAN
+stage), samples (sample_ddp.py), their figures against the real test images and against the
+teacher's own samples (python -m evaluator), the history probe, the costs; and the end of a run: the
+tables of experiments/report.py and the figures.
 
-A Setting says what differs between the experiments: the dataset, the model, N, the learning rates. A Row is one
-model of a table: its samples are samples/NAME.npz, its figures eval/NAME.json, and the rows of one group (the
-seeds of one model) are one line of the table. teacher_row and student_row name the rows; those names are file
-names and stage names, which is what lets a later invocation reuse a run folder's finished stages.
+A Setting says what differs between the experiments: the dataset, the model, N, the learning rates.
+A Row is one model of a table: its samples are samples/NAME.npz, its figures eval/NAME.json, and the
+rows of one group (the seeds of one model) are one line of the table. teacher_row and student_row
+name the rows; those names are file names and stage names, which is what lets a later invocation
+reuse a run folder's finished stages.
 """
 
 import json
@@ -52,7 +54,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class Row:
-    """One model of a table: samples/NAME.npz, eval/NAME.json, and its line, GROUP (shared by its seeds)."""
+    """One model of a table: samples/NAME.npz, eval/NAME.json; its seeds share a line, its group."""
 
     name: str
     group: str
@@ -74,7 +76,7 @@ class Row:
 
 
 def teacher_row(checkpoint, sampler, steps, seed=0, teacher_objective="ddpm"):
-    """The teacher's samples by `sampler` in `steps` steps: teacher_ddim25, flow_teacher_heun13_s1, ..."""
+    """The teacher sampled by `sampler` in `steps` steps: teacher_ddim25, flow_teacher_heun13_s1."""
     prefix = "flow_" if teacher_objective == "flow" else ""
     name = f"{prefix}teacher_{sampler}{steps}" + (f"_s{seed}" if seed else "")
     return Row(
@@ -99,8 +101,9 @@ def student_row(
     variant="plain",
     teacher_objective="ddpm",
 ):
-    """A student's row, its checkpoint of step `at_step`: k4_n3_state_s0 (group k4_n3_state), gan_k4_n3_state_s0
-    (k4_n3_state_gan), short_k4_n3_state_s0 (k4_n3_short), flow_k4_n0_state_s1 (flow_k4_n0_state), ..."""
+    """A student's row, its checkpoint of step `at_step`. Names (and groups): k4_n3_state_s0
+    (k4_n3_state), gan_k4_n3_state_s0 (k4_n3_state_gan), short_k4_n3_state_s0 (k4_n3_short),
+    flow_k4_n0_state_s1 (flow_k4_n0_state)."""
     model = ("flow_" if teacher_objective == "flow" else "") + f"k{num_steps}_n{history_layers}"
     plain = f"{model}_{target}_s{seed}"
     if variant == "plain":
@@ -166,8 +169,9 @@ def train_teacher(runner, setting, budget, estimates, objective="ddpm"):
 
 
 def prepare(runner, setting, budget, estimates):
-    """The teacher, the feature network, the reference batches and the trajectories; returns the paths of the
-    teacher's checkpoint, the test images' batch, the feature network and the trajectory store."""
+    """The teacher, the feature network, the reference batches and the trajectories; returns the
+    paths of the teacher's checkpoint, the test images' batch, the feature network and the
+    trajectory store."""
     teacher = train_teacher(runner, setting, budget, estimates)
     net = runner.add(
         setting.net,
@@ -373,8 +377,8 @@ def gan_stage(runner, setting, budget, estimates, traj, teacher, student):
 
 
 def evaluate(runner, setting, budget, rows, ref, net, estimates):
-    """Samples of every row and their figures against the real test images and against the samples of the row's
-    own teacher (TEACHER_REFERENCE); returns {name: its figures' path}."""
+    """Samples of every row and their figures against the real test images and against the samples
+    of the row's own teacher (TEACHER_REFERENCE); returns {name: its figures' path}."""
     figures = {}
     for row in rows:
         samples = runner.path("samples", f"{row.name}.npz")
@@ -440,7 +444,7 @@ def evaluate(runner, setting, budget, rows, ref, net, estimates):
 
 
 def evaluate_real_train(runner, setting, ref, net, estimates):
-    """The real training images against the test images: the floor of the figures against real data."""
+    """The real training images against the test images: the floor of the figures on real data."""
     return runner.add(
         "eval_real_train",
         runner.path("eval", "real_train.json"),
@@ -462,8 +466,9 @@ def evaluate_real_train(runner, setting, ref, net, estimates):
 
 
 def history_probe(runner, setting, budget, estimates, rows, traj, variant="plain"):
-    """The history probe of the seed-0 4-step state students N = 0 and ARD of the DDPM teacher, their `variant`
-    rows (plain, or short: the headroom checkpoints): history_probe[_short].json and its figure."""
+    """The history probe of the seed-0 4-step state students N = 0 and ARD of the DDPM teacher,
+    their `variant` rows (plain, or short: the headroom checkpoints): history_probe[_short].json and
+    its figure."""
     suffix = "" if variant == "plain" else f"_{variant}"
     students = [
         row
@@ -498,8 +503,8 @@ def history_probe(runner, setting, budget, estimates, rows, traj, variant="plain
 
 
 def measure_costs(runner, setting, budget, rows):
-    """FLOPs and CPU time per image of each model type (one process, a batch of cost_batch), kept in costs.json; a
-    later run with more rows measures only the groups that are new."""
+    """FLOPs and CPU time per image of each model type (one process, a batch of cost_batch), kept in
+    costs.json; a later run with more rows measures only the groups that are new."""
     path = runner.path("costs.json")
     costs = {}
     if os.path.isfile(path):
@@ -510,7 +515,7 @@ def measure_costs(runner, setting, budget, rows):
     for row in rows:
         if row.group in costs:
             continue
-        # The GAN stage, the target and the seed change no cost; a teacher's is that of its sampler and steps.
+        # The GAN stage, the target and the seed change no cost; a teacher's is its sampler's.
         model_type = (row.teacher_objective, row.sampler, row.steps, row.history_layers)
         if model_type not in measured:
             model, config = load_model(row.checkpoint)
@@ -536,8 +541,9 @@ def make_runner(args, default_run_dir):
 
 
 def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=None):
-    """Runs the declared stages, writes the tables (results.md, results.json) and prints them, draws the figures
-    into RUN_DIR/figures/ with draw(results) unless --quick, and copies that folder to --assets-dir if given."""
+    """Runs the declared stages, writes the tables (results.md, results.json) and prints them, draws
+    the figures into RUN_DIR/figures/ with draw(results) unless --quick, and copies that folder to
+    --assets-dir if given."""
     start = time.time()
     runner.run()
     results = {}
@@ -565,17 +571,18 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
     if draw is not None and not args.quick:
         os.makedirs(runner.path(FIGURES), exist_ok=True)
         draw(results)
-    # At the end, and from the folder: figures drawn by stages of an earlier invocation are copied too.
+    # At the end, and from the folder: the figures drawn by an earlier invocation's stages too.
     if args.assets_dir:
         copy_figures(runner.path(FIGURES), args.assets_dir)
+    minutes = (time.time() - start) / 60
     print(
-        f"\nTotal wall time of this invocation: {(time.time() - start) / 60:.1f} min; stage timings in "
+        f"\nTotal wall time of this invocation: {minutes:.1f} min; stage timings in "
         f"{runner.timings_path}"
     )
     print(
-        f"CPU time (user + system) of the stages, over every invocation that ran them: "
-        f"{sum(runner.cpu.values()):.0f} s for {len(runner.cpu)} of {len(runner.stages)} stages; each stage's in "
-        f"{runner.cpu_path}"
+        "CPU time (user + system) of the stages, over every invocation that ran them: "
+        f"{sum(runner.cpu.values()):.0f} s for {len(runner.cpu)} of {len(runner.stages)} stages; "
+        f"each stage's in {runner.cpu_path}"
     )
 
 
@@ -593,23 +600,25 @@ def add_arguments(parser, default_run_dir):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny budgets (with any of the modes): checks that every stage runs and hands on valid files",
+        help="tiny budgets (with any of the modes): checks that every stage runs and hands on "
+        "valid files",
     )
     parser.add_argument(
         "--run-dir",
         default=None,
-        help=f"default: runs/{default_run_dir} (runs/{default_run_dir}-quick with --quick); the figures go "
-        "to its figures/",
+        help=f"default: runs/{default_run_dir} (runs/{default_run_dir}-quick with --quick); the "
+        "figures go to its figures/",
     )
     parser.add_argument(
         "--assets-dir",
         default=None,
-        help="also copy the run's figures (RUN_DIR/figures/) into this folder at the end, e.g. assets to "
-        "refresh the figures the docs show (default: not given, the figures stay in the run folder)",
+        help="also copy the run's figures (RUN_DIR/figures/) into this folder at the end, e.g. "
+        "assets to refresh the figures the docs show (default: not given; the figures stay in the "
+        "run folder)",
     )
     parser.add_argument(
         "--no-fork",
         action="store_true",
-        help="start every stage as a fresh Python process (by default one-thread stages are forks of a "
-        "process that imported torch once; the figures are the same either way)",
+        help="start every stage as a fresh Python process (by default one-thread stages are forks "
+        "of a process that imported torch once; the figures are the same either way)",
     )

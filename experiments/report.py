@@ -1,6 +1,8 @@
-"""The tables and figures of an embedded experiment: every model against the real test images and against its
-teacher's own samples, with intervals (over samples for one seed, over seeds for several), the degradation ratios
-of the paper's form, the held-out per-step MSE, and the figures the docs show."""
+"""The tables and figures of an embedded experiment: every model against the real test images and
+against its teacher's own samples, with intervals (over samples for one seed, over seeds for
+several), the degradation ratios of the paper's form, the held-out per-step MSE, and the figures
+the docs show. A table's rows are pipeline.Row: each knows its group, teacher, sampler, N, target,
+variant and seed."""
 
 import json
 import os
@@ -9,22 +11,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The flow-matching teacher (train.py --objective flow) writes its trajectories with Heun over FLOW_STEPS uniform steps
-# in t: 2 * FLOW_STEPS - 1 model evaluations, about the 25 of the DDIM teacher; its students are judged against its
-# samples of that sampler, FLOW_TEACHER.
+# The flow-matching teacher (train.py --objective flow) writes its trajectories with Heun over
+# FLOW_STEPS uniform steps in t: 2 * FLOW_STEPS - 1 model evaluations, about the 25 of the DDIM
+# teacher; its students are judged against its samples of that sampler, FLOW_TEACHER.
 FLOW_SOLVER, FLOW_STEPS = "heun", 13
 FLOW_TEACHER = f"flow_teacher_{FLOW_SOLVER}{FLOW_STEPS}"
 
 
-# The samples each teacher's rows and students are judged against (teacher fidelity): its own, by the sampler
-# that wrote its trajectories.
+# The samples each teacher's rows and students are judged against (teacher fidelity): its own, by
+# the sampler that wrote its trajectories.
 TEACHER_REFERENCE = {"ddpm": "teacher_ddim25", "flow": FLOW_TEACHER}
 SAMPLER_NAMES = {"ddim": "DDIM", "heun": "Heun", "euler": "Euler"}
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Step distillation (N = 0) against ARD: the 4-step students of one teacher, target and variant."""
+    """Step distillation (N = 0) against ARD: 4-step students of one teacher, target and variant."""
 
     key: str  # its name in results.json: degradation_fid_KEY, degradation_teacher_fid_KEY
     text: str  # what the table says it compares
@@ -66,8 +68,8 @@ def mean_spread(values):
 
 
 def cell(results, names, key, digits):
-    """One figure of a table: over several seeds their mean ± standard deviation; for one, the value and its 95%
-    bootstrap interval over samples."""
+    """One figure of a table: over several seeds their mean ± standard deviation; for one, the value
+    and its 95% bootstrap interval over samples."""
     values = [results[name][key] for name in names if key in results[name]]
     if not values:
         return "-"
@@ -79,8 +81,8 @@ def cell(results, names, key, digits):
 
 
 def row_label(setting, row, budget):
-    """The line of a row's group: 'Teacher DDIM, CFG 1.5', 'ARD (N=3), x0 target', 'Flow teacher Heun, CFG 1.5',
-    "Flow teacher's step distillation (N=0)", ..."""
+    """The line of a row's group: 'Teacher DDIM, CFG 1.5', 'ARD (N=3), x0 target',
+    'Flow teacher Heun, CFG 1.5', "Flow teacher's step distillation (N=0)", ..."""
     flow = row.teacher_objective == "flow"
     if row.is_teacher:
         teacher = "Flow teacher" if flow else "Teacher"
@@ -100,10 +102,10 @@ def row_label(setting, row, budget):
 
 
 def degradation(setting, results, rows, comparison, teacher, key):
-    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed of the comparison's students, the teacher's
-    figure being `teacher`; and whether some student is not clearly worse than the teacher: its figure, or the
-    lower end of its interval, at or below the teacher's (then there is no degradation to compare, and the ratio
-    means nothing)."""
+    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed of the comparison's students, the
+    teacher's figure being `teacher`; and whether some student is not clearly worse than the
+    teacher: its figure, or the lower end of its interval, at or below the teacher's (then there is
+    no degradation to compare, and the ratio means nothing)."""
     seeds = {
         layers: seeds_of(
             rows, layers, comparison.teacher_objective, comparison.target, comparison.variant
@@ -133,8 +135,9 @@ def interval(values):
 
 
 def step_mse(rows):
-    """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and teacher-forced
-    (TF), at the step of its checkpoint, from its run's metrics: {group: {sampled, teacher_forced, seeds}}."""
+    """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and
+    teacher-forced (TF), at the step of its checkpoint, from its run's metrics:
+    {group: {sampled, teacher_forced, seeds}}."""
     records = {}
     for row in rows:
         if row.is_teacher:
@@ -164,14 +167,15 @@ def step_mse(rows):
 
 
 def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
-    """The tables of a run (markdown, and everything in them as JSON): every row against the real test images and
-    against the teacher's own samples, the degradation ratios, the held-out per-step MSE."""
+    """The tables of a run (markdown, and everything in them as JSON): every row against the real
+    test images and against the teacher's own samples, the degradation ratios, the held-out per-step
+    MSE."""
     groups = {}
     for row in rows:
         groups.setdefault(row.group, []).append(row)
 
     def sort_key(group):
-        # The teacher by steps, then the 4-step students, then the other step counts; the flow teacher's last.
+        # The teacher by steps, the 4-step students, the other step counts; the flow teacher's last.
         row = groups[group][0]
         student = not row.is_teacher
         return (
@@ -183,16 +187,17 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
         )
 
     lines = [
-        f"Against {setting.real} ({setting.data} features; one seed: 95% bootstrap interval over samples; "
-        "several: mean ± std over seeds):",
+        f"Against {setting.real} ({setting.data} features; one seed: 95% bootstrap interval over "
+        "samples; several: mean ± std over seeds):",
         "",
-        "| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall | class accuracy "
-        "| seeds |",
+        "| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall "
+        "| class accuracy | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fidelity = [
         "",
-        "Against the 25-step teacher's own samples of the same noises and labels (teacher fidelity):",
+        "Against the 25-step teacher's own samples of the same noises and labels "
+        "(teacher fidelity):",
         "",
         "| model | steps | FID vs teacher | precision vs teacher | recall vs teacher | seeds |",
         "|---|---|---|---|---|---|",
@@ -216,9 +221,9 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
                 f"{cell(results, names, 'teacher_recall', 3)} | {len(names)} |"
             )
         keys = [
-            k
-            for k, v in results[names[0]].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            key
+            for key, value in results[names[0]].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
         out["rows"].append(
             dict(
@@ -229,13 +234,13 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
                 cpu_seconds_per_image=seconds,
                 seeds=len(names),
                 **{
-                    k: {
-                        "mean": mean_spread([results[name][k] for name in names])[0],
-                        "std": mean_spread([results[name][k] for name in names])[1],
-                        "values": [results[name][k] for name in names],
-                        "ci": [results[name].get(f"{k}_ci") for name in names],
+                    key: {
+                        "mean": mean_spread([results[name][key] for name in names])[0],
+                        "std": mean_spread([results[name][key] for name in names])[1],
+                        "values": [results[name][key] for name in names],
+                        "ci": [results[name].get(f"{key}_ci") for name in names],
                     }
-                    for k in keys
+                    for key in keys
                 },
             )
         )
@@ -266,13 +271,13 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
             lines += [
                 "",
                 f"Degradation ratio (N=0 - teacher) / (ARD - teacher), {what}, {comparison.text}: "
-                f"{interval(ratios)} over {len(ratios)} seed(s), values {[round(r, 2) for r in ratios]} "
-                "(the paper: 5.1)",
+                f"{interval(ratios)} over {len(ratios)} seed(s), values "
+                f"{[round(ratio, 2) for ratio in ratios]} (the paper: 5.1)",
             ]
             if no_gap:
                 lines.append(
-                    f"(some students reach the teacher's {teacher:.2f}, or their interval does: there is no "
-                    "clear degradation to compare, and the ratio says nothing)"
+                    f"(some students reach the teacher's {teacher:.2f}, or their interval does: "
+                    "there is no clear degradation to compare, and the ratio says nothing)"
                 )
             out[f"degradation_{key}_{comparison.key}"] = {
                 "mean": mean,
@@ -290,8 +295,8 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
                 student = "step distillation" if layers == 0 else f"ARD (N={layers})"
                 lines += [
                     "",
-                    f"Flow teacher's 4-step {student}: FID / the teacher's ({FLOW_SOLVER} {FLOW_STEPS}) "
-                    f"{interval(ratio)} over {len(ratio)} seed(s)",
+                    f"Flow teacher's 4-step {student}: FID / the teacher's "
+                    f"({FLOW_SOLVER} {FLOW_STEPS}) {interval(ratio)} over {len(ratio)} seed(s)",
                 ]
                 out[f"flow_fid_ratio_n{layers}"] = {
                     "mean": mean_spread(ratio)[0],
@@ -301,8 +306,8 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
     if mse:
         lines += [
             "",
-            "Held-out per-step MSE against the teacher's states (mean over seeds), sampled (the student's own "
-            "inputs) / teacher-forced:",
+            "Held-out per-step MSE against the teacher's states (mean over seeds), sampled "
+            "(the student's own inputs) / teacher-forced:",
             "",
             "| model | " + " | ".join(f"step {k + 1}" for k in range(4)) + " | seeds |",
             "|---|" + "---|" * 5,
@@ -328,16 +333,15 @@ def save_figure(fig, path):
 
 
 def samples_figure(runner, path, shown):
-    """One row per (samples name, title): the first sample of each class, the same noise in every row."""
+    """One row per (samples name, title): the first sample of each class, the same noise in each."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.1 * len(shown)))
     for ax, (name, title) in zip(axes, shown):
         with np.load(runner.path("samples", f"{name}.npz"), allow_pickle=False) as data:
             images, labels = data["arr_0"], data["arr_1"]
-        picks = [
-            int(np.flatnonzero(labels == c)[0]) for c in range(10)
-        ]  # the first sample of each class: same noise across models
+        # The first sample of each class: the same noise across models.
+        picks = [int(np.flatnonzero(labels == label)[0]) for label in range(10)]
         ax.imshow(
             np.concatenate(
                 [np.pad(images[i, :, :, 0], 1, constant_values=255) for i in picks], axis=1
@@ -352,7 +356,7 @@ def samples_figure(runner, path, shown):
 
 
 def val_mse_figure(setting, runner, path):
-    """Held-out final-step MSE against the teacher's samples during distillation, N = 0 against ARD."""
+    """Held-out final-step MSE against the teacher's samples during distillation, N = 0 and ARD."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -383,8 +387,8 @@ def val_mse_figure(setting, runner, path):
 
 
 def gan_figure(setting, runner, path):
-    """The GAN stage's logged figures over its steps, for both seed-0 GAN runs: lambda, the two gradient norms on the
-    last head, mean D(real) and D(fake), and the range of the fakes."""
+    """The GAN stage's logged figures over its steps, for both seed-0 GAN runs: lambda, the two
+    gradient norms on the last head, mean D(real) and D(fake), and the range of the fakes."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
@@ -422,7 +426,7 @@ def gan_figure(setting, runner, path):
 
 
 def fid_steps_figure(setting, rows, results, path):
-    """FID against sampling steps: the teacher's DDIM, and the seed-0 state students N = 0 and ARD."""
+    """FID against sampling steps: the teacher's DDIM, the seed-0 state students N = 0 and ARD."""
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 

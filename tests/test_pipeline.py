@@ -1,4 +1,4 @@
-"""The main job's --quick mode: every stage runs and hands the next one valid files (not the numbers)."""
+"""The main job's --quick mode: every stage runs and hands on valid files (not the numbers)."""
 
 import json
 import os
@@ -12,9 +12,8 @@ from helpers import ROOT, run_script
 
 from ard.preemption import EXIT_PREEMPTED
 
-pytestmark = pytest.mark.xdist_group(
-    "test_pipeline"
-)  # one worker runs the module, its fixtures once
+# One worker runs the module, its fixtures once.
+pytestmark = pytest.mark.xdist_group("test_pipeline")
 
 
 def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_resumes_after_sigterm(
@@ -31,7 +30,8 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
         "--assets-dir",
         str(tmp_path / "assets"),
     ]
-    # Stopped by a scheduler while the students train: the running stages save their work, the job exits with 75.
+    # Stopped by a scheduler while the students train: the running stages save their work, the job
+    # exits with status 75.
     proc = subprocess.Popen(
         [sys.executable, *command],
         cwd=ROOT,
@@ -46,9 +46,8 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
             proc.send_signal(signal.SIGTERM)
             break
     output = line + proc.communicate(timeout=600)[0]
-    assert proc.returncode == EXIT_PREEMPTED and "the same command resumes" in output, output[
-        -3000:
-    ]
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "the same command resumes" in output, output[-3000:]
     out = run_script(command, timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
@@ -73,26 +72,20 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
         lo, hi = row["fid"]["ci"][0]
         assert lo <= row["fid"]["mean"] <= hi  # every figure has its interval, holding the figure
-        assert (
-            row["teacher_fid"]["mean"] > -1e-6
-        )  # and its teacher-fidelity twin (0 up to rounding for the teacher)
+        # And its teacher-fidelity twin (0 up to rounding for the teacher).
+        assert row["teacher_fid"]["mean"] > -1e-6
     rows = {row["group"]: row for row in results["rows"]}
-    assert (
-        abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6
-    )  # the teacher against its own samples
-    assert (
-        abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6
-    )  # the flow teacher's students are judged against it
-    assert (
-        rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0
-    )  # the floor: two independent sets of noises
+    # The teacher against its own samples; the flow teacher's students are judged against it.
+    assert abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6
+    assert abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6
+    # The floor: two independent sets of noises.
+    assert rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0
     # Students cost more per image than nothing and far less than the 25-step teacher.
     flops = {row["group"]: row["flops_per_image"] for row in results["rows"]}
     assert flops["k4_n0_state"] < flops["k4_n3_state"] < flops["teacher_ddim25"] / 5
     assert flops["flow_k4_n3_state"] == flops["k4_n3_state"]
-    assert (
-        0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1
-    )  # 25 evaluations each; no variance channels
+    # 25 evaluations each; no variance channels.
+    assert 0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1
     assert "| model | steps |" in out and "Degradation ratio" in out and "teacher fidelity" in out
     probe = json.loads((run_dir / "history_probe.json").read_text())
     assert [result["history_layers"] for result in probe] == [0, 3]
@@ -100,9 +93,8 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
     figure = (run_dir / "figures" / "digits_history_probe.png").read_bytes()
     assert (tmp_path / "assets" / "digits_history_probe.png").read_bytes() == figure
     with open(run_dir / "timings.json") as f:
-        assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(
-            json.load(f)
-        )
+        timed = set(json.load(f))
+    assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= timed
     # A second run reuses every finished stage, and still copies the figures an earlier one drew.
     os.remove(tmp_path / "assets" / "digits_history_probe.png")
     again = run_script(command)
@@ -143,7 +135,7 @@ def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_ste
     assert digits.parse_args([]).assets_dir is None
 
 
-def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(
+def test_fashion_declares_both_targets_students_gan_stages_and_the_teacher_at_2_to_25_steps(
     tmp_path,
 ):
     from experiments import fashion
@@ -165,30 +157,24 @@ def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_t
         runner, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args
     )
     groups = {row.group for row in rows}
-    n = fashion.FASHION.history_layers
+    layers = fashion.FASHION.history_layers
     assert {
         "k4_n0_state",
-        f"k4_n{n}_state",
+        f"k4_n{layers}_state",
         "k4_n0_x0",
-        f"k4_n{n}_x0",
+        f"k4_n{layers}_x0",
         "k4_n0_state_gan",
-        f"k4_n{n}_state_gan",
+        f"k4_n{layers}_state_gan",
     } <= groups
-    assert {
-        f"teacher_ddim{k}" for k in (2, 3, 4, 5, 8, 16, 25)
-    } <= groups and "teacher_ddim25_s1" in groups
+    assert {f"teacher_ddim{steps}" for steps in (2, 3, 4, 5, 8, 16, 25)} <= groups
+    assert "teacher_ddim25_s1" in groups
     assert sum(row.group == "k4_n0_x0" for row in rows) == 3  # one row per seed
     teacher = runner.stages["teacher"].args
-    assert (
-        teacher[teacher.index("--data") + 1] == "fashion"
-        and teacher[teacher.index("--model") + 1] == "DiT-T/4"
-    )
+    assert teacher[teacher.index("--data") + 1] == "fashion"
+    assert teacher[teacher.index("--model") + 1] == "DiT-T/4"
+    # The GAN stage's real images are the teacher's data.
     gan = runner.stages["student_gan_k4_n0_state_s0"].args
-    assert (
-        gan[gan.index("--data") + 1] == "fashion"
-    )  # the GAN stage's real images are the teacher's data
+    assert gan[gan.index("--data") + 1] == "fashion"
     evaluation = runner.stages["eval_k4_n0_x0_s0"].args
-    assert (
-        evaluation[evaluation.index("--features") + 1] == "fashion"
-        and "history_probe" in runner.stages
-    )
+    assert evaluation[evaluation.index("--features") + 1] == "fashion"
+    assert "history_probe" in runner.stages
