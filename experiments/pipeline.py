@@ -282,7 +282,7 @@ def student_stage(
             str(history_layers),
             "--target",
             target,
-            "--num-steps",
+            "--student-steps",
             str(num_steps),
             "--global-batch-size",
             str(budget["student_batch"]),
