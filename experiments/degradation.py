@@ -1,12 +1,13 @@
-"""The degradation ratio of one seed with its interval: (FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher), against the
-real test images and against the teacher's own samples, from a paired bootstrap over samples.
+"""The degradation ratio of one seed with its interval: (FID_N=0 - FID_teacher) / (FID_ARD -
+FID_teacher), against the real test images and against the teacher's own samples, from a paired
+bootstrap over samples.
 
-Every sample file of a run draws sample i from the same noise and label, so resampling the indices once and applying
-them to the teacher's, step distillation's and ARD's samples alike keeps the three paired; the reference (the real
-test images, or the teacher's samples for teacher fidelity) stays fixed, as in the evaluator's intervals. The
-teacher's figure is its FID against the real images, or, against its own samples, its floor (its samples of other
-noises). The ratio is undefined where its denominator nears zero (no degradation to compare), which shows as a
-wide or sign-changing interval.
+Every sample file of a run draws sample i from the same noise and label, so resampling the indices
+once and applying them to the teacher's, step distillation's and ARD's samples alike keeps the three
+paired; the reference (the real test images, or the teacher's samples for teacher fidelity) stays
+fixed, as in the evaluator's intervals. The teacher's figure is its FID against the real images, or,
+against its own samples, its floor (its samples of other noises). The ratio is undefined where its
+denominator nears zero (no degradation to compare), which shows as a wide or sign-changing interval.
 
     python -m experiments.degradation --run-dir runs/fashion --data fashion --target state
 """
@@ -25,24 +26,28 @@ from evaluator.metrics import feature_statistics, frechet_distance
 
 
 def paired_ratios(real, teacher, floor, n0, ard, resamples, seed=0):
-    """Per resample: (ratio against the real images, ratio against the teacher's samples), and the point estimates."""
+    """The point estimate and each resample's: (ratio against the real images, against the
+    teacher's samples)."""
     real_stats, teacher_stats = feature_statistics(real), feature_statistics(teacher)
 
     def ratios(idx):
         fid_real = {
-            k: frechet_distance(*feature_statistics(f[idx]), *real_stats)
-            for k, f in (("t", teacher), ("n0", n0), ("ard", ard))
+            model: frechet_distance(*feature_statistics(feats[idx]), *real_stats)
+            for model, feats in (("teacher", teacher), ("n0", n0), ("ard", ard))
         }
         fid_teacher = {
-            k: frechet_distance(*feature_statistics(f[idx]), *teacher_stats)
-            for k, f in (("t", floor), ("n0", n0), ("ard", ard))
+            model: frechet_distance(*feature_statistics(feats[idx]), *teacher_stats)
+            for model, feats in (("teacher", floor), ("n0", n0), ("ard", ard))
         }
-        return [(d["n0"] - d["t"]) / (d["ard"] - d["t"]) for d in (fid_real, fid_teacher)]
+        return [
+            (fid["n0"] - fid["teacher"]) / (fid["ard"] - fid["teacher"])
+            for fid in (fid_real, fid_teacher)
+        ]
 
-    n = len(n0)
+    count = len(n0)
     rng = np.random.default_rng(seed)
-    draws = np.array([ratios(rng.integers(0, n, n)) for _ in range(resamples)])
-    return ratios(np.arange(n)), draws
+    draws = np.array([ratios(rng.integers(0, count, count)) for _ in range(resamples)])
+    return ratios(np.arange(count)), draws
 
 
 def parse_args(argv=None):
@@ -86,11 +91,11 @@ def main(args):
         "n0": f"{prefix}k4_n0_{target}_s{args.seed}",
         "ard": f"{prefix}k4_n{args.history_layers}_{target}_s{args.seed}",
     }
-    paths = {k: os.path.join(run, "samples", f"{v}.npz") for k, v in names.items()}
+    paths = {model: os.path.join(run, "samples", f"{name}.npz") for model, name in names.items()}
     missing = [
-        p
-        for p in (net_path, os.path.join(run, "ref_test.npz"), *paths.values())
-        if not os.path.isfile(p)
+        path
+        for path in (net_path, os.path.join(run, "ref_test.npz"), *paths.values())
+        if not os.path.isfile(path)
     ]
     if missing:
         raise MissingFileError(f"{missing[0]} does not exist: run the experiment into {run} first")
@@ -108,9 +113,10 @@ def main(args):
             "ci95": [float(lo), float(hi)],
             "bootstrap_std": float(draws[:, i].std(ddof=1)),
         }
+        what = "real test images" if against == "real" else "teacher's samples"
         print(
-            f"degradation ratio against the {'real test images' if against == 'real' else 'teacher' + chr(39) + 's samples'}: "
-            f"{point[i]:.2f}, 95% paired-bootstrap interval [{lo:.2f}, {hi:.2f}] ({args.resamples} resamples)"
+            f"degradation ratio against the {what}: {point[i]:.2f}, 95% paired-bootstrap interval "
+            f"[{lo:.2f}, {hi:.2f}] ({args.resamples} resamples)"
         )
     if args.json:
         write_json(args.json, out)

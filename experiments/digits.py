@@ -1,25 +1,32 @@
 """The main job on the embedded digits default, end to end, as the project's own scripts run it:
 
-    teacher (train.py) -> trajectories (train_teacher_traj.py) -> 4-step students, step distillation (N = 0)
-    and ARD (N > 0) (train_ard.py), each also fine-tuned by the GAN stage (train_ard.py --gan) -> samples
-    (sample_ddp.py) -> evaluation against held-out real digits and against the teacher's own samples with the digits
-    feature network (python -m evaluator --features digits) -> the history probe -> tables in the paper's form.
+    teacher (train.py) -> trajectories (train_teacher_traj.py) -> 4-step students, step
+    distillation (N = 0) and ARD (N > 0) (train_ard.py), each also fine-tuned by the GAN stage
+    (train_ard.py --gan) -> samples (sample_ddp.py) -> evaluation against held-out real digits and
+    against the teacher's own samples with the digits feature network (python -m evaluator
+    --features digits) -> the history probe -> tables in the paper's form.
 
-    python -m experiments.digits              # the default (about 8 minutes on 2 CPU cores)
-    python -m experiments.digits --quick      # every stage with tiny budgets: an end-to-end smoke test (about 35 s)
-    python -m experiments.digits --quick --flow   # the same with the flow teacher's stages (one seed; the test suite runs it)
-    python -m experiments.digits --headroom   # the default plus N = 0 and ARD after 400 steps, 3 seeds (about 4 min more)
-    python -m experiments.digits --flow       # the default plus a flow-matching teacher and its students, 3 seeds (about 15 min more)
-    python -m experiments.digits --full       # 3 seeds, both targets, GAN, headroom, 2-5 step students, flow (about 44 min)
+    python -m experiments.digits                 # the default (about 8 minutes on 2 CPU cores)
+    python -m experiments.digits --quick         # every stage with tiny budgets: an end-to-end
+                                                 # smoke test (about 35 s)
+    python -m experiments.digits --quick --flow  # the same with the flow teacher's stages (one
+                                                 # seed; the test suite runs it)
+    python -m experiments.digits --headroom      # the default plus N = 0 and ARD after 400 steps,
+                                                 # 3 seeds (about 4 min more)
+    python -m experiments.digits --flow          # the default plus a flow-matching teacher and its
+                                                 # students, 3 seeds (about 15 min more)
+    python -m experiments.digits --full          # 3 seeds, both targets, GAN, headroom, 2-5 step
+                                                 # students, flow (about 44 min)
 
-Finished stages are reused when the command is run again (each is skipped when its output exists; the trajectory
-writer and the sampler resume partial work; an interrupted training stage resumes from its last checkpoint,
---resume auto). On SIGTERM or SIGUSR1 the running stages save their work and the job exits with status 75; the same
-command continues it. Everything goes to
---run-dir: checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md and results.json;
---assets-dir receives the figures. Set OMP_NUM_THREADS only to limit the cores: the runner gives the teacher and
-the trajectory writer all of them (--full's two teachers, and then their writers, share them), and every other stage
-a single thread, as many side by side as there are cores.
+Finished stages are reused when the command is run again (each is skipped when its output exists;
+the trajectory writer and the sampler resume partial work; an interrupted training stage resumes
+from its last checkpoint, --resume auto). On SIGTERM or SIGUSR1 the running stages save their work
+and the job exits with status 75; the same command continues it. Everything goes to --run-dir:
+checkpoints, stores, samples, logs/ (one per stage), timings.json, results.md, results.json and
+figures/ (the PNGs the docs show); --assets-dir DIR also copies figures/ to DIR at the end
+(--assets-dir assets refreshes the repository's own). Set OMP_NUM_THREADS only to limit the cores:
+the runner gives the teacher and the trajectory writer all of them (--full's two teachers, then
+their writers, share them), and every other stage one thread, one per core, side by side.
 """
 
 import argparse
@@ -27,7 +34,7 @@ import os
 
 from ard import cli
 from experiments import pipeline, report
-from experiments.pipeline import Setting
+from experiments.pipeline import Setting, student_row, teacher_row
 from experiments.report import FLOW_SOLVER, FLOW_STEPS, FLOW_TEACHER
 
 BUDGETS = {
@@ -63,9 +70,10 @@ BUDGETS = {
         bootstrap=100,
     ),
 }
-# The tiny teacher: DiT-T (depth 6, width 128) with 4x4 patches, four tokens per 8x8 digit. It reaches a better FID
-# than 2x2 patches (16 tokens) at the same 1,400 steps, and every stage after it runs 2.5-4x faster. N = 3 of its 6
-# blocks see the history; the students' learning rate is constant (the headroom rows read a checkpoint half-way).
+# The tiny teacher: DiT-T (depth 6, width 128) with 4x4 patches, four tokens per 8x8 digit. It
+# reaches a better FID than 2x2 patches (16 tokens) at the same 1,400 steps, and every stage after
+# it runs 2.5-4x faster. N = 3 of its 6 blocks see the history; the students' learning rate is
+# constant (the headroom rows read a checkpoint half-way).
 DIGITS_MODEL = "DiT-T/4"
 DIGITS = Setting(
     data="digits",
@@ -80,8 +88,8 @@ DIGITS = Setting(
 )
 HISTORY_LAYERS = DIGITS.history_layers
 
-# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
-# fast this machine turns out to be.
+# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner
+# rescales them by how fast this machine turns out to be.
 ESTIMATES = {
     "quick": dict(
         teacher=8,
@@ -110,15 +118,15 @@ ESTIMATES = {
 }
 
 
-def flow_rows(p, b, est, seeds):
-    """The flow-matching teacher, its trajectories (Heun), its 4-step students N = 0 and ARD over the seeds, and its
-    own samples at a few step counts (only the trajectories' solver for a single seed: --quick); returns the rows."""
-    s = DIGITS
-    teacher = pipeline.train_teacher(p, s, b, est, "flow_teacher", "flow")
-    traj = p.path("traj_flow")
-    p.add(
+def flow_rows(runner, budget, estimates, seeds):
+    """The flow-matching teacher, its trajectories (Heun), its 4-step students N = 0 and ARD over
+    the seeds, and its own samples at a few step counts (only the trajectories' solver for a single
+    seed: --quick); returns the rows."""
+    teacher = pipeline.train_teacher(runner, DIGITS, budget, estimates, objective="flow")
+    traj = runner.path("traj_flow")
+    runner.add(
         "flow_trajectories",
-        os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)),
+        os.path.join(traj, "shard-%05d" % ((budget["trajectories"] - 1) // 1000)),
         [
             "train_teacher_traj.py",
             "--ckpt",
@@ -126,17 +134,17 @@ def flow_rows(p, b, est, seeds):
             "--out",
             traj,
             "--num-trajectories",
-            str(b["trajectories"]),
+            str(budget["trajectories"]),
             "--solver",
             FLOW_SOLVER,
             "--num-sampling-steps",
             str(FLOW_STEPS),
             "--cfg-scale",
-            str(s.cfg),
+            str(DIGITS.cfg),
         ],
         after=["flow_teacher"],
         heavy=True,
-        estimate=est["trajectories"],
+        estimate=estimates["trajectories"],
     )
     samplers = (
         [(FLOW_SOLVER, FLOW_STEPS)]
@@ -144,129 +152,120 @@ def flow_rows(p, b, est, seeds):
         else [("heun", 2), ("heun", 4), (FLOW_SOLVER, FLOW_STEPS), ("euler", 25)]
     )
     rows = [
-        (f"flow_teacher_{sampler}{n}", n, "teacher", teacher, f"flow_teacher_{sampler}{n}")
-        for sampler, n in samplers
+        teacher_row(teacher, sampler, steps, teacher_objective="flow")
+        for sampler, steps in samplers
     ]
-    rows.append((f"{FLOW_TEACHER}_s1", FLOW_STEPS, "teacher", teacher, f"{FLOW_TEACHER}_s1"))
+    rows.append(teacher_row(teacher, FLOW_SOLVER, FLOW_STEPS, seed=1, teacher_objective="flow"))
     for seed in seeds:
-        for n in (0, HISTORY_LAYERS):
-            name = f"flow_k4_n{n}_state_s{seed}"
+        for history_layers in (0, HISTORY_LAYERS):
             rows.append(
-                (
-                    name,
-                    4,
-                    "student",
-                    pipeline.student_stage(
-                        p, s, b, est, name, traj, teacher, n, seed, after="flow_trajectories"
-                    ),
-                    f"flow_k4_n{n}_state",
+                pipeline.student_stage(
+                    runner,
+                    DIGITS,
+                    budget,
+                    estimates,
+                    traj,
+                    teacher,
+                    history_layers,
+                    seed,
+                    after="flow_trajectories",
+                    teacher_objective="flow",
                 )
             )
     return rows
 
 
-def distil(p, b, args, teacher, traj, est):
-    """Every student of the mode; returns the rows (label, steps, kind, checkpoint, group) of the table's students."""
+def distil(runner, budget, args, teacher, traj, estimates):
+    """Every student of the mode; returns the rows of the table's students."""
 
-    def student(name, history_layers, seed=0, target="state", num_steps=4, steps=None):
+    def declare_student(history_layers, seed=0, target="state", num_steps=4, steps=None):
         return pipeline.student_stage(
-            p, DIGITS, b, est, name, traj, teacher, history_layers, seed, target, num_steps, steps
+            runner,
+            DIGITS,
+            budget,
+            estimates,
+            traj,
+            teacher,
+            history_layers,
+            seed,
+            target,
+            num_steps,
+            steps,
         )
 
     rows = []
     seeds = [0, 1, 2] if args.full else [0]
     for target in ["state", "x0"] if args.full else ["state"]:
         for seed in seeds:
-            for n in (0, HISTORY_LAYERS):
-                name = f"k4_n{n}_{target}_s{seed}"
-                rows.append(
-                    (name, 4, "student", student(name, n, seed, target), f"k4_n{n}_{target}")
-                )
+            for history_layers in (0, HISTORY_LAYERS):
+                rows.append(declare_student(history_layers, seed, target))
     if args.full or args.headroom:
-        # The setting with headroom: the same students after headroom_steps of their steps, where step distillation
-        # still falls short of its teacher. A constant learning rate makes that checkpoint the same as a run of
-        # headroom_steps; --headroom trains seeds 1 and 2 only that far.
+        # The setting with headroom: the same students after headroom_steps of their steps, where
+        # step distillation still falls short of its teacher. A constant learning rate makes that
+        # checkpoint the same as a run of headroom_steps, so --headroom trains seeds 1 and 2 only
+        # that far.
         for seed in (0, 1, 2):
-            for n in (0, HISTORY_LAYERS):
-                name = f"k4_n{n}_state_s{seed}"
+            for history_layers in (0, HISTORY_LAYERS):
                 if seed not in seeds:
-                    student(name, n, seed, steps=b["headroom_steps"])
-                source = p.path("students", name, "checkpoints", f"{b['headroom_steps']:07d}.pt")
-                rows.append((f"short_{name}", 4, "student", source, f"k4_n{n}_short"))
-    for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
-        for n in (0, HISTORY_LAYERS):
-            name = f"k4_n{n}_state_s{seed}"
-            rows.append(
-                (
-                    f"gan_{name}",
-                    4,
-                    "student",
-                    pipeline.gan_stage(p, DIGITS, b, est, name, traj, teacher, n, seed),
-                    f"k4_n{n}_state_gan",
-                )
-            )
-    if args.full:
-        for k in (2, 3, 5):
-            for n in (0, HISTORY_LAYERS):
-                name = f"k{k}_n{n}_state_s0"
+                    declare_student(history_layers, seed, steps=budget["headroom_steps"])
                 rows.append(
-                    (name, k, "student", student(name, n, 0, "state", k), f"k{k}_n{n}_state")
+                    student_row(
+                        runner,
+                        history_layers,
+                        seed,
+                        at_step=budget["headroom_steps"],
+                        variant="short",
+                    )
                 )
+    # The GAN stage, from step distillation and from ARD (state target).
+    for student in [row for row in rows if row.target == "state" and row.variant == "plain"]:
+        rows.append(pipeline.gan_stage(runner, DIGITS, budget, estimates, traj, teacher, student))
+    if args.full:
+        for num_steps in (2, 3, 5):
+            for history_layers in (0, HISTORY_LAYERS):
+                rows.append(declare_student(history_layers, 0, "state", num_steps))
     return rows
 
 
-def declare(p, b, est, args):
-    """Every stage of the mode, declared on the runner p; returns (the table's rows, {row: its figures' path}, the
-    real training digits' figures' path)."""
-    teacher, ref, net, traj = pipeline.prepare(p, DIGITS, b, est)
-    rows = distil(p, b, args, teacher, traj, est)
-    ddim_steps = (
-        [2, 3, 4, 5, 8, 16, 25] if args.full else [2, 3, 4, 25] if args.flow else [4, 25]
-    )  # --flow: the steps each teacher needs
-    rows += [(f"teacher_ddim{n}", n, "teacher", teacher, f"teacher_ddim{n}") for n in ddim_steps]
-    rows.append(
-        ("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1")
-    )  # other noises: the teacher-fidelity floor
+def declare(runner, budget, estimates, args):
+    """Every stage of the mode, declared on the runner; returns (the table's rows, {row name: its
+    figures' path}, the real training digits' figures' path)."""
+    teacher, ref, net, traj = pipeline.prepare(runner, DIGITS, budget, estimates)
+    rows = distil(runner, budget, args, teacher, traj, estimates)
+    # --flow: the steps each teacher needs.
+    ddim_steps = [2, 3, 4, 5, 8, 16, 25] if args.full else [2, 3, 4, 25] if args.flow else [4, 25]
+    rows += [teacher_row(teacher, "ddim", steps) for steps in ddim_steps]
+    # Other noises: the teacher-fidelity floor.
+    rows.append(teacher_row(teacher, "ddim", 25, seed=1))
     if args.full or args.flow:
-        rows += flow_rows(p, b, est, seeds=(0,) if args.quick else (0, 1, 2))
-    figures_of = pipeline.evaluate(p, DIGITS, b, rows, ref, net, est)
-    real = pipeline.evaluate_real_train(p, DIGITS, ref, net, est)
-    for prefix, suffix in [("", "")] + (
-        [("short_", "_short")] if args.full or args.headroom else []
-    ):
-        pipeline.history_probe(
-            p,
-            DIGITS,
-            b,
-            est,
-            rows,
-            traj,
-            os.path.join(args.assets_dir, f"digits_history_probe{suffix}.png"),
-            prefix,
-            suffix,
-        )
+        rows += flow_rows(runner, budget, estimates, seeds=(0,) if args.quick else (0, 1, 2))
+    figures_of = pipeline.evaluate(runner, DIGITS, budget, rows, ref, net, estimates)
+    real = pipeline.evaluate_real_train(runner, DIGITS, ref, net, estimates)
+    for variant in ["plain"] + (["short"] if args.full or args.headroom else []):
+        pipeline.history_probe(runner, DIGITS, budget, estimates, rows, traj, variant)
     return rows, figures_of, real
 
 
-def figures(p, rows, results, args):
-    """The docs' figures: a grid of samples (same noise and classes, one row per model), the held-out MSE during
-    distillation, the GAN stage's logged figures and, with --full, FID against steps."""
+def figures(runner, rows, results, full):
+    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row
+    per model), the held-out MSE during distillation, the GAN stage's logged figures and, with
+    --full, FID against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
-    s, n = DIGITS, HISTORY_LAYERS
+    layers = HISTORY_LAYERS
     shown = [
         ("teacher_ddim25", "Teacher, DDIM 25 steps"),
         ("teacher_ddim4", "Teacher, DDIM 4 steps"),
         ("k4_n0_state_s0", "Step distillation, 4 steps"),
-        (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
-        (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps"),
+        (f"k4_n{layers}_state_s0", f"ARD (N={layers}), 4 steps"),
+        (f"gan_k4_n{layers}_state_s0", f"ARD (N={layers}) + GAN, 4 steps"),
     ]
-    report.samples_figure(p, os.path.join(args.assets_dir, "digits_samples.png"), shown)
-    if any(name.startswith("flow_") for name, *_ in rows):
+    report.samples_figure(runner, pipeline.figure_path(runner, "digits_samples.png"), shown)
+    if any(row.teacher_objective == "flow" for row in rows):
         report.samples_figure(
-            p,
-            os.path.join(args.assets_dir, "digits_flow_samples.png"),
+            runner,
+            pipeline.figure_path(runner, "digits_flow_samples.png"),
             [
                 (
                     FLOW_TEACHER,
@@ -274,37 +273,37 @@ def figures(p, rows, results, args):
                 ),
                 ("flow_teacher_heun2", "Flow teacher, Heun 2 steps (3 evaluations)"),
                 ("flow_k4_n0_state_s0", "Its step distillation, 4 steps"),
-                (f"flow_k4_n{n}_state_s0", f"Its ARD (N={n}), 4 steps"),
+                (f"flow_k4_n{layers}_state_s0", f"Its ARD (N={layers}), 4 steps"),
             ],
         )
-    report.val_mse_figure(s, p, os.path.join(args.assets_dir, "digits_val_mse.png"))
-    report.gan_figure(s, p, os.path.join(args.assets_dir, "digits_gan.png"))
-    if args.full:
+    report.val_mse_figure(DIGITS, runner, pipeline.figure_path(runner, "digits_val_mse.png"))
+    report.gan_figure(DIGITS, runner, pipeline.figure_path(runner, "digits_gan.png"))
+    if full:
         report.fid_steps_figure(
-            s, rows, results, os.path.join(args.assets_dir, "digits_fid_vs_steps.png")
+            DIGITS, rows, results, pipeline.figure_path(runner, "digits_fid_vs_steps.png")
         )
 
 
 def main(args):
-    p = pipeline.runner(args, "digits")
-    b, est = (
-        BUDGETS["quick" if args.quick else "default"],
-        ESTIMATES["quick" if args.quick else "default"],
-    )
-    rows, figures_of, real = declare(p, b, est, args)
+    runner = pipeline.make_runner(args, "digits")
+    budget = BUDGETS["quick" if args.quick else "default"]
+    estimates = ESTIMATES["quick" if args.quick else "default"]
+    rows, figures_of, real = declare(runner, budget, estimates, args)
     mode = next(
-        m for m in ("full", "headroom", "flow", "default") if m == "default" or getattr(args, m)
+        name
+        for name in ("full", "headroom", "flow", "default")
+        if name == "default" or getattr(args, name)
     )
     pipeline.finish(
-        p,
+        runner,
         DIGITS,
-        b,
+        budget,
         args,
         rows,
         figures_of,
         real,
         mode,
-        draw=lambda results: figures(p, rows, results, args),
+        draw=lambda results: figures(runner, rows, results, args.full),
     )
 
 
@@ -316,17 +315,20 @@ def parse_args(argv=None):
     mode.add_argument(
         "--headroom",
         action="store_true",
-        help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps steps, 3 seeds",
+        help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps "
+        "steps, 3 seeds",
     )
     mode.add_argument(
         "--full",
         action="store_true",
-        help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow teacher, FID-vs-steps plot",
+        help="3 seeds, both targets, GAN, the headroom setting, 2-5 step students, the flow "
+        "teacher, FID-vs-steps plot",
     )
     mode.add_argument(
         "--flow",
         action="store_true",
-        help="the default rows plus a flow-matching teacher (train.py --objective flow) and its N = 0 and ARD students, 3 seeds",
+        help="the default rows plus a flow-matching teacher (train.py --objective flow) and its "
+        "N = 0 and ARD students, 3 seeds",
     )
     pipeline.add_arguments(parser, "digits")
     return parser.parse_args(argv)

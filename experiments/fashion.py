@@ -1,27 +1,31 @@
-"""ARD on Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes), end to end, as the project's
-own scripts run it: does what the digits showed (4 tokens a step) hold with 49 tokens a step?
+"""ARD on Fashion-MNIST (60,000 training and 10,000 test images, 28x28 grey, 10 classes), end to
+end, as the project's own scripts run it: does what the digits showed (4 tokens a step) hold with
+49 tokens a step?
 
-    teacher (train.py --data fashion, DiT-T/4: 7x7 = 49 tokens) -> trajectories (DDIM 25, CFG 1.5) -> 4-step students,
-    step distillation (N = 0) and ARD (N = 3), with the state target and with the x0 target, and the GAN stage on both
-    state students -> samples -> figures against the 10,000 test images and against the teacher's own samples, with
-    the Fashion-MNIST feature network -> the history probe -> the teacher at 2 to 25 steps -> tables.
+    teacher (train.py --data fashion, DiT-T/4: 7x7 = 49 tokens) -> trajectories (DDIM 25, CFG 1.5)
+    -> 4-step students, step distillation (N = 0) and ARD (N = 3), with the state target and with
+    the x0 target, and the GAN stage on both state students -> samples -> figures against the 10,000
+    test images and against the teacher's own samples, with the Fashion-MNIST feature network -> the
+    history probe -> the teacher at 2 to 25 steps -> tables.
 
-    python -m experiments.fashion             # one seed of each student (about 2.3 hours on 2 CPU cores)
+    python -m experiments.fashion             # one seed of each student (about 2.3 hours on
+                                              # 2 CPU cores)
     python -m experiments.fashion --seeds 3   # three (for a GPU)
     python -m experiments.fashion --quick     # every stage with tiny budgets (a smoke test)
 
-It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS: `apt-get install dataset-fashion-mnist` on
-Debian). Finished stages are reused when the command is run again; an interrupted training stage resumes from its
-last checkpoint; on SIGTERM the running stages save their work and the job exits with status 75.
+It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS:
+`apt-get install dataset-fashion-mnist` on Debian). Finished stages are reused when the command is
+run again; an interrupted training stage resumes from its last checkpoint; on SIGTERM the running
+stages save their work and the job exits with status 75. The plots go to RUN_DIR/figures/ (and with
+--assets-dir DIR to DIR as well).
 """
 
 import argparse
-import os
 
 from ard import cli
 from ard.cli import positive_int
 from experiments import pipeline, report
-from experiments.pipeline import Setting
+from experiments.pipeline import Setting, teacher_row
 
 BUDGETS = {
     "quick": dict(
@@ -57,9 +61,10 @@ BUDGETS = {
         sample_batch=250,
     ),
 }
-# DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks see the history.
-# The teacher's EMA: at 0.999 its 2,000-step average still held the first, untrained steps' weights and its samples
-# were noise where the raw weights' were clean garments; 0.995 averages about the last 200 steps.
+# DiT-T (depth 6, width 128) with 4x4 patches: 7x7 = 49 tokens a 28x28 image; N = 3 of its 6 blocks
+# see the history. The teacher's EMA: at 0.999 its 2,000-step average still held the first,
+# untrained steps' weights and its samples were noise where the raw weights' were clean garments;
+# 0.995 averages about the last 200 steps.
 FASHION = Setting(
     data="fashion",
     model="DiT-T/4",
@@ -73,8 +78,8 @@ FASHION = Setting(
 )
 TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at these step counts
 
-# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner rescales them by how
-# fast this machine turns out to be.
+# Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner
+# rescales them by how fast this machine turns out to be.
 ESTIMATES = {
     "quick": dict(
         teacher=10,
@@ -103,97 +108,87 @@ ESTIMATES = {
 }
 
 
-def declare(p, b, est, args):
-    """Every stage, declared on the runner p; returns (the table's rows, {row: its figures' path}, the real training
-    images' figures' path)."""
-    s = FASHION
-    teacher, ref, net, traj = pipeline.prepare(p, s, b, est)
+def declare(runner, budget, estimates, args):
+    """Every stage, declared on the runner; returns (the table's rows, {row name: its figures'
+    path}, the real training images' figures' path)."""
+    teacher, ref, net, traj = pipeline.prepare(runner, FASHION, budget, estimates)
     rows = []
     seeds = list(range(args.seeds))
     for target in ("state", "x0"):
         for seed in seeds:
-            for n in (0, s.history_layers):
-                name = f"k4_n{n}_{target}_s{seed}"
+            for history_layers in (0, FASHION.history_layers):
                 rows.append(
-                    (
-                        name,
-                        4,
-                        "student",
-                        pipeline.student_stage(p, s, b, est, name, traj, teacher, n, seed, target),
-                        f"k4_n{n}_{target}",
+                    pipeline.student_stage(
+                        runner,
+                        FASHION,
+                        budget,
+                        estimates,
+                        traj,
+                        teacher,
+                        history_layers,
+                        seed,
+                        target,
                     )
                 )
-    for seed in seeds:  # the GAN stage, from step distillation and from ARD (state target)
-        for n in (0, s.history_layers):
-            name = f"k4_n{n}_state_s{seed}"
-            rows.append(
-                (
-                    f"gan_{name}",
-                    4,
-                    "student",
-                    pipeline.gan_stage(p, s, b, est, name, traj, teacher, n, seed),
-                    f"k4_n{n}_state_gan",
-                )
-            )
-    steps = [2, 4, 25] if args.quick else TEACHER_STEPS
-    rows += [(f"teacher_ddim{n}", n, "teacher", teacher, f"teacher_ddim{n}") for n in steps]
-    rows.append(
-        ("teacher_ddim25_s1", 25, "teacher", teacher, "teacher_ddim25_s1")
-    )  # other noises: the teacher-fidelity floor
-    figures_of = pipeline.evaluate(p, s, b, rows, ref, net, est)
-    real = pipeline.evaluate_real_train(p, s, ref, net, est)
-    pipeline.history_probe(
-        p, s, b, est, rows, traj, os.path.join(args.assets_dir, "fashion_history_probe.png")
-    )
+    # The GAN stage, from step distillation and from ARD (state target).
+    for student in [row for row in rows if row.target == "state"]:
+        rows.append(pipeline.gan_stage(runner, FASHION, budget, estimates, traj, teacher, student))
+    teacher_steps = [2, 4, 25] if args.quick else TEACHER_STEPS
+    rows += [teacher_row(teacher, "ddim", steps) for steps in teacher_steps]
+    # Other noises: the teacher-fidelity floor.
+    rows.append(teacher_row(teacher, "ddim", 25, seed=1))
+    figures_of = pipeline.evaluate(runner, FASHION, budget, rows, ref, net, estimates)
+    real = pipeline.evaluate_real_train(runner, FASHION, ref, net, estimates)
+    pipeline.history_probe(runner, FASHION, budget, estimates, rows, traj)
     return rows, figures_of, real
 
 
-def figures(p, rows, results, args):
-    """The docs' figures: a grid of samples (same noise and classes, one row per model), the held-out MSE during
-    distillation, the GAN stage's logged figures, and FID against steps."""
+def figures(runner, rows, results):
+    """The docs' figures, in RUN_DIR/figures/: a grid of samples (same noise and classes, one row
+    per model), the held-out MSE during distillation, the GAN stage's logged figures, and FID
+    against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
-    s, n = FASHION, FASHION.history_layers
+    layers = FASHION.history_layers
     shown = [
         ("teacher_ddim25", "Teacher, DDIM 25 steps"),
         ("teacher_ddim4", "Teacher, DDIM 4 steps"),
         ("k4_n0_state_s0", "Step distillation, 4 steps"),
-        (f"k4_n{n}_state_s0", f"ARD (N={n}), 4 steps"),
+        (f"k4_n{layers}_state_s0", f"ARD (N={layers}), 4 steps"),
         ("k4_n0_x0_s0", "Step distillation, x0 target"),
-        (f"k4_n{n}_x0_s0", f"ARD (N={n}), x0 target"),
-        (f"gan_k4_n{n}_state_s0", f"ARD (N={n}) + GAN, 4 steps"),
+        (f"k4_n{layers}_x0_s0", f"ARD (N={layers}), x0 target"),
+        (f"gan_k4_n{layers}_state_s0", f"ARD (N={layers}) + GAN, 4 steps"),
     ]
-    report.samples_figure(p, os.path.join(args.assets_dir, "fashion_samples.png"), shown)
-    report.val_mse_figure(s, p, os.path.join(args.assets_dir, "fashion_val_mse.png"))
-    report.gan_figure(s, p, os.path.join(args.assets_dir, "fashion_gan.png"))
+    report.samples_figure(runner, pipeline.figure_path(runner, "fashion_samples.png"), shown)
+    report.val_mse_figure(FASHION, runner, pipeline.figure_path(runner, "fashion_val_mse.png"))
+    report.gan_figure(FASHION, runner, pipeline.figure_path(runner, "fashion_gan.png"))
     report.fid_steps_figure(
-        s, rows, results, os.path.join(args.assets_dir, "fashion_fid_vs_steps.png")
+        FASHION, rows, results, pipeline.figure_path(runner, "fashion_fid_vs_steps.png")
     )
 
 
 def main(args):
-    p = pipeline.runner(args, "fashion")
-    b, est = (
-        BUDGETS["quick" if args.quick else "default"],
-        ESTIMATES["quick" if args.quick else "default"],
-    )
-    if (
-        args.teacher_steps is not None
-    ):  # another teacher budget (its stages and everything after them change)
-        est = dict(est, teacher=est["teacher"] * args.teacher_steps / b["teacher_steps"])
-        b = dict(b, teacher_steps=args.teacher_steps)
-    rows, figures_of, real = declare(p, b, est, args)
+    runner = pipeline.make_runner(args, "fashion")
+    budget = BUDGETS["quick" if args.quick else "default"]
+    estimates = ESTIMATES["quick" if args.quick else "default"]
+    if args.teacher_steps is not None:
+        # Another teacher budget: its stages and everything after them change.
+        estimates = dict(
+            estimates, teacher=estimates["teacher"] * args.teacher_steps / budget["teacher_steps"]
+        )
+        budget = dict(budget, teacher_steps=args.teacher_steps)
+    rows, figures_of, real = declare(runner, budget, estimates, args)
     pipeline.finish(
-        p,
+        runner,
         FASHION,
-        b,
+        budget,
         args,
         rows,
         figures_of,
         real,
         f"{args.seeds} seed(s)",
-        draw=lambda results: figures(p, rows, results, args),
+        draw=lambda results: figures(runner, rows, results),
     )
 
 

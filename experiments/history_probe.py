@@ -1,16 +1,20 @@
-"""What a trained ARD student does with its history (the earlier steps of its trajectory), measured on held-out
-trajectories of the store it was distilled from:
+"""What a trained ARD student does with its history (the earlier steps of its trajectory), measured
+on held-out trajectories of the store it was distilled from:
 
-  attention mass   in each history block, the share of each step's attention (mean over its queries, heads
-                   and trajectories) that goes to the tokens of earlier steps; 0 by construction for step 0
-  history swap     each step's prediction when the earlier steps' inputs are replaced by those of another
-                   trajectory of the same class: the mean squared change; exactly 0 with N = 0 and for step 0
-  dose response    the sample's error against the teacher's sample when every fed-back prediction is perturbed
-                   by sigma * N(0, I) before it becomes the next input: robustness to the student's own errors
+  attention mass   in each history block, the share of each step's attention (mean over its
+                   queries, heads and trajectories) that goes to the tokens of earlier steps; 0 by
+                   construction for step 0
+  history swap     each step's prediction when the earlier steps' inputs are replaced by those of
+                   another trajectory of the same class: the mean squared change; exactly 0 with
+                   N = 0 and for step 0
+  dose response    the sample's error against the teacher's sample when every fed-back prediction
+                   is perturbed by sigma * N(0, I) before it becomes the next input: robustness to
+                   the student's own errors
 
     python -m experiments.history_probe --traj runs/digits/traj --val-count 500 \
-        --students runs/digits/students/k4_n0_state_s0/checkpoints/0000800.pt runs/digits/students/k4_n3_state_s0/checkpoints/0000800.pt \
-        --json runs/digits/history_probe.json --figure assets/digits_history_probe.png
+        --students runs/digits/students/k4_n0_state_s0/checkpoints/0000800.pt \
+                   runs/digits/students/k4_n3_state_s0/checkpoints/0000800.pt \
+        --json runs/digits/history_probe.json --figure runs/digits/figures/digits_history_probe.png
 """
 
 import argparse
@@ -30,8 +34,8 @@ SIGMAS = (0.0, 0.02, 0.05, 0.1, 0.2)  # the dose response's perturbations
 
 @torch.no_grad()
 def attention_mass(model, x, y):
-    """(history_layers, K) tensor: the mean attention probability that queries of step k put on keys of steps < k,
-    in each history block, for the teacher-forced pass on inputs x (B, K, C, H, W)."""
+    """(history_layers, K) tensor: the mean attention probability that queries of step k put on keys
+    of steps < k, in each history block, for the teacher-forced pass on inputs x (B, K, C, H, W)."""
     K, L = model.num_steps, model.x_embedder.num_patches
     tokens, c = model.embed(x), model.conditioning(y, list(range(K)))  # (B, K, L, D), (B, K, D)
     step = torch.arange(K, device=x.device).repeat_interleave(L)
@@ -42,9 +46,8 @@ def attention_mass(model, x, y):
         shift, scale = block.adaLN_modulation(c).unsqueeze(-2).chunk(6, dim=-1)[:2]
         h = modulate(block.norm1(tokens), shift, scale).flatten(1, 2)  # (B, K*L, D)
         attn = block.attn
-        q, k, _ = (
-            attn.qkv(h).unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4)
-        )  # (B, heads, K*L, hd)
+        qkv = attn.qkv(h).unflatten(-1, (3, attn.num_heads, attn.head_dim))
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, K*L, hd)
         logits = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5
         probs = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, heads, K*L, K*L)
         on_earlier = (probs * earlier).sum(-1).mean(dim=(0, 1))  # (K*L,)
@@ -54,7 +57,7 @@ def attention_mass(model, x, y):
 
 
 def same_class_donors(y, generator):
-    """For each item, another item of the same class (a random derangement within each class where possible)."""
+    """For each item, another of its class (a random derangement of each class where possible)."""
     donors = torch.arange(len(y))
     for label in y.unique():
         members = torch.nonzero(y == label).flatten()
@@ -66,7 +69,7 @@ def same_class_donors(y, generator):
 
 @torch.no_grad()
 def history_swap(model, x, y, donors):
-    """(K,) mean squared change of step k's prediction when the inputs of steps < k are those of x[donors]."""
+    """(K,) mean squared change of step k's prediction when the inputs of steps < k are swapped."""
     base = model(x, y)
     change = torch.zeros(model.num_steps)
     for k in range(1, model.num_steps):
@@ -78,7 +81,7 @@ def history_swap(model, x, y, donors):
 
 @torch.no_grad()
 def dose_response(model, noise, y, target, sigmas, seed=0):
-    """{sigma: MSE of the sample against `target`} when each fed-back prediction is perturbed by sigma * N(0, I)."""
+    """{sigma: the sample's MSE against `target`} when fed-back predictions get sigma * N(0, I)."""
     out = {}
     for sigma in sigmas:
         gen = torch.Generator(device=noise.device).manual_seed(seed)
@@ -92,7 +95,7 @@ def dose_response(model, noise, y, target, sigmas, seed=0):
 
 
 def probe(path, store, val_count, seeds=(0, 1, 2)):
-    """The three probes of one student checkpoint on the store's last val_count trajectories (its held-out ones)."""
+    """The three probes of a student checkpoint on its held-out trajectories (the store's last)."""
     model, config = load_model(path, kind="ard")
     dataset = TrajectoryDataset(store, config["boundaries"], config["target"])
     inputs, targets, y = dataset.__getitems__(list(range(len(store) - val_count, len(store))))
@@ -119,22 +122,20 @@ def figure(results, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    ard = [r for r in results if r["history_layers"]]
-    for r in ard:
-        for i, row in enumerate(r["attention_mass"]):
-            axes[0].plot(
-                range(1, len(row) + 1), row, "-o", label=f"N={r['history_layers']}, block {i}"
-            )
+    for result in [result for result in results if result["history_layers"]]:
+        for block, row in enumerate(result["attention_mass"]):
+            label = f"N={result['history_layers']}, block {block}"
+            axes[0].plot(range(1, len(row) + 1), row, "-o", label=label)
     axes[0].set(
         xlabel="step k", ylabel="attention on steps < k", title="(a) attention mass on the history"
     )
     axes[0].legend(fontsize=6)
-    for r in results:
+    for result in results:
         axes[1].plot(
-            range(1, len(r["swap_change"]) + 1),
-            r["swap_change"],
+            range(1, len(result["swap_change"]) + 1),
+            result["swap_change"],
             "-o",
-            label=f"N={r['history_layers']}",
+            label=f"N={result['history_layers']}",
         )
     axes[1].set(
         xlabel="step k",
@@ -145,10 +146,10 @@ def figure(results, path):
     for ax in axes[:2]:
         ax.set_xticks(range(1, len(results[0]["swap_change"]) + 1))
     axes[1].legend(fontsize=7)
-    for r in results:
-        sig = [float(s) for s in r["dose_response"]]
-        mean = [sum(v) / len(v) for v in r["dose_response"].values()]
-        axes[2].plot(sig, mean, "-o", label=f"N={r['history_layers']}")
+    for result in results:
+        sigmas = [float(sigma) for sigma in result["dose_response"]]
+        mean = [sum(errors) / len(errors) for errors in result["dose_response"].values()]
+        axes[2].plot(sigmas, mean, "-o", label=f"N={result['history_layers']}")
     axes[2].set(
         xlabel="sigma of the perturbation fed back",
         ylabel="sample MSE vs teacher",
@@ -187,18 +188,24 @@ def main(args):
     store = TrajectoryStore(args.traj)
     if args.val_count >= len(store):
         raise UserError(
-            f"--val-count {args.val_count} is not smaller than the store's {len(store)} trajectories"
+            f"--val-count {args.val_count} is not smaller than the store's {len(store)} "
+            "trajectories"
         )
     results = [probe(path, store, args.val_count) for path in args.students]
     write_json(args.json, results)
     if args.figure:
         os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
         figure(results, args.figure)
-    for r in results:
+    for result in results:
+        swap = [f"{change:.2e}" for change in result["swap_change"]]
+        attention = [[round(mass, 3) for mass in row] for row in result["attention_mass"]]
+        dose = {
+            sigma: f"{sum(errors) / len(errors):.2e}"
+            for sigma, errors in result["dose_response"].items()
+        }
         print(
-            f"N={r['history_layers']}: swap change per step {[f'{v:.2e}' for v in r['swap_change']]}; attention on history "
-            f"{[[round(v, 3) for v in row] for row in r['attention_mass']]}; dose response "
-            f"{ {s: f'{sum(v) / len(v):.2e}' for s, v in r['dose_response'].items()} }"
+            f"N={result['history_layers']}: swap change per step {swap}; attention on history "
+            f"{attention}; dose response {dose}"
         )
 
 

@@ -1,16 +1,20 @@
-"""The stages every embedded experiment declares (experiments/digits.py, experiments/fashion.py), as the project's
-own scripts run them: the teacher (train.py), its feature network and reference batches (evaluator), trajectories
-(train_teacher_traj.py), students (train_ard.py, and its GAN stage), samples (sample_ddp.py), their figures against
-the real test images and against the teacher's own samples (python -m evaluator), the history probe, the costs; and
-the end of a run: the tables of experiments/report.py and the figures.
+"""The stages every embedded experiment declares (experiments/digits.py, experiments/fashion.py), as
+the project's own scripts run them: the teacher (train.py), its feature network and reference
+batches (evaluator), trajectories (train_teacher_traj.py), students (train_ard.py, and its GAN
+stage), samples (sample_ddp.py), their figures against the real test images and against the
+teacher's own samples (python -m evaluator), the history probe, the costs; and the end of a run: the
+tables of experiments/report.py and the figures.
 
-A Setting says what differs between the experiments: the dataset, the model, N, the learning rates. A row of a
-table is (name, steps, kind, checkpoint, group): its samples are samples/NAME.npz, its figures eval/NAME.json, and
-the rows of one group (the seeds of one model) are one line of the table.
+A Setting says what differs between the experiments: the dataset, the model, N, the learning rates.
+A Row is one model of a table: its samples are samples/NAME.npz, its figures eval/NAME.json, and the
+rows of one group (the seeds of one model) are one line of the table. teacher_row and student_row
+name the rows; those names are file names and stage names, which is what lets a later invocation
+reuse a run folder's finished stages.
 """
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -20,12 +24,16 @@ from ard.cost import sampling_cost
 from ard.fileio import write_json
 from diffusion.sampling import model_evaluations
 from experiments import report
-from experiments.report import FLOW_TEACHER, teacher_sampler
+from experiments.report import TEACHER_REFERENCE
 from experiments.stage_runner import StageRunner
 
-ROOT = os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__))
-)  # the repository: where the stages run
+# The repository: where the stages run.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The stage that trains the teacher of each objective (train.py --objective), and its run folder.
+TEACHER_STAGES = {"ddpm": "teacher", "flow": "flow_teacher"}
+# The run folder's folder of figures; --assets-dir receives a copy.
+FIGURES = "figures"
 
 
 @dataclass(frozen=True)
@@ -35,105 +43,186 @@ class Setting:
     history_layers: int  # ARD's N
     teacher_lr: float
     teacher_ema: float
-    student_lr: (
-        float  # constant: a headroom row reads a student's checkpoint half-way as a shorter run
-    )
+    # Constant: a headroom row reads a student's checkpoint half-way as a shorter run.
+    student_lr: float
     real: str  # what the table calls the real test images, e.g. "the 360 held-out real digits"
-    real_train: (
-        str  # and the real training images, e.g. "Real digits, training split (reference floor)"
-    )
+    # And the real training images, e.g. "Real digits, training split (reference floor)".
+    real_train: str
     cfg: float = 1.5
     net: str = "net"  # the stage (and file) name of the feature network
 
 
-def train_teacher(p, s, b, est, name="teacher", objective="ddpm"):
+@dataclass(frozen=True)
+class Row:
+    """One model of a table: samples/NAME.npz, eval/NAME.json; its seeds share a line, its group."""
+
+    name: str
+    group: str
+    steps: int  # sampling steps: a student's K, or the teacher sampler's
+    checkpoint: str
+    stage: str  # the stage that writes the checkpoint
+    teacher_objective: str = "ddpm"  # the teacher the row comes from: "ddpm" (DiT's) or "flow"
+    sampler: str | None = None  # a teacher row's: "ddim", "heun" or "euler"; None for a student
+    # A student's training seed; a teacher row's sampling seed (1: the floor, other noises).
+    seed: int = 0
+    history_layers: int | None = None  # a student's N
+    target: str | None = None  # a student's: "state" or "x0"
+    # A student's: "plain", "gan" (after the GAN stage) or "short" (its headroom checkpoint).
+    variant: str = "plain"
+
+    @property
+    def is_teacher(self):
+        return self.sampler is not None
+
+
+def teacher_row(checkpoint, sampler, steps, seed=0, teacher_objective="ddpm"):
+    """The teacher sampled by `sampler` in `steps` steps: teacher_ddim25, flow_teacher_heun13_s1."""
+    prefix = "flow_" if teacher_objective == "flow" else ""
+    name = f"{prefix}teacher_{sampler}{steps}" + (f"_s{seed}" if seed else "")
+    return Row(
+        name=name,
+        group=name,
+        steps=steps,
+        checkpoint=checkpoint,
+        stage=TEACHER_STAGES[teacher_objective],
+        teacher_objective=teacher_objective,
+        sampler=sampler,
+        seed=seed,
+    )
+
+
+def student_row(
+    runner,
+    history_layers,
+    seed,
+    at_step,
+    target="state",
+    num_steps=4,
+    variant="plain",
+    teacher_objective="ddpm",
+):
+    """A student's row, its checkpoint of step `at_step`. Names (and groups): k4_n3_state_s0
+    (k4_n3_state), gan_k4_n3_state_s0 (k4_n3_state_gan), short_k4_n3_state_s0 (k4_n3_short),
+    flow_k4_n0_state_s1 (flow_k4_n0_state)."""
+    model = ("flow_" if teacher_objective == "flow" else "") + f"k{num_steps}_n{history_layers}"
+    plain = f"{model}_{target}_s{seed}"
+    if variant == "plain":
+        name, group = plain, f"{model}_{target}"
+    elif variant == "gan":
+        name, group = f"gan_{plain}", f"{model}_{target}_gan"
+    else:  # short: the plain student's run, read at an earlier checkpoint
+        name, group = f"short_{plain}", f"{model}_short"
+    run = name if variant == "gan" else plain
+    return Row(
+        name=name,
+        group=group,
+        steps=num_steps,
+        checkpoint=runner.path("students", run, "checkpoints", f"{at_step:07d}.pt"),
+        stage=f"student_{run}",
+        teacher_objective=teacher_objective,
+        seed=seed,
+        history_layers=history_layers,
+        target=target,
+        variant=variant,
+    )
+
+
+def figure_path(runner, name):
+    """Where a run draws its figure NAME: RUN_DIR/figures/NAME."""
+    return runner.path(FIGURES, name)
+
+
+def train_teacher(runner, setting, budget, estimates, objective="ddpm"):
     """The teacher on the setting's data: DiT's objective, or flow matching with the same budget."""
-    return p.add(
+    name = TEACHER_STAGES[objective]
+    return runner.add(
         name,
-        p.path(name, "checkpoints", f"{b['teacher_steps']:07d}.pt"),
+        runner.path(name, "checkpoints", f"{budget['teacher_steps']:07d}.pt"),
         [
             "train.py",
             "--model",
-            s.model,
+            setting.model,
             "--data",
-            s.data,
+            setting.data,
             "--objective",
             objective,
             "--max-steps",
-            str(b["teacher_steps"]),
+            str(budget["teacher_steps"]),
             "--lr",
-            str(s.teacher_lr),
+            str(setting.teacher_lr),
             "--ema-decay",
-            str(s.teacher_ema),
+            str(setting.teacher_ema),
             "--global-batch-size",
-            str(b["teacher_batch"]),
+            str(budget["teacher_batch"]),
             "--log-every",
             "250",
             "--ckpt-every",
-            str(max(1, b["teacher_steps"] // 4)),
+            str(max(1, budget["teacher_steps"] // 4)),
             "--run-dir",
-            p.path(name),
+            runner.path(name),
             "--resume",
             "auto",
         ],
         heavy=True,
-        estimate=est["teacher"],
+        estimate=estimates["teacher"],
     )
 
 
-def prepare(p, s, b, est):
-    """The teacher, the feature network, the reference batches and the trajectories; returns (teacher, ref, net, traj)."""
-    teacher = train_teacher(p, s, b, est)
-    net = p.add(
-        s.net,
-        p.path(f"{s.net}.pt"),
+def prepare(runner, setting, budget, estimates):
+    """The teacher, the feature network, the reference batches and the trajectories; returns the
+    paths of the teacher's checkpoint, the test images' batch, the feature network and the
+    trajectory store."""
+    teacher = train_teacher(runner, setting, budget, estimates)
+    net = runner.add(
+        setting.net,
+        runner.path(f"{setting.net}.pt"),
         [
             "-m",
             "evaluator.train_feature_net",
             "--data",
-            s.data,
+            setting.data,
             "--out",
-            p.path(f"{s.net}.pt"),
+            runner.path(f"{setting.net}.pt"),
             "--epochs",
-            str(b["net_epochs"]),
+            str(budget["net_epochs"]),
         ],
-        estimate=est["net"],
+        estimate=estimates["net"],
     )
-    ref = p.add(
+    ref = runner.add(
         "reference",
-        p.path("ref_test.npz"),
+        runner.path("ref_test.npz"),
         [
             "-m",
             "evaluator.make_reference",
             "--data",
-            s.data,
+            setting.data,
             "--split",
             "test",
             "--out",
-            p.path("ref_test.npz"),
+            runner.path("ref_test.npz"),
         ],
-        estimate=est["reference"],
+        estimate=estimates["reference"],
     )
-    p.add(
+    runner.add(
         "real_train",
-        p.path("real_train.npz"),
+        runner.path("real_train.npz"),
         [
             "-m",
             "evaluator.make_reference",
             "--data",
-            s.data,
+            setting.data,
             "--split",
             "train",
-            *(["--num", str(b["real_train"])] if b.get("real_train") else []),
+            *(["--num", str(budget["real_train"])] if budget.get("real_train") else []),
             "--out",
-            p.path("real_train.npz"),
+            runner.path("real_train.npz"),
         ],
-        estimate=est["reference"],
+        estimate=estimates["reference"],
     )
-    traj = p.path("traj")
-    p.add(
+    traj = runner.path("traj")
+    runner.add(
         "trajectories",
-        os.path.join(traj, "shard-%05d" % ((b["trajectories"] - 1) // 1000)),
+        os.path.join(traj, "shard-%05d" % ((budget["trajectories"] - 1) // 1000)),
         [
             "train_teacher_traj.py",
             "--ckpt",
@@ -141,25 +230,24 @@ def prepare(p, s, b, est):
             "--out",
             traj,
             "--num-trajectories",
-            str(b["trajectories"]),
+            str(budget["trajectories"]),
             "--num-sampling-steps",
             "25",
             "--cfg-scale",
-            str(s.cfg),
+            str(setting.cfg),
         ],
         after=["teacher"],
         heavy=True,
-        estimate=est["trajectories"],
+        estimate=estimates["trajectories"],
     )
     return teacher, ref, net, traj
 
 
 def student_stage(
-    p,
-    s,
-    b,
-    est,
-    name,
+    runner,
+    setting,
+    budget,
+    estimates,
     traj,
     teacher,
     history_layers,
@@ -168,12 +256,22 @@ def student_stage(
     num_steps=4,
     steps=None,
     after="trajectories",
+    teacher_objective="ddpm",
 ):
-    """A student distilled from a store by train_ard.py; returns its last checkpoint."""
-    steps = steps or b["student_steps"]
-    return p.add(
-        f"student_{name}",
-        p.path("students", name, "checkpoints", f"{steps:07d}.pt"),
+    """A student distilled from a store by train_ard.py; returns its row (its last checkpoint)."""
+    steps = steps or budget["student_steps"]
+    row = student_row(
+        runner,
+        history_layers,
+        seed,
+        at_step=steps,
+        target=target,
+        num_steps=num_steps,
+        teacher_objective=teacher_objective,
+    )
+    runner.add(
+        row.stage,
+        row.checkpoint,
         [
             "train_ard.py",
             "--traj",
@@ -187,57 +285,68 @@ def student_stage(
             "--student-steps",
             str(num_steps),
             "--global-batch-size",
-            str(b["student_batch"]),
+            str(budget["student_batch"]),
             "--lr",
-            str(s.student_lr),
+            str(setting.student_lr),
             "--ema-decay",
             "0.99",
             "--max-steps",
             str(steps),
             "--val-count",
-            str(b["val_count"]),
+            str(budget["val_count"]),
             "--val-every",
             str(max(1, steps // 4)),
             "--log-every",
             str(max(1, steps // 20)),
             "--sample-every",
             "0",
+            # The digits' students keep their headroom_steps checkpoint.
             "--ckpt-every",
-            str(max(1, steps // 4)),  # the digits' students keep their headroom_steps checkpoint
+            str(max(1, steps // 4)),
             "--global-seed",
             str(seed),
             "--run-dir",
-            p.path("students", name),
+            runner.path("students", row.name),
             "--resume",
             "auto",
         ],
         after=[after],
-        estimate=est["student"] * num_steps / 4 * steps / b["student_steps"],
+        estimate=estimates["student"] * num_steps / 4 * steps / budget["student_steps"],
     )
+    return row
 
 
-def gan_stage(p, s, b, est, name, traj, teacher, history_layers, seed):
-    """The GAN stage from the student `name`'s last checkpoint; returns its own last checkpoint."""
-    init = p.path("students", name, "checkpoints", f"{b['student_steps']:07d}.pt")
-    steps = b["gan_steps"]
-    return p.add(
-        f"student_gan_{name}",
-        p.path("students", f"gan_{name}", "checkpoints", f"{steps:07d}.pt"),
+def gan_stage(runner, setting, budget, estimates, traj, teacher, student):
+    """The GAN stage from the last checkpoint of the student (its row); returns its own row."""
+    steps = budget["gan_steps"]
+    row = student_row(
+        runner,
+        student.history_layers,
+        student.seed,
+        at_step=steps,
+        target=student.target,
+        num_steps=student.steps,
+        variant="gan",
+        teacher_objective=student.teacher_objective,
+    )
+    runner.add(
+        row.stage,
+        row.checkpoint,
         [
             "train_ard.py",
             "--gan",
             "--init-ckpt",
-            init,
+            student.checkpoint,
             "--traj",
             traj,
             "--teacher-ckpt",
             teacher,
             "--data",
-            s.data,
+            setting.data,
             "--history-layers",
-            str(history_layers),
+            str(student.history_layers),
             "--global-batch-size",
-            str(b["student_batch"]),
+            str(budget["student_batch"]),
             "--lr",
             "1e-4",
             "--ema-decay",
@@ -245,11 +354,11 @@ def gan_stage(p, s, b, est, name, traj, teacher, history_layers, seed):
             "--max-steps",
             str(steps),
             "--gan-warmup",
-            str(b["gan_warmup"]),
+            str(budget["gan_warmup"]),
             "--global-seed",
-            str(seed),
+            str(student.seed),
             "--val-count",
-            str(b["val_count"]),
+            str(budget["val_count"]),
             "--val-every",
             str(steps),
             "--log-every",
@@ -257,180 +366,172 @@ def gan_stage(p, s, b, est, name, traj, teacher, history_layers, seed):
             "--sample-every",
             str(steps),
             "--run-dir",
-            p.path("students", f"gan_{name}"),
+            runner.path("students", row.name),
             "--resume",
             "auto",
         ],
-        after=[f"student_{name}"],
-        estimate=est["gan"],
+        after=[student.stage],
+        estimate=estimates["gan"],
     )
+    return row
 
 
-def evaluate(p, s, b, rows, ref, net, est):
-    """Samples of every row and their figures against the real test images and against the samples of the row's
-    own teacher (the DDIM teacher's 25 steps, or the flow teacher's FLOW_TEACHER); returns {name: its figures' path}."""
+def evaluate(runner, setting, budget, rows, ref, net, estimates):
+    """Samples of every row and their figures against the real test images and against the samples
+    of the row's own teacher (TEACHER_REFERENCE); returns {name: its figures' path}."""
     figures = {}
-    for name, steps, kind, source, group in rows:
-        samples = p.path("samples", f"{name}.npz")
+    for row in rows:
+        samples = runner.path("samples", f"{row.name}.npz")
         cmd = [
             "sample_ddp.py",
             "--ckpt",
-            source,
+            row.checkpoint,
             "--out",
             samples,
             "--num-samples",
-            str(b["samples"]),
+            str(budget["samples"]),
             "--per-proc-batch-size",
-            str(b.get("sample_batch", 500)),
+            str(budget.get("sample_batch", 500)),
         ]
-        if kind == "teacher":
+        if row.is_teacher:
             cmd += [
                 "--sampler",
-                teacher_sampler(name),
+                row.sampler,
                 "--num-sampling-steps",
-                str(steps),
+                str(row.steps),
                 "--cfg-scale",
-                str(s.cfg),
+                str(setting.cfg),
                 "--global-seed",
-                "1" if name.endswith("_s1") else "0",
+                str(row.seed),
                 "--label-seed",
                 "0",
             ]
-        flow = name.startswith("flow_")
-        source_stage = (
-            ("flow_teacher" if flow else "teacher")
-            if kind == "teacher"
-            else f"student_gan_{name[4:]}"
-            if name.startswith("gan_")
-            else f"student_{name[6:]}"
-            if name.startswith("short_")
-            else f"student_{name}"
-        )
-        evaluations = (
-            model_evaluations(teacher_sampler(name), steps) if kind == "teacher" else steps
-        )
-        long = kind == "teacher" and evaluations > 8
-        p.add(
-            f"sample_{name}",
+        evaluations = model_evaluations(row.sampler, row.steps) if row.is_teacher else row.steps
+        long = row.is_teacher and evaluations > 8
+        runner.add(
+            f"sample_{row.name}",
             samples,
             cmd,
-            after=[source_stage],
-            estimate=est["sample_teacher25"] * evaluations / 25 if long else est["sample"],
+            after=[row.stage],
+            estimate=estimates["sample_teacher25"] * evaluations / 25
+            if long
+            else estimates["sample"],
         )
-        own = FLOW_TEACHER if flow else "teacher_ddim25"
-        figures[name] = p.add(
-            f"eval_{name}",
-            p.path("eval", f"{name}.json"),
+        own = TEACHER_REFERENCE[row.teacher_objective]
+        figures[row.name] = runner.add(
+            f"eval_{row.name}",
+            runner.path("eval", f"{row.name}.json"),
             [
                 "-m",
                 "evaluator",
                 ref,
                 samples,
                 "--features",
-                s.data,
+                setting.data,
                 "--feature-net",
                 net,
                 "--json",
-                p.path("eval", f"{name}.json"),
+                runner.path("eval", f"{row.name}.json"),
                 "--teacher-ref",
-                p.path("samples", f"{own}.npz"),
+                runner.path("samples", f"{own}.npz"),
                 "--bootstrap",
-                str(b["bootstrap"]),
+                str(budget["bootstrap"]),
             ],
-            after=[f"sample_{name}", f"sample_{own}", s.net, "reference"],
-            estimate=est["eval"],
+            after=[f"sample_{row.name}", f"sample_{own}", setting.net, "reference"],
+            estimate=estimates["eval"],
         )
     return figures
 
 
-def evaluate_real_train(p, s, ref, net, est):
-    """The real training images against the test images: the floor of the figures against real data."""
-    return p.add(
+def evaluate_real_train(runner, setting, ref, net, estimates):
+    """The real training images against the test images: the floor of the figures on real data."""
+    return runner.add(
         "eval_real_train",
-        p.path("eval", "real_train.json"),
+        runner.path("eval", "real_train.json"),
         [
             "-m",
             "evaluator",
             ref,
-            p.path("real_train.npz"),
+            runner.path("real_train.npz"),
             "--features",
-            s.data,
+            setting.data,
             "--feature-net",
             net,
             "--json",
-            p.path("eval", "real_train.json"),
+            runner.path("eval", "real_train.json"),
         ],
-        after=["real_train", s.net, "reference"],
-        estimate=est["eval"],
+        after=["real_train", setting.net, "reference"],
+        estimate=estimates["eval"],
     )
 
 
-def history_probe(p, s, b, est, rows, traj, figure, prefix="", suffix=""):
-    """The history probe of the seed-0 4-step state students N = 0 and ARD (their `prefix`ed rows)."""
+def history_probe(runner, setting, budget, estimates, rows, traj, variant="plain"):
+    """The history probe of the seed-0 4-step state students N = 0 and ARD of the DDPM teacher,
+    their `variant` rows (plain, or short: the headroom checkpoints): history_probe[_short].json and
+    its figure."""
+    suffix = "" if variant == "plain" else f"_{variant}"
     students = [
-        source
-        for name, _, _, source, _ in rows
-        if name in (f"{prefix}k4_n0_state_s0", f"{prefix}k4_n{s.history_layers}_state_s0")
+        row
+        for row in rows
+        if not row.is_teacher
+        and row.teacher_objective == "ddpm"
+        and (row.steps, row.target, row.variant, row.seed) == (4, "state", variant, 0)
+        and row.history_layers in (0, setting.history_layers)
     ]
-    p.add(
+    figure = figure_path(runner, f"{setting.data}_history_probe{suffix}.png")
+    # Its output is the figure, the last file it writes.
+    runner.add(
         f"history_probe{suffix}",
-        p.path(f"history_probe{suffix}.json"),
+        figure,
         [
             "-m",
             "experiments.history_probe",
             "--traj",
             traj,
             "--val-count",
-            str(b["val_count"]),
+            str(budget["val_count"]),
             "--json",
-            p.path(f"history_probe{suffix}.json"),
+            runner.path(f"history_probe{suffix}.json"),
             "--figure",
             figure,
             "--students",
-            *students,
+            *[row.checkpoint for row in students],
         ],
-        after=["student_k4_n0_state_s0", f"student_k4_n{s.history_layers}_state_s0"],
-        estimate=est["probe"],
+        after=[row.stage for row in students],
+        estimate=estimates["probe"],
     )
 
 
-def measure_costs(p, s, b, rows):
-    """FLOPs and CPU time per image of each model type (one process, a batch of cost_batch), kept in costs.json; a
-    later run with more rows measures only the groups that are new."""
-    path = p.path("costs.json")
+def measure_costs(runner, setting, budget, rows):
+    """FLOPs and CPU time per image of each model type (one process, a batch of cost_batch), kept in
+    costs.json; a later run with more rows measures only the groups that are new."""
+    path = runner.path("costs.json")
     costs = {}
     if os.path.isfile(path):
         with open(path) as f:
             costs = {group: tuple(value) for group, value in json.load(f).items()}
         print(f"[costs] reusing {path}", flush=True)
     measured = {}
-    for name, steps, kind, source, group in rows:
-        if group in costs:
+    for row in rows:
+        if row.group in costs:
             continue
-        # The GAN stage, the target and the seed change no cost; a teacher's is that of its sampler and steps.
-        sampler = teacher_sampler(name) if kind == "teacher" else None
-        flow = "flow_" if name.startswith("flow_") else ""
-        same = (
-            f"{flow}teacher_{sampler}{steps}"
-            if kind == "teacher"
-            else "_".join(
-                part for part in group.split("_") if part not in ("state", "x0", "short", "gan")
+        # The GAN stage, the target and the seed change no cost; a teacher's is its sampler's.
+        model_type = (row.teacher_objective, row.sampler, row.steps, row.history_layers)
+        if model_type not in measured:
+            model, config = load_model(row.checkpoint)
+            measured[model_type] = sampling_cost(
+                model, config, row.steps, setting.cfg, budget["cost_batch"], row.sampler or "ddim"
             )
-        )
-        if same not in measured:
-            model, config = load_model(source)
-            measured[same] = sampling_cost(
-                model, config, steps, s.cfg, b["cost_batch"], sampler or "ddim"
-            )
-        costs[group] = measured[same]
+        costs[row.group] = measured[model_type]
     if measured:
         write_json(path, costs)
     return costs
 
 
-def runner(args, default_run_dir):
+def make_runner(args, default_run_dir):
     """The stage runner of an experiment's command line, after checking where it writes."""
-    check_output_path(args.assets_dir, "--assets-dir", folder=True)
+    if args.assets_dir:
+        check_output_path(args.assets_dir, "--assets-dir", folder=True)
     if args.run_dir:
         check_output_path(args.run_dir, "--run-dir", folder=True)
     run_dir = args.run_dir or os.path.join(
@@ -439,35 +540,59 @@ def runner(args, default_run_dir):
     return StageRunner(run_dir, ROOT, heavy_alone=not args.quick, fork=not args.no_fork)
 
 
-def finish(p, s, b, args, rows, figures_of, real, mode, draw=None):
-    """Runs the declared stages, then writes the tables (results.md, results.json), prints them, and draws the
-    figures with draw(results) unless --quick."""
+def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=None):
+    """Runs the declared stages, writes the tables (results.md, results.json) and prints them, draws
+    the figures into RUN_DIR/figures/ with draw(results) unless --quick, and copies that folder to
+    --assets-dir if given."""
     start = time.time()
-    p.run()
-    results = {
-        name: dict(
-            json.load(open(figures_of[name])), steps=steps, kind=kind, source=source, group=group
-        )
-        for name, steps, kind, source, group in rows
-    }
-    costs = measure_costs(p, s, b, rows)
+    runner.run()
+    results = {}
+    for row in rows:
+        with open(figures_of[row.name]) as f:
+            results[row.name] = json.load(f)
+    with open(real) as f:
+        real_figures = json.load(f)
+    costs = measure_costs(runner, setting, budget, rows)
     table = report.summarise(
-        s, results, costs, json.load(open(real)), rows, b, report.step_mse(rows), mode, args.quick
+        setting,
+        results,
+        costs,
+        real_figures,
+        rows,
+        budget,
+        report.step_mse(rows),
+        mode,
+        args.quick,
     )
-    with open(p.path("results.md"), "w") as f:
+    with open(runner.path("results.md"), "w") as f:
         f.write(table["markdown"])
-    write_json(p.path("results.json"), table["json"])
+    write_json(runner.path("results.json"), table["json"])
     print("\n" + table["markdown"])
     if draw is not None and not args.quick:
-        os.makedirs(args.assets_dir, exist_ok=True)
+        os.makedirs(runner.path(FIGURES), exist_ok=True)
         draw(results)
+    # At the end, and from the folder: the figures drawn by an earlier invocation's stages too.
+    if args.assets_dir:
+        copy_figures(runner.path(FIGURES), args.assets_dir)
+    minutes = (time.time() - start) / 60
     print(
-        f"\nTotal wall time of this invocation: {(time.time() - start) / 60:.1f} min; stage timings in {p.timings_path}"
+        f"\nTotal wall time of this invocation: {minutes:.1f} min; stage timings in "
+        f"{runner.timings_path}"
     )
     print(
-        f"CPU time (user + system) of the stages, over every invocation that ran them: {sum(p.cpu.values()):.0f} s for "
-        f"{len(p.cpu)} of {len(p.stages)} stages; each stage's in {p.cpu_path}"
+        "CPU time (user + system) of the stages, over every invocation that ran them: "
+        f"{sum(runner.cpu.values()):.0f} s for {len(runner.cpu)} of {len(runner.stages)} stages; "
+        f"each stage's in {runner.cpu_path}"
     )
+
+
+def copy_figures(folder, assets_dir):
+    """Copies every file of a run's folder of figures into assets_dir."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    os.makedirs(assets_dir, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(assets_dir, name))
+    print(f"[figures] copied {len(names)} from {folder} to {assets_dir}: {', '.join(names)}")
 
 
 def add_arguments(parser, default_run_dir):
@@ -475,17 +600,25 @@ def add_arguments(parser, default_run_dir):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny budgets (with any of the modes): checks that every stage runs and hands on valid files",
+        help="tiny budgets (with any of the modes): checks that every stage runs and hands on "
+        "valid files",
     )
     parser.add_argument(
         "--run-dir",
         default=None,
-        help=f"default: runs/{default_run_dir} (runs/{default_run_dir}-quick with --quick)",
+        help=f"default: runs/{default_run_dir} (runs/{default_run_dir}-quick with --quick); the "
+        "figures go to its figures/",
     )
-    parser.add_argument("--assets-dir", default="assets", help="where the figures go")
+    parser.add_argument(
+        "--assets-dir",
+        default=None,
+        help="also copy the run's figures (RUN_DIR/figures/) into this folder at the end, e.g. "
+        "assets to refresh the figures the docs show (default: not given; the figures stay in the "
+        "run folder)",
+    )
     parser.add_argument(
         "--no-fork",
         action="store_true",
-        help="start every stage as a fresh Python process (by default one-thread stages are forks of a "
-        "process that imported torch once; the figures are the same either way)",
+        help="start every stage as a fresh Python process (by default one-thread stages are forks "
+        "of a process that imported torch once; the figures are the same either way)",
     )

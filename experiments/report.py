@@ -1,23 +1,66 @@
-"""The tables and figures of an embedded experiment: every model against the real test images and against its
-teacher's own samples, with intervals (over samples for one seed, over seeds for several), the degradation ratios
-of the paper's form, the held-out per-step MSE, and the figures the docs show."""
+"""The tables and figures of an embedded experiment: every model against the real test images and
+against its teacher's own samples, with intervals (over samples for one seed, over seeds for
+several), the degradation ratios of the paper's form, the held-out per-step MSE, and the figures
+the docs show. A table's rows are pipeline.Row: each knows its group, teacher, sampler, N, target,
+variant and seed."""
 
 import json
 import os
 import statistics
+from dataclasses import dataclass
 
 import numpy as np
 
-# The flow-matching teacher (train.py --objective flow) writes its trajectories with Heun over FLOW_STEPS uniform steps
-# in t: 2 * FLOW_STEPS - 1 model evaluations, about the 25 of the DDIM teacher; its students are judged against its
-# samples of that sampler, FLOW_TEACHER.
+# The flow-matching teacher (train.py --objective flow) writes its trajectories with Heun over
+# FLOW_STEPS uniform steps in t: 2 * FLOW_STEPS - 1 model evaluations, about the 25 of the DDIM
+# teacher; its students are judged against its samples of that sampler, FLOW_TEACHER.
 FLOW_SOLVER, FLOW_STEPS = "heun", 13
 FLOW_TEACHER = f"flow_teacher_{FLOW_SOLVER}{FLOW_STEPS}"
 
 
-def teacher_sampler(name):
-    """The sampler a teacher row's name says: 'teacher_ddim25', 'flow_teacher_heun13', 'flow_teacher_euler25_s1'."""
-    return next(s for s in ("heun", "euler", "ddim") if f"_{s}" in name)
+# The samples each teacher's rows and students are judged against (teacher fidelity): its own, by
+# the sampler that wrote its trajectories.
+TEACHER_REFERENCE = {"ddpm": "teacher_ddim25", "flow": FLOW_TEACHER}
+SAMPLER_NAMES = {"ddim": "DDIM", "heun": "Heun", "euler": "Euler"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Step distillation (N = 0) against ARD: 4-step students of one teacher, target and variant."""
+
+    key: str  # its name in results.json: degradation_fid_KEY, degradation_teacher_fid_KEY
+    text: str  # what the table says it compares
+    teacher_objective: str = "ddpm"
+    target: str = "state"
+    variant: str = "plain"
+
+
+def comparisons(budget):
+    """The degradation ratios a run reports, where it has their rows."""
+    return [
+        Comparison("state", "state target"),
+        Comparison("x0", "x0 target", target="x0"),
+        Comparison(
+            "short", f"after {budget.get('headroom_steps')} steps (headroom)", variant="short"
+        ),
+        Comparison(
+            "flow_state",
+            f"flow teacher ({FLOW_SOLVER} {FLOW_STEPS}), state target",
+            teacher_objective="flow",
+        ),
+    ]
+
+
+def seeds_of(rows, history_layers, teacher_objective="ddpm", target="state", variant="plain"):
+    """The names of the rows of one 4-step student, its seeds in the order they were declared."""
+    return [
+        row.name
+        for row in rows
+        if not row.is_teacher
+        and row.steps == 4
+        and (row.history_layers, row.teacher_objective, row.target, row.variant)
+        == (history_layers, teacher_objective, target, variant)
+    ]
 
 
 def mean_spread(values):
@@ -25,81 +68,82 @@ def mean_spread(values):
 
 
 def cell(results, names, key, digits):
-    """One figure of a table: over several seeds their mean ± standard deviation; for one, the value and its 95%
-    bootstrap interval over samples."""
-    values = [results[n][key] for n in names if key in results[n]]
+    """One figure of a table: over several seeds their mean ± standard deviation; for one, the value
+    and its 95% bootstrap interval over samples."""
+    values = [results[name][key] for name in names if key in results[name]]
     if not values:
         return "-"
     if len(values) > 1:
-        m, s = mean_spread(values)
-        return f"{m:.{digits}f} ± {s:.{digits}f}"
+        mean, std = mean_spread(values)
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
     ci = results[names[0]].get(f"{key}_ci")
     return f"{values[0]:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
-def row_label(s, group, b):
-    """'teacher_ddim25' -> 'Teacher DDIM, CFG 1.5'; 'k4_n3_x0' -> 'ARD (N=3), x0 target'; 'flow_teacher_heun13' ->
-    'Flow teacher Heun, CFG 1.5'; 'flow_k4_n0_state' -> 'Flow teacher's step distillation (N=0)'; ..."""
-    if group.startswith("flow_"):
-        label = row_label(s, group[len("flow_") :], b)
-        if label.startswith("Teacher"):
-            return "Flow t" + label[1:]
-        return "Flow teacher's " + (
-            label if label.startswith("ARD") else label[0].lower() + label[1:]
-        )
-    if group.startswith("teacher"):
-        sampler = {"ddim": "DDIM", "heun": "Heun", "euler": "Euler"}[teacher_sampler(group)]
-        return f"Teacher {sampler}, CFG {s.cfg}" + (
-            ", other noises (the floor)" if group.endswith("_s1") else ""
-        )
-    parts = group.split("_")
-    n, target = int(parts[1][1:]), parts[2]
-    label = "Step distillation (N=0)" if n == 0 else f"ARD (N={n})"
-    if target == "x0":
+def row_label(setting, row, budget):
+    """The line of a row's group: 'Teacher DDIM, CFG 1.5', 'ARD (N=3), x0 target',
+    'Flow teacher Heun, CFG 1.5', "Flow teacher's step distillation (N=0)", ..."""
+    flow = row.teacher_objective == "flow"
+    if row.is_teacher:
+        teacher = "Flow teacher" if flow else "Teacher"
+        label = f"{teacher} {SAMPLER_NAMES[row.sampler]}, CFG {setting.cfg}"
+        return label + (", other noises (the floor)" if row.seed else "")
+    if row.history_layers == 0:
+        label = "Flow teacher's step distillation (N=0)" if flow else "Step distillation (N=0)"
+    else:
+        label = ("Flow teacher's " if flow else "") + f"ARD (N={row.history_layers})"
+    if row.target == "x0":
         label += ", x0 target"
-    if target == "short":
-        label += f", after {b['headroom_steps']} steps (headroom)"
-    if group.endswith("_gan"):
+    if row.variant == "short":
+        label += f", after {budget['headroom_steps']} steps (headroom)"
+    if row.variant == "gan":
         label += " + GAN fine-tuning"
     return label
 
 
-def degradation(s, results, groups, teacher, key, setting, prefix=""):
-    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed, the teacher's figure being `teacher`; and whether
-    some student is not clearly worse than the teacher: its figure, or the lower end of its interval, at or below the
-    teacher's (then there is no degradation to compare, and the ratio means nothing). prefix 'flow_': the flow
-    teacher's students."""
-    names = {n: groups.get(f"{prefix}k4_n{n}_{setting}", []) for n in (0, s.history_layers)}
-    sd, ard = ([results[name][key] for name in names[n]] for n in (0, s.history_layers))
+def degradation(setting, results, rows, comparison, teacher, key):
+    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed of the comparison's students, the
+    teacher's figure being `teacher`; and whether some student is not clearly worse than the
+    teacher: its figure, or the lower end of its interval, at or below the teacher's (then there is
+    no degradation to compare, and the ratio means nothing)."""
+    seeds = {
+        layers: seeds_of(
+            rows, layers, comparison.teacher_objective, comparison.target, comparison.variant
+        )
+        for layers in (0, setting.history_layers)
+    }
+    distilled, ard = ([results[name][key] for name in names] for names in seeds.values())
     lows = [
-        results[name].get(f"{key}_ci", [results[name][key]])[0] for n in names for name in names[n]
+        results[name].get(f"{key}_ci", [results[name][key]])[0]
+        for names in seeds.values()
+        for name in names
     ]
-    return [(s - teacher) / (a - teacher) for s, a in zip(sd, ard)], min(
-        sd + ard + lows, default=float("inf")
-    ) <= teacher
+    ratios = [(d - teacher) / (a - teacher) for d, a in zip(distilled, ard)]
+    return ratios, min(distilled + ard + lows, default=float("inf")) <= teacher
 
 
 def interval(values):
     """'mean ± std, 95% t-interval [lo, hi]' over seeds (the interval with 2 or more values)."""
     from scipy.stats import t
 
-    m, s = mean_spread(values)
-    text = f"{m:.2f} ± {s:.2f}"
+    mean, std = mean_spread(values)
+    text = f"{mean:.2f} ± {std:.2f}"
     if len(values) > 1:
-        half = t.ppf(0.975, len(values) - 1) * s / len(values) ** 0.5
-        text += f", 95% t-interval [{m - half:.2f}, {m + half:.2f}]"
+        half = t.ppf(0.975, len(values) - 1) * std / len(values) ** 0.5
+        text += f", 95% t-interval [{mean - half:.2f}, {mean + half:.2f}]"
     return text
 
 
 def step_mse(rows):
-    """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and teacher-forced (TF),
-    at the step of its checkpoint, from its run's metrics: {group: (AR per step, TF per step, seeds)}."""
-    out = {}
-    for name, steps, kind, source, group in rows:
-        if kind != "student":
+    """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and
+    teacher-forced (TF), at the step of its checkpoint, from its run's metrics:
+    {group: {sampled, teacher_forced, seeds}}."""
+    records = {}
+    for row in rows:
+        if row.is_teacher:
             continue
-        run = os.path.dirname(os.path.dirname(source))
-        at = int(os.path.basename(source).split(".")[0])
+        run = os.path.dirname(os.path.dirname(row.checkpoint))
+        at = int(os.path.basename(row.checkpoint).split(".")[0])
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(path):
             continue
@@ -109,70 +153,77 @@ def step_mse(rows):
                 None,
             )
         if record is not None:
-            out.setdefault(group, []).append((record["val_ar_step_mse"], record["val_tf_step_mse"]))
+            records.setdefault(row.group, []).append(record)
     return {
-        group: (
-            [statistics.mean(v) for v in zip(*[r[0] for r in recs])],
-            [statistics.mean(v) for v in zip(*[r[1] for r in recs])],
-            len(recs),
-        )
-        for group, recs in out.items()
+        group: {
+            "sampled": [statistics.mean(v) for v in zip(*[r["val_ar_step_mse"] for r in recs])],
+            "teacher_forced": [
+                statistics.mean(v) for v in zip(*[r["val_tf_step_mse"] for r in recs])
+            ],
+            "seeds": len(recs),
+        }
+        for group, recs in records.items()
     }
 
 
-def summarise(s, results, costs, real, rows, b, mse, mode, quick):
-    """The tables of a run (markdown, and everything in them as JSON): every row against the real test images and
-    against the teacher's own samples, the degradation ratios, the held-out per-step MSE."""
+def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
+    """The tables of a run (markdown, and everything in them as JSON): every row against the real
+    test images and against the teacher's own samples, the degradation ratios, the held-out per-step
+    MSE."""
     groups = {}
-    for name, steps, kind, source, group in rows:
-        groups.setdefault(group, []).append(name)
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
 
-    def sort_key(
-        group,
-    ):  # the teacher by steps, then the 4-step students, then the other step counts; the flow teacher's last
-        steps = results[groups[group][0]]["steps"]
-        plain = group[len("flow_") :] if group.startswith("flow_") else group
+    def sort_key(group):
+        # The teacher by steps, the 4-step students, the other step counts; the flow teacher's last.
+        row = groups[group][0]
+        student = not row.is_teacher
         return (
-            group.startswith("flow_"),
-            not plain.startswith("teacher"),
-            plain.startswith("k") and steps != 4,
-            steps,
+            row.teacher_objective == "flow",
+            student,
+            student and row.steps != 4,
+            row.steps,
             group,
         )
 
     lines = [
-        f"Against {s.real} ({s.data} features; one seed: 95% bootstrap interval over samples; "
-        "several: mean ± std over seeds):",
+        f"Against {setting.real} ({setting.data} features; one seed: 95% bootstrap interval over "
+        "samples; several: mean ± std over seeds):",
         "",
-        "| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall | class accuracy | seeds |",
+        "| model | steps | MFLOPs / image | CPU ms / image | FID | precision | recall "
+        "| class accuracy | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fidelity = [
         "",
-        "Against the 25-step teacher's own samples of the same noises and labels (teacher fidelity):",
+        "Against the 25-step teacher's own samples of the same noises and labels "
+        "(teacher fidelity):",
         "",
         "| model | steps | FID vs teacher | precision vs teacher | recall vs teacher | seeds |",
         "|---|---|---|---|---|---|",
     ]
-    out = {"rows": [], "budgets": b, "quick": quick, "mode": mode}
+    out = {"rows": [], "budgets": budget, "quick": quick, "mode": mode}
     for group in sorted(groups, key=sort_key):
-        names, label = groups[group], row_label(s, group, b)
-        steps = results[names[0]]["steps"]
+        names = [row.name for row in groups[group]]
+        label = row_label(setting, groups[group][0], budget)
+        steps = groups[group][0].steps
         flops, seconds = costs[group]
         lines.append(
-            f"| {label} | {steps} | {flops / 1e6:.1f} | {1000 * seconds:.2f} | {cell(results, names, 'fid', 2)} | "
-            f"{cell(results, names, 'precision', 3)} | {cell(results, names, 'recall', 3)} | "
-            f"{cell(results, names, 'class_accuracy', 3)} | {len(names)} |"
+            f"| {label} | {steps} | {flops / 1e6:.1f} | {1000 * seconds:.2f} | "
+            f"{cell(results, names, 'fid', 2)} | {cell(results, names, 'precision', 3)} | "
+            f"{cell(results, names, 'recall', 3)} | {cell(results, names, 'class_accuracy', 3)} | "
+            f"{len(names)} |"
         )
         if "teacher_fid" in results[names[0]]:
             fidelity.append(
-                f"| {label} | {steps} | {cell(results, names, 'teacher_fid', 2)} | {cell(results, names, 'teacher_precision', 3)} | "
+                f"| {label} | {steps} | {cell(results, names, 'teacher_fid', 2)} | "
+                f"{cell(results, names, 'teacher_precision', 3)} | "
                 f"{cell(results, names, 'teacher_recall', 3)} | {len(names)} |"
             )
         keys = [
-            k
-            for k, v in results[names[0]].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "steps"
+            key
+            for key, value in results[names[0]].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
         out["rows"].append(
             dict(
@@ -183,71 +234,71 @@ def summarise(s, results, costs, real, rows, b, mse, mode, quick):
                 cpu_seconds_per_image=seconds,
                 seeds=len(names),
                 **{
-                    k: {
-                        "mean": mean_spread([results[n][k] for n in names])[0],
-                        "std": mean_spread([results[n][k] for n in names])[1],
-                        "values": [results[n][k] for n in names],
-                        "ci": [results[n].get(f"{k}_ci") for n in names],
+                    key: {
+                        "mean": mean_spread([results[name][key] for name in names])[0],
+                        "std": mean_spread([results[name][key] for name in names])[1],
+                        "values": [results[name][key] for name in names],
+                        "ci": [results[name].get(f"{key}_ci") for name in names],
                     }
-                    for k in keys
+                    for key in keys
                 },
             )
         )
     lines.append(
-        f"| {s.real_train} | - | - | - | {real['fid']:.2f} | {real['precision']:.3f} | "
+        f"| {setting.real_train} | - | - | - | {real['fid']:.2f} | {real['precision']:.3f} | "
         f"{real['recall']:.3f} | {real.get('class_accuracy', float('nan')):.3f} | - |"
     )
     lines += fidelity
     out["real_train"] = real
-    out["teacher_fid"] = results["teacher_ddim25"]["fid"]
-    settings = [
-        ("", "teacher_ddim25", "state", "state target"),
-        ("", "teacher_ddim25", "x0", "x0 target"),
-        ("", "teacher_ddim25", "short", f"after {b.get('headroom_steps')} steps (headroom)"),
-        (
-            "flow_",
-            FLOW_TEACHER,
-            "state",
-            f"flow teacher ({FLOW_SOLVER} {FLOW_STEPS}), state target",
-        ),
-    ]
-    for prefix, own, setting, text in settings:
+    out["teacher_fid"] = results[TEACHER_REFERENCE["ddpm"]]["fid"]
+    # Each teacher's floor against its own samples: its samples of other noises.
+    floors = {row.teacher_objective: row.name for row in rows if row.is_teacher and row.seed == 1}
+    for comparison in comparisons(budget):
+        own = TEACHER_REFERENCE[comparison.teacher_objective]
         if own not in results:
             continue
-        floor = results.get(f"{own}_s1", {}).get("teacher_fid")
+        floor = results.get(floors.get(comparison.teacher_objective), {}).get("teacher_fid")
         for key, teacher, what in (
             ("fid", results[own]["fid"], "FID against the real test images"),
             ("teacher_fid", floor, "FID against the teacher (its floor as the teacher's figure)"),
         ):
             if teacher is None:
                 continue
-            ratios, no_gap = degradation(s, results, groups, teacher, key, setting, prefix)
+            ratios, no_gap = degradation(setting, results, rows, comparison, teacher, key)
             if not ratios:
                 continue
-            m, sd = mean_spread(ratios)
+            mean, std = mean_spread(ratios)
             lines += [
                 "",
-                f"Degradation ratio (N=0 - teacher) / (ARD - teacher), {what}, {text}: {interval(ratios)} over "
-                f"{len(ratios)} seed(s), values {[round(r, 2) for r in ratios]} (the paper: 5.1)",
+                f"Degradation ratio (N=0 - teacher) / (ARD - teacher), {what}, {comparison.text}: "
+                f"{interval(ratios)} over {len(ratios)} seed(s), values "
+                f"{[round(ratio, 2) for ratio in ratios]} (the paper: 5.1)",
             ]
             if no_gap:
                 lines.append(
-                    f"(some students reach the teacher's {teacher:.2f}, or their interval does: there is no clear "
-                    f"degradation to compare, and the ratio says nothing)"
+                    f"(some students reach the teacher's {teacher:.2f}, or their interval does: "
+                    "there is no clear degradation to compare, and the ratio says nothing)"
                 )
-            out[f"degradation_{key}_{prefix}{setting}"] = {"mean": m, "std": sd, "values": ratios}
+            out[f"degradation_{key}_{comparison.key}"] = {
+                "mean": mean,
+                "std": std,
+                "values": ratios,
+            }
     if FLOW_TEACHER in results:
         teacher_fid = results[FLOW_TEACHER]["fid"]
-        for n in (0, s.history_layers):
-            fids = [results[name]["fid"] for name in groups.get(f"flow_k4_n{n}_state", [])]
+        for layers in (0, setting.history_layers):
+            fids = [
+                results[name]["fid"] for name in seeds_of(rows, layers, teacher_objective="flow")
+            ]
             if fids:
-                ratio = [f / teacher_fid for f in fids]
+                ratio = [fid / teacher_fid for fid in fids]
+                student = "step distillation" if layers == 0 else f"ARD (N={layers})"
                 lines += [
                     "",
-                    f"Flow teacher's 4-step {'step distillation' if n == 0 else f'ARD (N={n})'}: FID / the teacher's "
+                    f"Flow teacher's 4-step {student}: FID / the teacher's "
                     f"({FLOW_SOLVER} {FLOW_STEPS}) {interval(ratio)} over {len(ratio)} seed(s)",
                 ]
-                out[f"flow_fid_ratio_n{n}"] = {
+                out[f"flow_fid_ratio_n{layers}"] = {
                     "mean": mean_spread(ratio)[0],
                     "std": mean_spread(ratio)[1],
                     "values": ratio,
@@ -255,24 +306,21 @@ def summarise(s, results, costs, real, rows, b, mse, mode, quick):
     if mse:
         lines += [
             "",
-            "Held-out per-step MSE against the teacher's states (mean over seeds), sampled (the student's own inputs) "
-            "/ teacher-forced:",
+            "Held-out per-step MSE against the teacher's states (mean over seeds), sampled "
+            "(the student's own inputs) / teacher-forced:",
             "",
             "| model | " + " | ".join(f"step {k + 1}" for k in range(4)) + " | seeds |",
             "|---|" + "---|" * 5,
         ]
         for group in sorted(mse, key=sort_key):
-            ar, tf, seeds = mse[group]
-            if len(ar) == 4:
+            sampled, forced = mse[group]["sampled"], mse[group]["teacher_forced"]
+            if len(sampled) == 4:
                 lines.append(
-                    f"| {row_label(s, group, b)} | "
-                    + " | ".join(f"{a:.5f} / {t:.5f}" for a, t in zip(ar, tf))
-                    + f" | {seeds} |"
+                    f"| {row_label(setting, groups[group][0], budget)} | "
+                    + " | ".join(f"{a:.5f} / {t:.5f}" for a, t in zip(sampled, forced))
+                    + f" | {mse[group]['seeds']} |"
                 )
-        out["step_mse"] = {
-            group: {"sampled": ar, "teacher_forced": tf, "seeds": seeds}
-            for group, (ar, tf, seeds) in mse.items()
-        }
+        out["step_mse"] = mse
     return {"markdown": "\n".join(lines) + "\n", "json": out}
 
 
@@ -284,17 +332,16 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def samples_figure(p, path, shown):
-    """One row per (samples name, title): the first sample of each class, the same noise in every row."""
+def samples_figure(runner, path, shown):
+    """One row per (samples name, title): the first sample of each class, the same noise in each."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.1 * len(shown)))
     for ax, (name, title) in zip(axes, shown):
-        with np.load(p.path("samples", f"{name}.npz"), allow_pickle=False) as data:
+        with np.load(runner.path("samples", f"{name}.npz"), allow_pickle=False) as data:
             images, labels = data["arr_0"], data["arr_1"]
-        picks = [
-            int(np.flatnonzero(labels == c)[0]) for c in range(10)
-        ]  # the first sample of each class: same noise across models
+        # The first sample of each class: the same noise across models.
+        picks = [int(np.flatnonzero(labels == label)[0]) for label in range(10)]
         ax.imshow(
             np.concatenate(
                 [np.pad(images[i, :, :, 0], 1, constant_values=255) for i in picks], axis=1
@@ -308,16 +355,16 @@ def samples_figure(p, path, shown):
     save_figure(fig, path)
 
 
-def val_mse_figure(s, p, path):
-    """Held-out final-step MSE against the teacher's samples during distillation, N = 0 against ARD."""
+def val_mse_figure(setting, runner, path):
+    """Held-out final-step MSE against the teacher's samples during distillation, N = 0 and ARD."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, colour, label in (
         ("k4_n0_state_s0", "b", "step distillation (N=0)"),
-        (f"k4_n{s.history_layers}_state_s0", "r", f"ARD (N={s.history_layers})"),
+        (f"k4_n{setting.history_layers}_state_s0", "r", f"ARD (N={setting.history_layers})"),
     ):
-        with open(p.path("students", name, "metrics.jsonl")) as f:
+        with open(runner.path("students", name, "metrics.jsonl")) as f:
             records = [r for r in map(json.loads, f) if "val_ar_final_mse" in r]
         steps = [r["step"] for r in records]
         ax.plot(
@@ -339,19 +386,17 @@ def val_mse_figure(s, p, path):
     save_figure(fig, path)
 
 
-def gan_figure(s, p, path):
-    """The GAN stage's logged figures over its steps, for both seed-0 GAN runs: lambda, the two gradient norms on the
-    last head, mean D(real) and D(fake), and the range of the fakes."""
+def gan_figure(setting, runner, path):
+    """The GAN stage's logged figures over its steps, for both seed-0 GAN runs: lambda, the two
+    gradient norms on the last head, mean D(real) and D(fake), and the range of the fakes."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for n, colour in ((0, "b"), (s.history_layers, "r")):
-        with open(p.path("students", f"gan_k4_n{n}_state_s0", "metrics.jsonl")) as f:
+    for layers, colour in ((0, "b"), (setting.history_layers, "r")):
+        with open(runner.path("students", f"gan_k4_n{layers}_state_s0", "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
-        steps, label = (
-            [r["step"] for r in records],
-            "step distillation" if n == 0 else f"ARD (N={n})",
-        )
+        steps = [r["step"] for r in records]
+        label = "step distillation" if layers == 0 else f"ARD (N={layers})"
         axes[0].plot(steps, [r["gan_weight"] for r in records], f"{colour}-", label=label)
         axes[1].plot(
             steps, [r["grad_reg"] for r in records], f"{colour}-", label=f"{label}: |grad L_reg|"
@@ -380,25 +425,31 @@ def gan_figure(s, p, path):
     save_figure(fig, path)
 
 
-def fid_steps_figure(s, rows, results, path):
+def fid_steps_figure(setting, rows, results, path):
+    """FID against sampling steps: the teacher's DDIM, the seed-0 state students N = 0 and ARD."""
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     teacher = sorted(
-        (r[1], results[r[0]]["fid"])
-        for r in rows
-        if r[2] == "teacher" and r[4].startswith("teacher_ddim") and not r[4].endswith("_s1")
+        (row.steps, results[row.name]["fid"])
+        for row in rows
+        if row.is_teacher
+        and row.teacher_objective == "ddpm"
+        and row.sampler == "ddim"
+        and row.seed == 0
     )
-    ax.plot(*zip(*teacher), "k-o", label=f"teacher DDIM (CFG {s.cfg})")
-    for n, style, label in (
+    ax.plot(*zip(*teacher), "k-o", label=f"teacher DDIM (CFG {setting.cfg})")
+    for layers, style, label in (
         (0, "b-s", "step distillation (N=0)"),
-        (s.history_layers, "r-^", f"ARD (N={s.history_layers})"),
+        (setting.history_layers, "r-^", f"ARD (N={setting.history_layers})"),
     ):
         points = sorted(
-            (r[1], results[r[0]]["fid"])
-            for r in rows
-            if r[4] == f"k{r[1]}_n{n}_state" and r[0].endswith("_s0")
+            (row.steps, results[row.name]["fid"])
+            for row in rows
+            if not row.is_teacher
+            and (row.teacher_objective, row.history_layers, row.target, row.variant, row.seed)
+            == ("ddpm", layers, "state", "plain", 0)
         )
         ax.plot(*zip(*points), style, label=label)
     ax.set_xscale("log")
@@ -407,6 +458,6 @@ def fid_steps_figure(s, rows, results, path):
     ax.set_xticks([2, 3, 4, 5, 8, 16, 25])
     ax.set_xticklabels(["2", "3", "4", "5", "8", "16", "25"])
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel(f"FID ({s.data} features)")
+    ax.set_ylabel(f"FID ({setting.data} features)")
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -1,20 +1,21 @@
 """Runs a pipeline of script stages: their dependencies, which run side by side, and live progress.
 
-Each stage is a script run as its own process, whose output goes to RUN/logs/NAME.log. A stage whose output exists
-is reused. A heavy stage (one that everything after it waits for: the teacher, the trajectories) runs alone with
-every core, or shares them with the other heavy stages ready at the same time (the two teachers of --full, then
-their trajectory writers); every other stage runs with one thread, as many side by side as there are cores. Small
-models use two threads poorly, so two one-thread stages side by side finish sooner than one after the other with
-two; and a one-thread stage's numbers do not depend on how many cores the machine has. Ready stages start longest
-path first (the stage's estimate plus the longest chain of stages that wait for it). While stages run, one status
-line shows which stage of how many, each running stage's own progress (read from its tqdm bar: steps, rate, time
-left) and an estimate for the whole run.
+Each stage is a script run as its own process, whose output goes to RUN/logs/NAME.log. A stage whose
+output exists is reused. A heavy stage (one that everything after it waits for: the teacher, the
+trajectories) runs alone with every core, or shares them with the other heavy stages ready at the
+same time (the two teachers of --full, then their trajectory writers); every other stage runs with
+one thread, as many side by side as there are cores. Small models use two threads poorly, so two
+one-thread stages side by side finish sooner than one after the other with two; and a one-thread
+stage's numbers do not depend on how many cores the machine has. Ready stages start longest path
+first (the stage's estimate plus the longest chain of stages that wait for it). While stages run,
+one status line shows which stage of how many, each running stage's own progress (read from its tqdm
+bar: steps, rate, time left) and an estimate for the whole run.
 
-One-thread stages start as forks of a server process that has imported torch, numpy and scipy once: the 2.5-4 s
-that a fresh Python process spends importing them is most of a sampling or evaluation stage. Each fork runs its
-script as `python ARGS` would (sys.argv, sys.path[0], __main__, its own environment, working folder and log), and
-computes the same numbers (tests/test_stage_runner.py). Stages with more threads, whose count the OpenMP runtime fixes
-when it starts, are fresh processes.
+One-thread stages start as forks of a server process that has imported torch, numpy and scipy once:
+the 2.5-4 s that a fresh Python process spends importing them is most of a sampling or evaluation
+stage. Each fork runs its script as `python ARGS` would (sys.argv, sys.path[0], __main__, its own
+environment, working folder and log), and computes the same numbers (tests/test_stage_runner.py).
+Stages with more threads, whose count the OpenMP runtime fixes when it starts, are fresh processes.
 """
 
 import json
@@ -43,7 +44,8 @@ class Stage:
     args: list
     after: tuple = ()  # names of the stages this one needs
     heavy: bool = False
-    estimate: float = 5.0  # seconds on the reference machine (all cores if heavy, else one), for the whole-run estimate
+    # Seconds on the reference machine (all cores if heavy, else one), for the whole-run estimate.
+    estimate: float = 5.0
     threads: int = 0  # what it was started with
     progress: str = ""
     started: float = 0.0
@@ -64,16 +66,18 @@ def _seconds(text):
     return total
 
 
-# The fork server --------------------------------------------------------------------------------------------------
+# The fork server ----------------------------------------------------------------------------------
 
-# What the stages import, none of this repository: torch._dynamo is imported by the first torch.optim optimiser
-# (1.3-1.9 s in every training stage on the 2-core machine, as the machine's speed varies).
+# What the stages import, none of this repository: torch._dynamo is imported by the first
+# torch.optim optimiser (1.3-1.9 s in every training stage on the 2-core machine, as the machine's
+# speed varies).
 PRELOAD = ("torch", "torch._dynamo", "numpy", "scipy.linalg", "tqdm", "PIL.Image")
 
 
 def _run_as_main(args):
-    """Runs `python ARGS` in this process (args: a script and its arguments, '-m MODULE ...' or '-c CODE ...') the way
-    the interpreter would: sys.argv, sys.path[0] and __main__ as it sets them. Returns the exit status."""
+    """Runs `python ARGS` in this process (args: a script and its arguments, '-m MODULE ...' or
+    '-c CODE ...') as the interpreter would: sys.argv, sys.path[0] and __main__ as it sets them.
+    Returns the exit status."""
     import runpy
     import traceback
 
@@ -102,7 +106,7 @@ def _run_as_main(args):
 
 
 def _child(request):
-    """In the forked child: the stage's working folder, environment and log, then its script; never returns."""
+    """In the forked child: the stage's folder, environment, log, then its script; never returns."""
     import atexit
     import io
     import random
@@ -150,14 +154,15 @@ def _child(request):
 
 
 def serve():
-    """The fork server: imports PRELOAD once, then for each request read from stdin (a JSON line: id, args, env, cwd,
-    log) forks a child that runs the stage, and answers with JSON lines {id, pid} when it starts and {id, exit, cpu} when
-    it ends (the exit status as subprocess gives it, negative for a signal; its user + system CPU seconds). Runs
-    single-threaded (a fork copies only the calling thread); ends when stdin closes, terminating the children still running."""
+    """The fork server: imports PRELOAD once, then for each request read from stdin (a JSON line:
+    id, args, env, cwd, log) forks a child that runs the stage, and answers with JSON lines {id,
+    pid} when it starts and {id, exit, cpu} when it ends (the exit status as subprocess gives it,
+    negative for a signal; its user + system CPU seconds). Runs single-threaded (a fork copies only
+    the calling thread); ends when stdin closes, terminating the children still running."""
     import importlib
 
-    # On Ctrl-C the runner closes stdin, and it forwards a scheduler's stop signals to the stages: the server stays
-    # to end the children and report their exit.
+    # On Ctrl-C the runner closes stdin, and it forwards a scheduler's stop signals to the stages:
+    # the server stays to end the children and report their exit.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     for name in PRELOAD:
@@ -200,7 +205,7 @@ def serve():
 
 
 class ForkedStage:
-    """A stage running as a child of the fork server, with the part of subprocess.Popen's interface the runner uses."""
+    """A stage run by the fork server, with the part of subprocess.Popen's interface runners use."""
 
     def __init__(self):
         self.pid, self.returncode, self.cpu_seconds = None, None, None
@@ -221,14 +226,15 @@ class ForkedStage:
 
 
 class ForkServer:
-    """The runner's end of `serve`: starts it, sends it stages, and reads its answers on a thread."""
+    """The runner's end of `serve`: starts it, sends it stages, reads its answers on a thread."""
 
     def __init__(self, root, env):
-        # The repository root on sys.path just for the import; then sys.path[0] is '' again, as `python -c` has it.
+        # The repository root on sys.path just for the import; then sys.path[0] is '' again, as
+        # `python -c` has it.
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         start = (
-            f"import sys; sys.path.insert(0, {repo!r}); from experiments import stage_runner; del sys.path[0]; "
-            "stage_runner.serve()"
+            f"import sys; sys.path.insert(0, {repo!r}); from experiments import stage_runner; "
+            "del sys.path[0]; stage_runner.serve()"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-c", start],
@@ -276,23 +282,22 @@ class ForkServer:
 
 class StageRunner:
     def __init__(self, run_dir, root, cores=None, heavy_alone=True, fork=True):
-        """heavy_alone=False runs heavy stages like the others, one thread each (tiny budgets, where each stage's
-        time is mostly its start). With fork=False, or on a system other than Linux, every stage is a fresh process."""
+        """heavy_alone=False runs heavy stages like the others, one thread each (tiny budgets, where
+        each stage's time is mostly its start). With fork=False, or on a system other than Linux,
+        every stage is a fresh process."""
         self.run_dir, self.root, self.heavy_alone = run_dir, root, heavy_alone
-        self.fork, self.server = (
-            fork and sys.platform.startswith("linux"),
-            None,
-        )  # macOS: forks of frameworks are unsafe
-        # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process may run on.
+        # Forks only on Linux: on macOS, forks of frameworks are unsafe.
+        self.fork, self.server = fork and sys.platform.startswith("linux"), None
+        # The cores to use: the caller's, else OMP_NUM_THREADS if set, else every core this process
+        # may run on.
         self.cores = (
             cores or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
         )
         self.stages, self.done, self.paths = {}, set(), {}
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         self.timings_path = os.path.join(run_dir, "timings.json")
-        self.cpu_path = os.path.join(
-            run_dir, "cpu_seconds.json"
-        )  # each stage's CPU time (user + system)
+        # Each stage's CPU time (user + system).
+        self.cpu_path = os.path.join(run_dir, "cpu_seconds.json")
         self.timings, self.cpu = {}, {}
         for attr, path in (("timings", self.timings_path), ("cpu", self.cpu_path)):
             if os.path.isfile(path):
@@ -312,44 +317,47 @@ class StageRunner:
         )
         return output
 
-    # Running ------------------------------------------------------------------------------------------------
+    # Running --------------------------------------------------------------------------------------
 
     def run(self):
-        """Runs every declared stage that has no output yet, in dependency order; stops at the first failure. On
-        SIGTERM or SIGUSR1 it passes the signal on to the running stages, starts no other, waits for them to save
-        their work and raises Preempted: the same command then resumes (finished stages are reused, training stages
-        resume from their last checkpoint if their command says --resume auto)."""
+        """Runs every declared stage that has no output yet, in dependency order; stops at the first
+        failure. On SIGTERM or SIGUSR1 it passes the signal on to the running stages, starts no
+        other, waits for them to save their work and raises Preempted: the same command then resumes
+        (finished stages are reused, training stages resume from their last checkpoint if their
+        command says --resume auto)."""
         for stage in self.stages.values():
             if os.path.exists(stage.output):
                 self.done.add(stage.name)
                 self._line(f"[{stage.name}] reusing {stage.output}")
         self.start_time, self.factor = time.time(), 1.0
-        if self.fork and any(s.name not in self.done and not s.heavy for s in self.stages.values()):
+        if self.fork and any(
+            stage.name not in self.done and not stage.heavy for stage in self.stages.values()
+        ):
             self._server()  # it imports while the first stages run
         running, self.stop, forwarded = [], StopRequest(("TERM", "USR1")), False
         try:
             while len(self.done) < len(self.stages):
                 if self.stop.requested and not forwarded:
-                    self._line(
-                        f"[runner] {self.stop.requested}: passing it on to {', '.join(s.name for s in running) or 'no stage'}"
-                    )
+                    names = ", ".join(stage.name for stage in running) or "no stage"
+                    self._line(f"[runner] {self.stop.requested}: passing it on to {names}")
                     for stage in running:
                         stage.proc.send_signal(getattr(signal, self.stop.requested))
                     forwarded = True
                 if self.stop.requested and not running:
                     raise Preempted(
-                        f"{self.stop.requested}: {len(self.done)} of {len(self.stages)} stages are done and "
-                        f"the stopped ones saved their work; the same command resumes the run in {self.run_dir}"
+                        f"{self.stop.requested}: {len(self.done)} of {len(self.stages)} stages "
+                        "are done and the stopped ones saved their work; the same command resumes "
+                        f"the run in {self.run_dir}"
                     )
                 start = [] if self.stop.requested else self._ready(running)
-                heavy = sum(s.heavy for s in start)
+                heavy = sum(stage.heavy for stage in start)
                 for stage in start:
                     self._start(stage, threads=self.cores // heavy if stage.heavy else 1)
                     running.append(stage)
                 time.sleep(0.2)
                 for stage in running:
                     self._read(stage)
-                for stage in [s for s in running if self._poll(s) is not None]:
+                for stage in [stage for stage in running if self._poll(stage) is not None]:
                     running.remove(stage)
                     self._finish(stage, running)
                 self._status(running)
@@ -360,27 +368,28 @@ class StageRunner:
                 self.server = None
 
     def _path(self, stage):
-        """Seconds from the start of this stage to the end of the longest chain of stages that wait for it."""
+        """Seconds from this stage's start to the end of the longest chain that waits for it."""
         if stage.name not in self.paths:
-            waiting = [s for s in self.stages.values() if stage.name in s.after]
+            waiting = [other for other in self.stages.values() if stage.name in other.after]
             self.paths[stage.name] = stage.estimate + max(
-                (self._path(s) for s in waiting), default=0.0
+                (self._path(other) for other in waiting), default=0.0
             )
         return self.paths[stage.name]
 
     def _ready(self, running):
-        """Stages whose dependencies are done, as many as may start now, longest path first: heavy stages only
-        when nothing else runs, alone or with the other heavy stages ready, up to one per core (the others wait for
-        the running ones to finish rather than start ahead of them), the others one per free core."""
-        if any(s.heavy for s in running):
+        """Stages whose dependencies are done, as many as may start now, longest path first: heavy
+        stages only when nothing else runs, alone or with the other heavy stages ready, up to one
+        per core (the others wait for the running ones to finish rather than start ahead of them),
+        the others one per free core."""
+        if any(stage.heavy for stage in running):
             return []
         waiting = sorted(
             (
-                s
-                for s in self.stages.values()
-                if s.name not in self.done
-                and s.proc is None
-                and all(d in self.done for d in s.after)
+                stage
+                for stage in self.stages.values()
+                if stage.name not in self.done
+                and stage.proc is None
+                and all(name in self.done for name in stage.after)
             ),
             key=self._path,
             reverse=True,
@@ -388,11 +397,9 @@ class StageRunner:
         start, free = [], self.cores - len(running)
         for stage in waiting:
             if stage.heavy:
-                return (
-                    [s for s in waiting if s.heavy][: self.cores]
-                    if not running and not start
-                    else start
-                )
+                if running or start:
+                    return start
+                return [other for other in waiting if other.heavy][: self.cores]
             if free == 0:
                 break
             start.append(stage)
@@ -400,8 +407,8 @@ class StageRunner:
         return start
 
     def _start(self, stage, threads):
-        """Starts the stage with `threads` threads: a one-thread stage as a fork of the server, any other as a fresh
-        process. Either way its output goes straight to its log."""
+        """Starts the stage with `threads` threads: a one-thread stage as a fork of the server, any
+        other as a fresh process. Either way its output goes straight to its log."""
         self._line(f"[{stage.name}] {' '.join(stage.args)}")
         env = self._env(threads)
         log_path = self.path("logs", f"{stage.name}.log")
@@ -433,13 +440,12 @@ class StageRunner:
 
     def _server(self):
         if self.server is None:
-            self.server = ForkServer(
-                self.root, self._env(1)
-            )  # the one-thread stages' environment, for its imports
+            # The one-thread stages' environment, for its imports.
+            self.server = ForkServer(self.root, self._env(1))
         return self.server
 
     def _read(self, stage):
-        """Reads what the stage wrote to its log since the last call, keeping the last tqdm state as its progress."""
+        """Reads what the stage logged since the last call; its last tqdm state is its progress."""
         chunk = stage.log.read()
         if chunk:
             stage.tail = (stage.tail + chunk.decode(errors="replace"))[-2000:]
@@ -449,8 +455,9 @@ class StageRunner:
 
     @staticmethod
     def _poll(stage):
-        """The stage's exit status, or None while it runs. A forked stage's CPU time comes from the fork server; a
-        fresh process's is what the poll that reaps it adds to this process's children's rusage."""
+        """The stage's exit status, or None while it runs. A forked stage's CPU time comes from the
+        fork server; a fresh process's is what the poll that reaps it adds to this process's
+        children's rusage."""
         if isinstance(stage.proc, ForkedStage):
             code = stage.proc.poll()
             stage.cpu_seconds = stage.proc.cpu_seconds
@@ -479,7 +486,8 @@ class StageRunner:
             with open(log_path) as log:
                 tail = log.read()[-3000:]
             raise SystemExit(
-                f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of {log_path}:\n{tail}"
+                f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of "
+                f"{log_path}:\n{tail}"
             )
         self.timings[stage.name] = seconds
         write_json(self.timings_path, self.timings)
@@ -487,19 +495,19 @@ class StageRunner:
             self.cpu[stage.name] = stage.cpu_seconds
             write_json(self.cpu_path, self.cpu)
         self.done.add(stage.name)
-        # The machine's speed against the reference machine's, from the long stages that ran with the threads their
-        # estimates assume (heavy stages sharing the cores are slower for that reason, not for the machine's):
+        # The machine's speed against the reference machine's, from the long stages that ran with
+        # the threads their estimates assume (heavy stages sharing the cores are slower for that
+        # reason, not for the machine's):
         if stage.estimate >= 20 and stage.threads == (self.cores if stage.heavy else 1):
             self.factor = 0.5 * self.factor + 0.5 * min(3.0, max(0.3, seconds / stage.estimate))
         cpu = f", {stage.cpu_seconds:.0f} s of CPU" if stage.cpu_seconds is not None else ""
-        self._line(
-            f"[{stage.name}] done in {seconds:.0f} s{cpu} ({len(self.done)}/{len(self.stages)} stages)"
-        )
+        done = f"{len(self.done)}/{len(self.stages)} stages"
+        self._line(f"[{stage.name}] done in {seconds:.0f} s{cpu} ({done})")
 
-    # Reporting ----------------------------------------------------------------------------------------------
+    # Reporting ------------------------------------------------------------------------------------
 
     def _left(self, stage):
-        """Seconds a running stage has left: its tqdm estimate, else its scaled estimate less the time spent."""
+        """Time a running stage has left: its tqdm estimate, else its scaled one less time run."""
         if stage.progress:
             left = _seconds(stage.progress[3])
             if left is not None:
@@ -507,19 +515,24 @@ class StageRunner:
         return max(0.0, stage.estimate * self.factor - (time.time() - stage.started))
 
     def _status(self, running):
-        todo = [s for s in self.stages.values() if s.name not in self.done and s.proc is None]
-        heavy = sum(s.estimate for s in todo if s.heavy) * self.factor
-        light = sum(s.estimate for s in todo if not s.heavy) * self.factor / self.cores
-        total = heavy + light + max((self._left(s) for s in running), default=0.0)
+        todo = [
+            stage
+            for stage in self.stages.values()
+            if stage.name not in self.done and stage.proc is None
+        ]
+        heavy = sum(stage.estimate for stage in todo if stage.heavy) * self.factor
+        light = sum(stage.estimate for stage in todo if not stage.heavy) * self.factor / self.cores
+        total = heavy + light + max((self._left(stage) for stage in running), default=0.0)
         parts = []
-        for s in running:
-            if s.progress:
-                n, of, _, left, rate, unit = s.progress
-                parts.append(f"{s.name} {n}/{of} ({rate or '?'} {unit}/s, {left} left)")
+        for stage in running:
+            if stage.progress:
+                done, of, _, left, rate, unit = stage.progress
+                parts.append(f"{stage.name} {done}/{of} ({rate or '?'} {unit}/s, {left} left)")
             else:
-                parts.append(f"{s.name} ({time.time() - s.started:.0f} s)")
+                parts.append(f"{stage.name} ({time.time() - stage.started:.0f} s)")
+        minutes = (time.time() - self.start_time) / 60
         line = (
-            f"[{len(self.done)}/{len(self.stages)} done, {(time.time() - self.start_time) / 60:.1f} min] "
+            f"[{len(self.done)}/{len(self.stages)} done, {minutes:.1f} min] "
             f"{' | '.join(parts)} | run ~{total / 60:.1f} min left"
         )
         if self.tty:

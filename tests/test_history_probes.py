@@ -13,11 +13,11 @@ from evaluator.metrics import two_set_figures
 from experiments.history_probe import attention_mass, dose_response, history_swap, same_class_donors
 
 
-def student(N, K=4, seed=0):
+def student(history_layers, num_steps=4, seed=0):
     torch.manual_seed(seed)
     model = ARD(
-        timesteps=torch.linspace(999, 999 / K, K).round().tolist(),
-        history_layers=N,
+        timesteps=torch.linspace(999, 999 / num_steps, num_steps).round().tolist(),
+        history_layers=history_layers,
         input_size=8,
         patch_size=2,
         in_channels=1,
@@ -27,25 +27,25 @@ def student(N, K=4, seed=0):
         num_classes=3,
     )
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, param in model.named_parameters():
             if name != "pos_embed":
-                p.normal_(0, 0.15)
+                param.normal_(0, 0.15)
     return model.eval()
 
 
-def batch(n=12, K=4):
+def batch(size=12, num_steps=4):
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, K, 1, 8, 8, generator=gen), torch.arange(n) % 3
+    return torch.randn(size, num_steps, 1, 8, 8, generator=gen), torch.arange(size) % 3
 
 
-@pytest.mark.parametrize("N", [0, 2])
-def test_history_swap_changes_nothing_without_history_and_at_the_first_step(N):
+@pytest.mark.parametrize("history_layers", [0, 2])
+def test_history_swap_changes_nothing_without_history_and_at_the_first_step(history_layers):
     x, y = batch()
     donors = same_class_donors(y, torch.Generator().manual_seed(0))
     assert torch.equal(y[donors], y) and (donors != torch.arange(len(y))).all()
-    change = history_swap(student(N), x, y, donors)
+    change = history_swap(student(history_layers), x, y, donors)
     assert change[0] == 0
-    if N == 0:
+    if history_layers == 0:
         assert (change == 0).all()
     else:
         assert (change[1:] > 0).all()
@@ -70,17 +70,17 @@ def test_dose_response_without_perturbation_is_the_plain_samples_error():
 
 
 @pytest.mark.parametrize("schedule", sorted(BOUNDARY_SCHEDULES))
-@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
-def test_every_boundary_schedule_starts_at_the_noise_ends_at_the_sample_and_increases(schedule, K):
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 4, 5])
+def test_every_boundary_schedule_starts_at_the_noise_ends_at_the_sample_and_increases(
+    schedule, num_steps
+):
     grid = solver_grid(create_diffusion("25"))
-    bounds = default_boundaries(list(range(26)), grid, K, schedule)
-    assert bounds[0] == 0 and bounds[-1] == 25 and len(bounds) == K + 1
+    bounds = default_boundaries(list(range(26)), grid, num_steps, schedule)
+    assert bounds[0] == 0 and bounds[-1] == 25 and len(bounds) == num_steps + 1
     assert all(a < b for a, b in zip(bounds, bounds[1:]))
     manifest = {"save_steps": list(range(26)), "save_timesteps": grid}  # what a store records
-    assert (
-        default_boundaries(manifest["save_steps"], manifest["save_timesteps"], K, schedule)
-        == bounds
-    )
+    saved = manifest["save_steps"], manifest["save_timesteps"]
+    assert default_boundaries(*saved, num_steps, schedule) == bounds
 
 
 def test_log_snr_boundaries_put_more_content_in_each_step_than_the_t_schedule():
@@ -89,10 +89,9 @@ def test_log_snr_boundaries_put_more_content_in_each_step_than_the_t_schedule():
         default_boundaries(list(range(26)), grid, 4, "t"),
         default_boundaries(list(range(26)), grid, 4, "logsnr"),
     )
-    assert [grid[s] for s in t_bounds[1:-1]] == [749, 500, 250]
-    assert all(
-        grid[a] <= grid[b] for a, b in zip(snr_bounds[1:-1], t_bounds[1:-1])
-    )  # later (cleaner) states
+    assert [grid[step] for step in t_bounds[1:-1]] == [749, 500, 250]
+    # Later (cleaner) states.
+    assert all(grid[a] <= grid[b] for a, b in zip(snr_bounds[1:-1], t_bounds[1:-1]))
 
 
 def test_teacher_fidelity_of_the_teachers_own_samples_is_zero():
@@ -104,16 +103,20 @@ def test_teacher_fidelity_of_the_teachers_own_samples_is_zero():
 
 
 def test_the_teachers_floor_compares_two_disjoint_noise_sets_with_the_same_labels():
-    # The pipeline's floor: the teacher sampled with --global-seed 0, and with --global-seed 1 --label-seed 0.
-    y_a, a = per_index_noise(0, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
-    y_b, b = per_index_noise(
+    # The pipeline's floor: the teacher sampled with --global-seed 0, and with --global-seed 1 and
+    # --label-seed 0.
+    labels, noise = per_index_noise(0, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
+    floor_labels, floor_noise = per_index_noise(
         1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10, label_seed=0
     )
-    assert torch.equal(y_a, y_b) and len(y_a.unique()) > 5
-    distances = torch.cdist(a.flatten(1), b.flatten(1))
+    assert torch.equal(labels, floor_labels) and len(labels.unique()) > 5
+    distances = torch.cdist(noise.flatten(1), floor_noise.flatten(1))
     assert distances.min() > 1.0  # no noise of one set reappears in the other
-    y_own, own = per_index_noise(1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10)
-    assert torch.equal(own, b) and not torch.equal(y_own, y_a)  # only the labels moved
+    own_labels, own_noise = per_index_noise(
+        1, range(50), (1, 8, 8), EVALUATION_STREAM, num_classes=10
+    )
+    # Only the labels moved.
+    assert torch.equal(own_noise, floor_noise) and not torch.equal(own_labels, labels)
 
 
 @pytest.mark.parametrize("near", [64, 4])  # 4: most radii need the fallback over the whole row
@@ -121,20 +124,20 @@ def test_bootstrap_precision_recall_from_distances_computed_once_equals_recomput
     from evaluator.metrics import _resampled_precision_recall, precision_recall
 
     rng = np.random.default_rng(1)
-    # 400 fakes: with fewer, numpy's partial sort returns each row's nearest already sorted and a missing sort would pass
+    # 400 fakes: with fewer, numpy's partial sort returns each row's nearest already sorted and a
+    # missing sort would pass.
     real, fake = rng.standard_normal((120, 8)), rng.standard_normal((400, 8)) * 1.3
-    fake[350:] = fake[
-        :50
-    ]  # repeated samples (a collapsed model): distances tie, and the radii must not depend on their order
+    # Repeated samples (a collapsed model): distances tie, and the radii must not depend on their
+    # order.
+    fake[350:] = fake[:50]
     fast = _resampled_precision_recall(real, fake, 3, near=near)
     for _ in range(5):
         idx = rng.integers(0, len(fake), len(fake))
-        assert fast(idx) == precision_recall(
-            real, fake[idx], k=3
-        )  # the same order statistics, exactly
+        # The same order statistics, exactly.
+        assert fast(idx) == precision_recall(real, fake[idx], k=3)
 
 
-def test_paired_bootstrap_degradation_ratio_is_one_for_identical_students_and_holds_its_point_estimate():
+def test_paired_bootstrap_degradation_ratio_is_one_for_the_same_student_and_holds_its_estimate():
     from experiments.degradation import paired_ratios
 
     rng = np.random.default_rng(0)
@@ -145,12 +148,10 @@ def test_paired_bootstrap_degradation_ratio_is_one_for_identical_students_and_ho
     )
     student = rng.normal(0.5, 1.2, (300, 6))
     point, draws = paired_ratios(real, teacher, floor, student, student, resamples=20)
-    assert np.allclose(point, 1.0) and np.allclose(
-        draws, 1.0
-    )  # the same student twice: no difference, ratio 1
-    worse = rng.normal(
-        0.8, 1.4, (300, 6)
-    )  # ARD further from the teacher than step distillation: ratio below 1
+    # The same student twice: no difference, ratio 1.
+    assert np.allclose(point, 1.0) and np.allclose(draws, 1.0)
+    # ARD further from the teacher than step distillation: ratio below 1.
+    worse = rng.normal(0.8, 1.4, (300, 6))
     point, draws = paired_ratios(real, teacher, floor, student, worse, resamples=50)
     assert point[0] < 1 and point[1] < 1 and draws.shape == (50, 2)
     lo, hi = np.percentile(draws[:, 1], [2.5, 97.5])

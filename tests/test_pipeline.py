@@ -1,4 +1,4 @@
-"""The main job's --quick mode: every stage runs and hands the next one valid files (not the numbers)."""
+"""The main job's --quick mode: every stage runs and hands on valid files (not the numbers)."""
 
 import json
 import os
@@ -12,9 +12,8 @@ from helpers import ROOT, run_script
 
 from ard.preemption import EXIT_PREEMPTED
 
-pytestmark = pytest.mark.xdist_group(
-    "test_pipeline"
-)  # one worker runs the module, its fixtures once
+# One worker runs the module, its fixtures once.
+pytestmark = pytest.mark.xdist_group("test_pipeline")
 
 
 def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_resumes_after_sigterm(
@@ -31,7 +30,8 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
         "--assets-dir",
         str(tmp_path / "assets"),
     ]
-    # Stopped by a scheduler while the students train: the running stages save their work, the job exits with 75.
+    # Stopped by a scheduler while the students train: the running stages save their work, the job
+    # exits with status 75.
     proc = subprocess.Popen(
         [sys.executable, *command],
         cwd=ROOT,
@@ -46,9 +46,8 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
             proc.send_signal(signal.SIGTERM)
             break
     output = line + proc.communicate(timeout=600)[0]
-    assert proc.returncode == EXIT_PREEMPTED and "the same command resumes" in output, output[
-        -3000:
-    ]
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "the same command resumes" in output, output[-3000:]
     out = run_script(command, timeout=900)
     with open(run_dir / "results.json") as f:
         results = json.load(f)
@@ -73,80 +72,70 @@ def test_quick_pipeline_with_the_flow_teacher_runs_every_stage_end_to_end_and_re
         assert 0 <= row["precision"]["mean"] <= 1 and row["fid"]["mean"] >= 0
         lo, hi = row["fid"]["ci"][0]
         assert lo <= row["fid"]["mean"] <= hi  # every figure has its interval, holding the figure
-        assert (
-            row["teacher_fid"]["mean"] > -1e-6
-        )  # and its teacher-fidelity twin (0 up to rounding for the teacher)
+        # And its teacher-fidelity twin (0 up to rounding for the teacher).
+        assert row["teacher_fid"]["mean"] > -1e-6
     rows = {row["group"]: row for row in results["rows"]}
-    assert (
-        abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6
-    )  # the teacher against its own samples
-    assert (
-        abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6
-    )  # the flow teacher's students are judged against it
-    assert (
-        rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0
-    )  # the floor: two independent sets of noises
+    # The teacher against its own samples; the flow teacher's students are judged against it.
+    assert abs(rows["teacher_ddim25"]["teacher_fid"]["mean"]) < 1e-6
+    assert abs(rows["flow_teacher_heun13"]["teacher_fid"]["mean"]) < 1e-6
+    # The floor: two independent sets of noises.
+    assert rows["teacher_ddim25_s1"]["teacher_fid"]["mean"] > 0
     # Students cost more per image than nothing and far less than the 25-step teacher.
     flops = {row["group"]: row["flops_per_image"] for row in results["rows"]}
     assert flops["k4_n0_state"] < flops["k4_n3_state"] < flops["teacher_ddim25"] / 5
     assert flops["flow_k4_n3_state"] == flops["k4_n3_state"]
-    assert (
-        0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1
-    )  # 25 evaluations each; no variance channels
+    # 25 evaluations each; no variance channels.
+    assert 0.99 < flops["flow_teacher_heun13"] / flops["teacher_ddim25"] <= 1
     assert "| model | steps |" in out and "Degradation ratio" in out and "teacher fidelity" in out
     probe = json.loads((run_dir / "history_probe.json").read_text())
-    assert [r["history_layers"] for r in probe] == [0, 3] and os.path.isfile(
-        tmp_path / "assets" / "digits_history_probe.png"
-    )
+    assert [result["history_layers"] for result in probe] == [0, 3]
+    # The figures are drawn in the run folder, and --assets-dir receives a copy.
+    figure = (run_dir / "figures" / "digits_history_probe.png").read_bytes()
+    assert (tmp_path / "assets" / "digits_history_probe.png").read_bytes() == figure
     with open(run_dir / "timings.json") as f:
-        assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= set(
-            json.load(f)
-        )
-    # A second run reuses every finished stage.
-    again = run_script(
-        [
-            "-m",
-            "experiments.digits",
-            "--quick",
-            "--flow",
-            "--run-dir",
-            str(run_dir),
-            "--assets-dir",
-            str(tmp_path / "assets"),
-        ]
-    )
+        timed = set(json.load(f))
+    assert {"teacher", "trajectories", "student_k4_n0_state_s0", "eval_teacher_ddim25"} <= timed
+    # A second run reuses every finished stage, and still copies the figures an earlier one drew.
+    os.remove(tmp_path / "assets" / "digits_history_probe.png")
+    again = run_script(command)
     assert "[teacher] reusing" in again and "[student_k4_n3_state_s0] reusing" in again
     assert os.path.isfile(run_dir / "results.md")
+    assert (tmp_path / "assets" / "digits_history_probe.png").read_bytes() == figure
 
 
 def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_step(tmp_path):
-    from experiments import digits as pipeline
+    from experiments import digits
     from experiments.pipeline import ROOT as root
     from experiments.stage_runner import StageRunner
 
-    args = pipeline.parse_args(
+    args = digits.parse_args(
         ["--headroom", "--run-dir", str(tmp_path / "run"), "--assets-dir", str(tmp_path / "assets")]
     )
-    b, est = pipeline.BUDGETS["default"], pipeline.ESTIMATES["default"]
-    p = StageRunner(str(tmp_path / "run"), root)
-    rows, _, _ = pipeline.declare(p, b, est, args)
-    short = [r for r in rows if r[4] in ("k4_n0_short", f"k4_n{pipeline.HISTORY_LAYERS}_short")]
-    assert len(short) == 6 and all(r[3].endswith(f"{b['headroom_steps']:07d}.pt") for r in short)
+    budget, estimates = digits.BUDGETS["default"], digits.ESTIMATES["default"]
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = digits.declare(runner, budget, estimates, args)
+    short = [row for row in rows if row.variant == "short"]
+    assert {row.group for row in short} == {"k4_n0_short", f"k4_n{digits.HISTORY_LAYERS}_short"}
+    assert len(short) == 6
+    assert all(row.checkpoint.endswith(f"{budget['headroom_steps']:07d}.pt") for row in short)
+    # Seed 0 is the default row; seeds 1 and 2 train only to the headroom step.
     for seed, steps in (
-        (0, b["student_steps"]),
-        (1, b["headroom_steps"]),
-        (2, b["headroom_steps"]),
+        (0, budget["student_steps"]),
+        (1, budget["headroom_steps"]),
+        (2, budget["headroom_steps"]),
     ):
-        stage = p.stages[
-            f"student_k4_n0_state_s{seed}"
-        ]  # seed 0 is the default row; 1 and 2 train only to the headroom step
+        stage = runner.stages[f"student_k4_n0_state_s{seed}"]
         assert stage.args[stage.args.index("--max-steps") + 1] == str(steps)
         every = int(stage.args[stage.args.index("--ckpt-every") + 1])
-        assert b["headroom_steps"] % every == 0  # so the headroom checkpoint is written
-    assert "history_probe_short" in p.stages
+        assert budget["headroom_steps"] % every == 0  # so the headroom checkpoint is written
+    # A headroom row's samples wait for the student that writes its checkpoint.
+    assert runner.stages["sample_short_k4_n0_state_s1"].after == ("student_k4_n0_state_s1",)
+    assert "history_probe_short" in runner.stages
+    # Without --assets-dir, nothing is written outside the run folder.
+    assert digits.parse_args([]).assets_dir is None
 
 
-def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_the_teacher_at_2_to_25_steps(
+def test_fashion_declares_both_targets_students_gan_stages_and_the_teacher_at_2_to_25_steps(
     tmp_path,
 ):
     from experiments import fashion
@@ -163,32 +152,29 @@ def test_fashion_mode_declares_both_targets_both_students_their_gan_stages_and_t
             str(tmp_path / "assets"),
         ]
     )
-    p = StageRunner(str(tmp_path / "run"), root)
-    rows, _, _ = fashion.declare(p, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args)
-    groups = {r[4] for r in rows}
-    n = fashion.FASHION.history_layers
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = fashion.declare(
+        runner, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args
+    )
+    groups = {row.group for row in rows}
+    layers = fashion.FASHION.history_layers
     assert {
         "k4_n0_state",
-        f"k4_n{n}_state",
+        f"k4_n{layers}_state",
         "k4_n0_x0",
-        f"k4_n{n}_x0",
+        f"k4_n{layers}_x0",
         "k4_n0_state_gan",
-        f"k4_n{n}_state_gan",
+        f"k4_n{layers}_state_gan",
     } <= groups
-    assert {
-        f"teacher_ddim{k}" for k in (2, 3, 4, 5, 8, 16, 25)
-    } <= groups and "teacher_ddim25_s1" in groups
-    assert sum(r[4] == "k4_n0_x0" for r in rows) == 3  # one row per seed
-    teacher = p.stages["teacher"].args
-    assert (
-        teacher[teacher.index("--data") + 1] == "fashion"
-        and teacher[teacher.index("--model") + 1] == "DiT-T/4"
-    )
-    gan = p.stages["student_gan_k4_n0_state_s0"].args
-    assert (
-        gan[gan.index("--data") + 1] == "fashion"
-    )  # the GAN stage's real images are the teacher's data
-    evaluation = p.stages["eval_k4_n0_x0_s0"].args
-    assert (
-        evaluation[evaluation.index("--features") + 1] == "fashion" and "history_probe" in p.stages
-    )
+    assert {f"teacher_ddim{steps}" for steps in (2, 3, 4, 5, 8, 16, 25)} <= groups
+    assert "teacher_ddim25_s1" in groups
+    assert sum(row.group == "k4_n0_x0" for row in rows) == 3  # one row per seed
+    teacher = runner.stages["teacher"].args
+    assert teacher[teacher.index("--data") + 1] == "fashion"
+    assert teacher[teacher.index("--model") + 1] == "DiT-T/4"
+    # The GAN stage's real images are the teacher's data.
+    gan = runner.stages["student_gan_k4_n0_state_s0"].args
+    assert gan[gan.index("--data") + 1] == "fashion"
+    evaluation = runner.stages["eval_k4_n0_x0_s0"].args
+    assert evaluation[evaluation.index("--features") + 1] == "fashion"
+    assert "history_probe" in runner.stages

@@ -1,4 +1,5 @@
-"""The main job's stage runner: dependency order, heavy stages alone, reuse, progress read from tqdm, failures."""
+"""The main job's stage runner: dependency order, heavy stages alone, reuse, progress from tqdm,
+failures."""
 
 import json
 import os
@@ -9,11 +10,11 @@ from experiments.stage_runner import TQDM, StageRunner
 
 
 def writer(path, text="x", tqdm_line=""):
-    """A stage: a tiny Python process that prints a tqdm-like line, records when it ran and writes its output."""
+    """A stage: a tiny Python process that prints a tqdm-like line, records when it ran, writes."""
     code = (
         f"import time, os; print({tqdm_line!r}, flush=True); "
-        f"open({path!r} + '.t', 'w').write(repr((time.time(), os.environ['OMP_NUM_THREADS']))); time.sleep(0.3); "
-        f"open({path!r}, 'w').write({text!r})"
+        f"open({path!r} + '.t', 'w').write(repr((time.time(), os.environ['OMP_NUM_THREADS']))); "
+        f"time.sleep(0.3); open({path!r}, 'w').write({text!r})"
     )
     return ["-c", code]
 
@@ -26,45 +27,45 @@ def ran(path):
 def test_stages_run_after_their_dependencies_heavy_ones_alone_and_finished_ones_are_reused(
     tmp_path,
 ):
-    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    out = {n: str(tmp_path / n) for n in ("a", "b", "c", "d")}
-    p.add("a", out["a"], writer(out["a"]), heavy=True)
-    p.add("b", out["b"], writer(out["b"]), after=["a"])
-    p.add("c", out["c"], writer(out["c"]), after=["a"])
-    p.add("d", out["d"], writer(out["d"]), after=["b", "c"], heavy=True)
-    p.run()
-    (ta, threads_a), (tb, threads_b), (tc, _), (td, _) = (ran(out[n]) for n in "abcd")
+    runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    out = {name: str(tmp_path / name) for name in ("a", "b", "c", "d")}
+    runner.add("a", out["a"], writer(out["a"]), heavy=True)
+    runner.add("b", out["b"], writer(out["b"]), after=["a"])
+    runner.add("c", out["c"], writer(out["c"]), after=["a"])
+    runner.add("d", out["d"], writer(out["d"]), after=["b", "c"], heavy=True)
+    runner.run()
+    (ta, threads_a), (tb, threads_b), (tc, _), (td, _) = (ran(out[name]) for name in "abcd")
     assert ta < tb and ta < tc and max(tb, tc) < td
     assert abs(tb - tc) < 0.3  # the two light stages ran side by side ...
-    assert (threads_a, threads_b) == (
-        "2",
-        "1",
-    )  # ... with one thread each; the heavy one had both cores
+    # ... with one thread each; the heavy one had both cores.
+    assert (threads_a, threads_b) == ("2", "1")
     with open(tmp_path / "run" / "timings.json") as f:
         assert set(json.load(f)) == {"a", "b", "c", "d"}
     assert os.path.isfile(tmp_path / "run" / "logs" / "a.log")
     os.remove(out["d"])  # a second run redoes only what is missing
     os.remove(out["a"] + ".t")
-    q = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    again = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
     for name, after in (("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"])):
-        q.add(name, out[name], writer(out[name]), after=after)
-    q.run()
+        again.add(name, out[name], writer(out[name]), after=after)
+    again.run()
     assert not os.path.exists(out["a"] + ".t") and ran(out["d"])[0] > td
 
 
 def test_a_failed_stage_stops_the_run_and_shows_its_log(tmp_path):
-    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add("bad", str(tmp_path / "never"), ["-c", "import sys; print('the reason'); sys.exit(3)"])
-    p.add("after_bad", str(tmp_path / "x"), writer(str(tmp_path / "x")), after=["bad"])
+    runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    runner.add(
+        "bad", str(tmp_path / "never"), ["-c", "import sys; print('the reason'); sys.exit(3)"]
+    )
+    runner.add("after_bad", str(tmp_path / "x"), writer(str(tmp_path / "x")), after=["bad"])
     with pytest.raises(SystemExit, match="(?s)bad.*exit 3.*the reason"):
-        p.run()
+        runner.run()
     assert not os.path.exists(tmp_path / "x")
 
 
 def test_progress_is_read_from_a_tqdm_line():
     line = "distil:  40%|####      | 320/800 [01:52<02:48,  2.85it/s, loss=0.0008]"
-    n, total, elapsed, left, rate, unit = TQDM.findall(line)[-1]
-    assert (n, total, elapsed, left, rate, unit) == ("320", "800", "01:52", "02:48", "2.85", "it")
+    # Steps done, of, elapsed, left, rate, unit.
+    assert TQDM.findall(line)[-1] == ("320", "800", "01:52", "02:48", "2.85", "it")
 
 
 def test_omp_num_threads_limits_the_cores(tmp_path, monkeypatch):
@@ -75,48 +76,47 @@ def test_omp_num_threads_limits_the_cores(tmp_path, monkeypatch):
 
 
 def test_light_stages_fill_every_core_with_one_thread_each_longest_path_first(tmp_path):
-    out = {n: str(tmp_path / n) for n in ("a", "b", "c", "x", "y", "z")}
-    p = StageRunner(str(tmp_path / "run3"), str(tmp_path), cores=3)
-    for n in "abc":
-        p.add(n, out[n], writer(out[n]))
-    p.run()
-    starts = [ran(out[n]) for n in "abc"]
-    assert max(t for t, _ in starts) - min(t for t, _ in starts) < 0.3 and {
-        th for _, th in starts
-    } == {"1"}
-    q = StageRunner(str(tmp_path / "run1"), str(tmp_path), cores=1)
-    q.add(
-        "z", out["z"], writer(out["z"]), estimate=50
-    )  # declared first, but x leads the longer chain (1 + 100)
-    q.add("x", out["x"], writer(out["x"]), estimate=1)
-    q.add("y", out["y"], writer(out["y"]), after=["x"], estimate=100)
-    q.run()
+    out = {name: str(tmp_path / name) for name in ("a", "b", "c", "x", "y", "z")}
+    runner = StageRunner(str(tmp_path / "run3"), str(tmp_path), cores=3)
+    for name in "abc":
+        runner.add(name, out[name], writer(out[name]))
+    runner.run()
+    starts = [ran(out[name]) for name in "abc"]
+    assert max(start for start, _ in starts) - min(start for start, _ in starts) < 0.3
+    assert {threads for _, threads in starts} == {"1"}
+    one_core = StageRunner(str(tmp_path / "run1"), str(tmp_path), cores=1)
+    # z is declared first, but x leads the longer chain (1 + 100).
+    one_core.add("z", out["z"], writer(out["z"]), estimate=50)
+    one_core.add("x", out["x"], writer(out["x"]), estimate=1)
+    one_core.add("y", out["y"], writer(out["y"]), after=["x"], estimate=100)
+    one_core.run()
     assert ran(out["x"])[0] < ran(out["y"])[0] < ran(out["z"])[0]
 
 
 def reporter(path):
-    """A stage that records what a fresh `python -c` would show it: whether torch was imported before it ran,
-    sys.argv, sys.path[0], __name__, the working folder, an environment variable, a random draw and a torch result."""
+    """A stage that records what a fresh `python -c` would show it: whether torch was imported
+    before it ran, sys.argv, sys.path[0], __name__, the working folder, an environment variable, a
+    random draw and a torch result."""
     code = (
-        f"import sys; preloaded = 'torch' in sys.modules; import json, os, numpy, torch; torch.manual_seed(0); "
-        f"x = torch.randn(64, 64); "
-        f"json.dump(dict(preloaded=preloaded, argv=sys.argv, path0=sys.path[0], name=__name__, cwd=os.getcwd(), "
-        f"threads=os.environ['OMP_NUM_THREADS'], torch_threads=torch.get_num_threads(), draw=numpy.random.rand(), "
+        "import sys; preloaded = 'torch' in sys.modules; import json, os, numpy, torch; "
+        "torch.manual_seed(0); x = torch.randn(64, 64); "
+        "json.dump(dict(preloaded=preloaded, argv=sys.argv, path0=sys.path[0], name=__name__, "
+        "cwd=os.getcwd(), threads=os.environ['OMP_NUM_THREADS'], "
+        "torch_threads=torch.get_num_threads(), draw=numpy.random.rand(), "
         f"result=(x @ x).sum().item()), open({path!r}, 'w'))"
     )
     return ["-c", code, "an argument"]
 
 
 def test_one_thread_stages_are_forks_that_run_as_a_fresh_python_would(tmp_path):
-    out = {n: str(tmp_path / f"{n}.json") for n in ("fresh", "fork1", "fork2")}
-    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add(
-        "fresh", out["fresh"], reporter(out["fresh"]), heavy=True
-    )  # alone, both cores: a fresh process
-    p.add("fork1", out["fork1"], reporter(out["fork1"]), after=["fresh"])
-    p.add("fork2", out["fork2"], reporter(out["fork2"]), after=["fresh"])
-    p.run()
-    fresh, fork1, fork2 = (json.load(open(out[n])) for n in ("fresh", "fork1", "fork2"))
+    out = {name: str(tmp_path / f"{name}.json") for name in ("fresh", "fork1", "fork2")}
+    runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    # Alone, with both cores: a fresh process.
+    runner.add("fresh", out["fresh"], reporter(out["fresh"]), heavy=True)
+    runner.add("fork1", out["fork1"], reporter(out["fork1"]), after=["fresh"])
+    runner.add("fork2", out["fork2"], reporter(out["fork2"]), after=["fresh"])
+    runner.run()
+    fresh, fork1, fork2 = (json.load(open(out[name])) for name in ("fresh", "fork1", "fork2"))
     assert not fresh["preloaded"] and fork1["preloaded"] and fork2["preloaded"]
     for fork in (fork1, fork2):
         assert fork["argv"] == fresh["argv"] == ["-c", "an argument"]
@@ -139,50 +139,48 @@ def test_a_forked_stage_runs_scripts_and_modules_and_reports_failures(tmp_path):
     (tmp_path / "pkg" / "mod.py").write_text(
         "import sys\nif __name__ == '__main__':\n    open(sys.argv[1], 'w').write(sys.argv[0])\n"
     )
-    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add("script", str(tmp_path / "s.out"), ["script.py", str(tmp_path / "s.out")])
-    p.add("module", str(tmp_path / "m.out"), ["-m", "pkg.mod", str(tmp_path / "m.out")])
-    p.run()
+    runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    runner.add("script", str(tmp_path / "s.out"), ["script.py", str(tmp_path / "s.out")])
+    runner.add("module", str(tmp_path / "m.out"), ["-m", "pkg.mod", str(tmp_path / "m.out")])
+    runner.run()
     assert "script ['" in (tmp_path / "run" / "logs" / "script.log").read_text()
     assert (tmp_path / "m.out").read_text() == str(tmp_path / "pkg" / "mod.py")
-    q = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
-    q.add("raises", str(tmp_path / "never"), ["-c", "raise ValueError('the reason')"])
+    failing = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
+    failing.add("raises", str(tmp_path / "never"), ["-c", "raise ValueError('the reason')"])
     with pytest.raises(SystemExit, match="(?s)raises.*exit 1.*ValueError: the reason"):
-        q.run()
+        failing.run()
 
 
 def test_heavy_stages_ready_together_share_the_cores(tmp_path):
-    out = {n: str(tmp_path / n) for n in ("a", "b", "c")}
-    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add("a", out["a"], writer(out["a"]), heavy=True)
-    p.add("b", out["b"], writer(out["b"]), heavy=True)
-    p.add("c", out["c"], writer(out["c"]), after=["a"], heavy=True)
-    p.run()
-    (ta, tha), (tb, thb), (tc, thc) = (ran(out[n]) for n in "abc")
+    out = {name: str(tmp_path / name) for name in ("a", "b", "c")}
+    runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    runner.add("a", out["a"], writer(out["a"]), heavy=True)
+    runner.add("b", out["b"], writer(out["b"]), heavy=True)
+    runner.add("c", out["c"], writer(out["c"]), after=["a"], heavy=True)
+    runner.run()
+    (ta, tha), (tb, thb), (tc, thc) = (ran(out[name]) for name in "abc")
     assert abs(ta - tb) < 0.3 and (tha, thb) == ("1", "1")  # side by side, one core each
     assert tc > max(ta, tb) and thc == "2"  # alone: every core
 
 
 def test_only_stages_with_the_threads_their_estimates_assume_rescale_the_run_estimate(tmp_path):
-    out = {n: str(tmp_path / n) for n in ("a", "b", "c")}
-    p = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
-    p.add(
-        "a", out["a"], writer(out["a"]), heavy=True, estimate=100
-    )  # a and b share the cores: no measure of speed
-    p.add("b", out["b"], writer(out["b"]), heavy=True, estimate=100)
-    p.run()
-    assert p.factor == 1.0
-    q = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
-    q.add(
-        "c", out["c"], writer(out["c"]), heavy=True, estimate=100
-    )  # alone, with every core: 0.3 s of 100 is fast
-    q.run()
-    assert q.factor < 1.0
+    out = {name: str(tmp_path / name) for name in ("a", "b", "c")}
+    sharing = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+    # a and b share the cores: no measure of speed.
+    sharing.add("a", out["a"], writer(out["a"]), heavy=True, estimate=100)
+    sharing.add("b", out["b"], writer(out["b"]), heavy=True, estimate=100)
+    sharing.run()
+    assert sharing.factor == 1.0
+    alone = StageRunner(str(tmp_path / "run2"), str(tmp_path), cores=2)
+    # Alone, with every core: 0.3 s of 100 is fast.
+    alone.add("c", out["c"], writer(out["c"]), heavy=True, estimate=100)
+    alone.run()
+    assert alone.factor < 1.0
 
 
 def test_each_stage_records_its_own_cpu_time_forked_or_fresh(tmp_path):
-    """A stage that burns about 0.6 s of CPU beside one that sleeps 0.6 s, forked by the server and as fresh processes.
-    Each stage's recorded CPU time is its own, not its neighbour's."""
+    """A stage that burns about 0.6 s of CPU beside one that sleeps 0.6 s, forked by the server and
+    as fresh processes. Each stage's recorded CPU time is its own, not its neighbour's."""
 
     def burner(path, burn):
         loop = (
@@ -194,14 +192,13 @@ def test_each_stage_records_its_own_cpu_time_forked_or_fresh(tmp_path):
 
     for fork in (True, False):
         kind = "fork" if fork else "fresh"
-        p = StageRunner(str(tmp_path / kind), str(tmp_path), cores=2, fork=fork)
+        runner = StageRunner(str(tmp_path / kind), str(tmp_path), cores=2, fork=fork)
         for name, burn in ((f"{kind}_burn", True), (f"{kind}_sleep", False)):
-            p.add(name, str(tmp_path / name), burner(str(tmp_path / name), burn))
-        p.run()
+            runner.add(name, str(tmp_path / name), burner(str(tmp_path / name), burn))
+        runner.run()
         with open(tmp_path / kind / "cpu_seconds.json") as f:
             cpu = json.load(f)
         assert set(cpu) == {f"{kind}_burn", f"{kind}_sleep"}
-        assert 0.55 < cpu[f"{kind}_burn"] < 3.0, (
-            cpu
-        )  # its 0.6 s, plus starting Python (and its imports, if fresh)
+        # Its 0.6 s, plus starting Python (and its imports, if fresh).
+        assert 0.55 < cpu[f"{kind}_burn"] < 3.0, cpu
         assert cpu[f"{kind}_sleep"] < cpu[f"{kind}_burn"] - 0.4, cpu
