@@ -42,7 +42,7 @@ BUDGETS = {
     "quick": dict(
         teacher_steps=40,
         trajectories=128,
-        student_steps=12,
+        distil_steps=12,
         samples=100,
         gan_steps=6,
         gan_warmup=3,
@@ -57,7 +57,7 @@ BUDGETS = {
     "default": dict(
         teacher_steps=1400,
         trajectories=6000,
-        student_steps=800,
+        distil_steps=800,
         samples=2000,
         gan_steps=120,
         gan_warmup=40,
@@ -178,7 +178,7 @@ def flow_rows(runner, budget, estimates, seeds):
 def distil(runner, budget, args, teacher, traj, estimates):
     """Every student of the mode; returns the rows of the table's students."""
 
-    def declare_student(history_layers, seed=0, target="state", num_steps=4, steps=None):
+    def declare_student(history_layers, seed=0, target="state", student_steps=4, steps=None):
         return pipeline.student_stage(
             runner,
             DIGITS,
@@ -189,7 +189,7 @@ def distil(runner, budget, args, teacher, traj, estimates):
             history_layers,
             seed,
             target,
-            num_steps,
+            student_steps,
             steps,
         )
 
@@ -221,9 +221,9 @@ def distil(runner, budget, args, teacher, traj, estimates):
     for student in [row for row in rows if row.target == "state" and row.variant == "plain"]:
         rows.append(pipeline.gan_stage(runner, DIGITS, budget, estimates, traj, teacher, student))
     if args.full:
-        for num_steps in (2, 3, 5):
+        for student_steps in (2, 3, 5):
             for history_layers in (0, HISTORY_LAYERS):
-                rows.append(declare_student(history_layers, 0, "state", num_steps))
+                rows.append(declare_student(history_layers, 0, "state", student_steps))
     return rows
 
 

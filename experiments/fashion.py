@@ -31,7 +31,7 @@ BUDGETS = {
     "quick": dict(
         teacher_steps=20,
         trajectories=64,
-        student_steps=6,
+        distil_steps=6,
         samples=64,
         gan_steps=4,
         gan_warmup=2,
@@ -47,7 +47,7 @@ BUDGETS = {
     "default": dict(
         teacher_steps=6000,
         trajectories=5000,
-        student_steps=1000,
+        distil_steps=1000,
         samples=2000,
         gan_steps=100,
         gan_warmup=30,

@@ -97,14 +97,14 @@ def student_row(
     seed,
     at_step,
     target="state",
-    num_steps=4,
+    student_steps=4,
     variant="plain",
     teacher_objective="ddpm",
 ):
     """A student's row, its checkpoint of step `at_step`. Names (and groups): k4_n3_state_s0
     (k4_n3_state), gan_k4_n3_state_s0 (k4_n3_state_gan), short_k4_n3_state_s0 (k4_n3_short),
     flow_k4_n0_state_s1 (flow_k4_n0_state)."""
-    model = ("flow_" if teacher_objective == "flow" else "") + f"k{num_steps}_n{history_layers}"
+    model = ("flow_" if teacher_objective == "flow" else "") + f"k{student_steps}_n{history_layers}"
     plain = f"{model}_{target}_s{seed}"
     if variant == "plain":
         name, group = plain, f"{model}_{target}"
@@ -116,7 +116,7 @@ def student_row(
     return Row(
         name=name,
         group=group,
-        steps=num_steps,
+        steps=student_steps,
         checkpoint=runner.path("students", run, "checkpoints", f"{at_step:07d}.pt"),
         stage=f"student_{run}",
         teacher_objective=teacher_objective,
@@ -253,20 +253,20 @@ def student_stage(
     history_layers,
     seed=0,
     target="state",
-    num_steps=4,
+    student_steps=4,
     steps=None,
     after="trajectories",
     teacher_objective="ddpm",
 ):
     """A student distilled from a store by train_ard.py; returns its row (its last checkpoint)."""
-    steps = steps or budget["student_steps"]
+    steps = steps or budget["distil_steps"]
     row = student_row(
         runner,
         history_layers,
         seed,
         at_step=steps,
         target=target,
-        num_steps=num_steps,
+        student_steps=student_steps,
         teacher_objective=teacher_objective,
     )
     runner.add(
@@ -283,7 +283,7 @@ def student_stage(
             "--target",
             target,
             "--student-steps",
-            str(num_steps),
+            str(student_steps),
             "--global-batch-size",
             str(budget["student_batch"]),
             "--lr",
@@ -311,7 +311,7 @@ def student_stage(
             "auto",
         ],
         after=[after],
-        estimate=estimates["student"] * num_steps / 4 * steps / budget["student_steps"],
+        estimate=estimates["student"] * student_steps / 4 * steps / budget["distil_steps"],
     )
     return row
 
@@ -325,7 +325,7 @@ def gan_stage(runner, setting, budget, estimates, traj, teacher, student):
         student.seed,
         at_step=steps,
         target=student.target,
-        num_steps=student.steps,
+        student_steps=student.steps,
         variant="gan",
         teacher_objective=student.teacher_objective,
     )

@@ -120,7 +120,7 @@ def test_headroom_mode_declares_three_seeds_of_both_students_at_the_headroom_ste
     assert all(row.checkpoint.endswith(f"{budget['headroom_steps']:07d}.pt") for row in short)
     # Seed 0 is the default row; seeds 1 and 2 train only to the headroom step.
     for seed, steps in (
-        (0, budget["student_steps"]),
+        (0, budget["distil_steps"]),
         (1, budget["headroom_steps"]),
         (2, budget["headroom_steps"]),
     ):
