@@ -1,6 +1,7 @@
 """Samples N images (default 50,000, for FID-50K) from a teacher or a student checkpoint, on any
 number of processes, into an ADM-format .npz: arr_0 uint8 (N, H, W, 3) (grey images repeated to 3
-channels) and arr_1 int64 labels.
+channels), arr_1 int64 labels, and `settings`, what made the file (JSON text: the checkpoint's
+sha256, the sampler, its steps and guidance, the seeds, the VAE, the precision).
 
     python sample_ddp.py --ckpt runs/digits/ard/checkpoints/0001200.pt --num-samples 2000 \\
         --out samples.npz
@@ -12,25 +13,29 @@ channels) and arr_1 int64 labels.
 Image i draws its label and noise from a generator seeded by (seed, i), so the file does not depend
 on the number of processes. Images are made in chunks of consecutive indices, written to OUT.chunks/
 under a temporary name and renamed when complete: running the same command again after an
-interruption makes only the missing chunks; the chunks are gathered into OUT and removed at the end.
-OUT.json records what made the file (the checkpoint's sha256, the sampler, its steps and guidance,
-the seeds).
+interruption makes only the missing chunks, and once OUT holds the samples of these settings it has
+nothing to do. The chunks are streamed into OUT (one chunk in memory at a time), which is written
+atomically with its settings inside; OUT.json repeats them for people, and OUT.chunks/ goes.
 """
 
 import argparse
+import json
 import os
 import shutil
 import time
+import zipfile
 
 import numpy as np
 import torch
 
 from ard import cli, dist_util
 from ard.checkpoints import find_checkpoint, load_model
-from ard.cli import check_output_path, non_negative_int, positive_int
+from ard.cli import NothingToDo, UserError, check_output_path, non_negative_int, positive_int
+from ard.collective import CollectiveStop
 from ard.data import to_uint8
 from ard.fileio import (
     WriterLock,
+    atomic_write,
     check_free_space,
     file_sha256,
     remove_stale_temporaries,
@@ -45,21 +50,32 @@ from ard.generation import (
     sample_fn,
 )
 from ard.logs import progress
-from ard.preemption import Preempted, StopRequest, add_stop_argument
+from ard.preemption import (
+    Preempted,
+    StopRequest,
+    add_stop_argument,
+    clear_preempted,
+    mark_preempted,
+)
 from ard.seeding import EVALUATION_STREAM, per_index_noise
 from ard.trajectory_store import shard_ranges
 from ard.vae import VAE_DOWNSAMPLE, load_vae, vae_decode
 
 
-def run_settings(args, ckpt_sha256, student):
-    """What fixes the content of the file; a resumed run must match it."""
+def run_settings(args, ckpt_sha256, config, vae):
+    """What fixes the content of the file; a resumed run must match it, and a file that holds it is
+    done."""
+    student = config["kind"] == "ard"
     settings = dict(
         ckpt_sha256=ckpt_sha256,
         kind="student" if student else "teacher",
         num_samples=args.num_samples,
         seed=args.global_seed,
         chunk_size=args.chunk_size,
+        precision=args.precision,
     )
+    if vae is not None:
+        settings["vae"] = vae
     if args.label_seed is not None and args.label_seed != args.global_seed:
         settings["label_seed"] = args.label_seed
     if not student:
@@ -78,13 +94,25 @@ def chunk_file(chunk_dir, c):
     return os.path.join(chunk_dir, f"chunk-{c:05d}.npz")
 
 
-def make_chunk(generate, vae, indices, args, config, device, stop=None):
-    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,)). On a stop
-    request the batch in flight finishes and Preempted ends the process (the chunk is made again by
-    the same command)."""
+def finished_settings(path):
+    """The settings inside a complete output file, or None (no file, or one without them)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["settings"])) if "settings" in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def make_chunk(generate, vae, indices, args, config, device, rounds):
+    """Images and labels of consecutive sample indices: (uint8 (n, H, W, 3), int64 (n,)). Between
+    batches every rank decides together whether to stop (rounds: a CollectiveStop); on a stop the
+    unfinished chunk is dropped and the same command makes it again."""
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     images, labels = [], []
-    for b in range(0, len(indices), args.per_proc_batch_size):
+    starts = range(0, len(indices), args.per_proc_batch_size)
+    for b in starts:
         y, noise = per_index_noise(
             args.global_seed,
             indices[b : b + args.per_proc_batch_size],
@@ -99,11 +127,8 @@ def make_chunk(generate, vae, indices, args, config, device, stop=None):
             x = vae_decode(vae, x)
         images.append(to_uint8(x))
         labels.append(y.numpy())
-        if stop is not None and stop.requested:
-            raise Preempted(
-                f"{stop.requested}: the complete chunks of {args.out} are kept in "
-                f"{args.out}.chunks; the same command makes the rest"
-            )
+        if b != starts[-1] and rounds.after_batch():  # the last batch's round follows the save
+            raise rounds.preempted()
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
@@ -131,9 +156,17 @@ def main(args):
     check_output_path(args.out, "--out")
     ckpt_path = find_checkpoint(args.ckpt)
 
-    # Load the model and check any earlier partial run:
+    # Load the model; stop if the file is already made, check any earlier partial run:
     model, config = load_model(ckpt_path, device)
-    vae = load_vae(args.vae or config["vae"], device) if config["space"] == "latent" else None
+    vae_name = (args.vae or config["vae"]) if config["space"] == "latent" else None
+    sha256 = dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None)
+    settings = run_settings(args, sha256, config, vae_name)
+    done = dist_util.broadcast_object(finished_settings(args.out) if rank == 0 else None)
+    if done == settings:
+        raise NothingToDo(
+            f"{args.out} already holds the {args.num_samples:,} samples of these settings"
+        )
+    vae = load_vae(vae_name, device) if vae_name is not None else None
     generate = sample_fn(
         model,
         config,
@@ -143,11 +176,6 @@ def main(args):
         args.legacy_cfg,
         args.guidance_interval,
         args.cuda_graph,
-    )
-    settings = run_settings(
-        args,
-        dist_util.broadcast_object(file_sha256(ckpt_path) if rank == 0 else None),
-        config["kind"] == "ard",
     )
     chunk_dir = f"{args.out}.chunks"
     start_or_resume(
@@ -159,14 +187,35 @@ def main(args):
         ),
     )
     with WriterLock(chunk_dir, f"the samples {args.out}"):
-        seconds, made = make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop)
         if rank == 0:
-            gather(args, chunk_dir, settings, made, seconds)
+            clear_preempted(chunk_dir)
+        try:
+            seconds, made = make_missing_chunks(
+                args, chunk_dir, generate, vae, config, device, stop
+            )
+        except Preempted as e:
+            if rank == 0:
+                mark_preempted(chunk_dir, str(e))
+            raise
+        # Rank 0 writes the file; the others wait for it and stop with its error, if any:
+        error = None
+        if rank == 0:
+            try:
+                gather(args, chunk_dir, settings, made, seconds)
+            except Exception as e:  # every rank must hear of it
+                error = e
+        shared = dist_util.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if shared is not None:
+            raise UserError(f"rank 0 could not write {args.out}: {shared}")
     dist_util.cleanup()
 
 
 def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
-    """This rank's chunks that are not on disk yet; returns (seconds, images made by all ranks)."""
+    """This rank's chunks that are not on disk yet; returns (seconds, images made by all ranks).
+    Every rank takes part in the same rounds of stop decisions until all are done (CollectiveStop),
+    so a signal or an error on any rank ends every rank after the same batch."""
     rank, world_size = dist_util.rank(), dist_util.world_size()
     if rank == 0:
         remove_stale_temporaries(chunk_dir)
@@ -178,32 +227,63 @@ def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
     ]
     total = sum(ranges[c][1] - ranges[c][0] for c in todo)
     bar = progress(total, f"sampling (rank 0 of {world_size})", unit="img")
+    rounds = CollectiveStop(
+        stop,
+        device,
+        f"the complete chunks of {args.out} are kept in {chunk_dir}; the same command makes the "
+        "rest",
+    )
     start_time = time.time()
-    for c in todo:
-        images, labels = make_chunk(
-            generate, vae, np.arange(*ranges[c]), args, config, device, stop
-        )
-        save_npz(chunk_file(chunk_dir, c), arr_0=images, arr_1=labels)
-        bar.update(len(labels))
+    try:
+        for c in todo:
+            images, labels = make_chunk(
+                generate, vae, np.arange(*ranges[c]), args, config, device, rounds
+            )
+            save_npz(chunk_file(chunk_dir, c), arr_0=images, arr_1=labels)
+            bar.update(len(labels))
+            if rounds.after_batch():  # the chunk is kept
+                raise rounds.preempted()
+    except Preempted:
+        raise
+    except Exception as error:  # every rank ends, with this rank's sentence
+        raise rounds.failed(error)
+    rounds.wait_for_peers()
     bar.close()
     made = int(dist_util.all_reduce_sum(total, device))
-    seconds = time.time() - start_time
-    dist_util.barrier()
-    return seconds, made
+    return time.time() - start_time, made
 
 
 def gather(args, chunk_dir, settings, made, seconds):
-    """The chunks, in order, into the ADM-format file, with its record OUT.json; the chunk folder
-    goes."""
-    parts = [
-        np.load(chunk_file(chunk_dir, c), allow_pickle=False)
+    """The chunks, in order, streamed into the ADM-format file with its settings inside (one chunk
+    in memory at a time), then OUT.json; the chunk folder goes."""
+    paths = [
+        chunk_file(chunk_dir, c)
         for c in range(len(shard_ranges(args.num_samples, args.chunk_size)))
     ]
-    save_npz(
-        args.out,
-        arr_0=np.concatenate([p["arr_0"] for p in parts]),
-        arr_1=np.concatenate([p["arr_1"] for p in parts]),
+    with np.load(paths[0], allow_pickle=False) as first:
+        image_shape = first["arr_0"].shape[1:]
+    members = (
+        ("arr_0", (args.num_samples, *image_shape), np.uint8),
+        ("arr_1", (args.num_samples,), np.int64),
     )
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as npz:
+            for name, shape, dtype in members:
+                with npz.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    header = dict(
+                        descr=np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                        fortran_order=False,
+                        shape=shape,
+                    )
+                    np.lib.format.write_array_header_1_0(member, header)
+                    for path in paths:
+                        with np.load(path, allow_pickle=False) as chunk:
+                            member.write(np.ascontiguousarray(chunk[name], dtype=dtype).tobytes())
+            with npz.open("settings.npy", "w") as member:
+                np.lib.format.write_array(member, np.array(json.dumps(settings, sort_keys=True)))
+
+    atomic_write(args.out, write)
     write_json(f"{args.out}.json", settings)
     shutil.rmtree(chunk_dir)
     world_size = dist_util.world_size()

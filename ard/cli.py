@@ -50,23 +50,30 @@ class DefiningFlags:
     """`defining.add_argument(...)` is parser.add_argument(...) for a flag whose value defines what
     a training run computes: a resumed run must agree with its checkpoint on it
     (ard.training.TrainingRun compares them), and its help says so. Wraps a parser or an argument
-    group."""
+    group. Two keywords of its own:
 
-    def __init__(self, parser):
-        self.parser = parser
+      identify=fn  compare fn(value) instead of the value: what a path holds, not where it is (a
+                   store's manifest digest, a file's sha256), so a job that stages its data on
+                   another disk resumes
+      when=fn      compare only when fn(args) is true (the GAN flags with --gan, --max-steps when
+                   the learning-rate schedule depends on it)
 
-    def add_argument(self, *args, **kwargs):
+    A flag that a saved run does not record was added after it, and counts as its default."""
+
+    def __init__(self, parser, when=None):
+        self.parser, self.when = parser, when
+
+    def add_argument(self, *args, identify=None, when=None, **kwargs):
         action = self.parser.add_argument(*args, **kwargs)
         action.defines_run = True
+        action.identify, action.when = identify, when or self.when
         action.help = f"{action.help} [defines the run]"
         return action
 
 
 def run_defining_flags(parser):
-    """{dest: default} of the flags of `parser` marked by defines_run. The default is what a run
-    whose saved arguments lack the flag did: the flag did not exist yet, and a new flag's default
-    keeps the behaviour from before it."""
-    return {a.dest: a.default for a in parser._actions if getattr(a, "defines_run", False)}
+    """The actions of `parser` declared with DefiningFlags."""
+    return [a for a in parser._actions if getattr(a, "defines_run", False)]
 
 
 def _rank():

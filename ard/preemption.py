@@ -21,6 +21,28 @@ STOP_SIGNALS = ("TERM", "USR1", "USR2", "INT", "HUP")
 SAME_REQUEST_SECONDS = 1.0
 
 
+# What a job stopped by a signal leaves in its folder (a training run's, a store, OUT.chunks/ of the
+# sampler): torchrun's agent reports a worker's exit status 75 as 1, so a job script cannot tell a
+# preempted job from a failed one by the status; it tests this file instead (docs/reliability.md).
+MARKER = "PREEMPTED"
+
+
+def mark_preempted(folder, message):
+    """Leaves folder/PREEMPTED, holding the stop's message, once the work in flight is safe."""
+    path = os.path.join(folder, MARKER)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(message + "\n")
+    os.replace(tmp, path)
+
+
+def clear_preempted(folder):
+    """Removes folder/PREEMPTED when a job starts: the marker says how the last attempt ended."""
+    path = os.path.join(folder, MARKER)
+    if os.path.exists(path):
+        os.remove(path)
+
+
 class Preempted(Exception):
     """Raised once the work in flight is safe on disk; the message says where and how to continue.
     `ard.cli.run` prints it and exits with EXIT_PREEMPTED."""
