@@ -38,7 +38,6 @@ from ard.fileio import (
     atomic_write,
     check_free_space,
     file_sha256,
-    remove_stale_temporaries,
     save_npz,
     start_or_resume,
     write_json,
@@ -217,8 +216,6 @@ def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
     Every rank takes part in the same rounds of stop decisions until all are done (CollectiveStop),
     so a signal or an error on any rank ends every rank after the same batch."""
     rank, world_size = dist_util.rank(), dist_util.world_size()
-    if rank == 0:
-        remove_stale_temporaries(chunk_dir)
     ranges = shard_ranges(args.num_samples, args.chunk_size)
     todo = [
         c
@@ -234,7 +231,7 @@ def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
         "rest",
     )
     start_time = time.time()
-    try:
+    with rounds.sharing_errors():  # an error here ends every rank, with its sentence
         for c in todo:
             images, labels = make_chunk(
                 generate, vae, np.arange(*ranges[c]), args, config, device, rounds
@@ -243,10 +240,6 @@ def make_missing_chunks(args, chunk_dir, generate, vae, config, device, stop):
             bar.update(len(labels))
             if rounds.after_batch():  # the chunk is kept
                 raise rounds.preempted()
-    except Preempted:
-        raise
-    except Exception as error:  # every rank ends, with this rank's sentence
-        raise rounds.failed(error)
     rounds.wait_for_peers()
     bar.close()
     made = int(dist_util.all_reduce_sum(total, device))

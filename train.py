@@ -31,7 +31,7 @@ from ard.cli import (
     positive_int,
     probability,
 )
-from ard.data import EMBEDDED, image_dataset
+from ard.data import EMBEDDED, data_identity, image_dataset
 from ard.generation import teacher_process
 from ard.seeding import step_seed
 from ard.training import StepBatchSampler, TrainingRun, lr_factor, requires_grad, update_ema
@@ -127,15 +127,12 @@ def main(args):
     ddp = dist_util.wrap_ddp(model, device)
     if args.compile:
         ddp = torch.compile(ddp)
-    lr = lr_factor(args.lr_schedule, args.warmup_steps, args.max_steps)
+    lr_scale = lr_factor(args.lr_schedule, args.warmup_steps, args.max_steps)
     run.logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     # Training loop:
     ddp.train()
-    run.logger.info(
-        f"Training from step {run.start_step} to {args.max_steps}, global batch "
-        f"{args.global_batch_size}"
-    )
+    run.begin_loop()
     for step, (x, y) in enumerate(loader, start=run.start_step):
         torch.manual_seed(step_seed(args.global_seed, step, rank))  # every random draw of the step
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -151,7 +148,7 @@ def main(args):
                 t = torch.randint(0, process.num_timesteps, (x.shape[0],), device=device)
                 loss = process.training_losses(ddp, x, t, dict(y=y))["loss"].mean()
         for group in opt.param_groups:
-            group["lr"] = args.lr * lr(step)
+            group["lr"] = args.lr * lr_scale(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # DiT does not clip: the norm is measured (clipping at infinity) for the finiteness check.
@@ -192,6 +189,7 @@ def build_parser():
         "--data",
         type=str,
         default="digits",
+        identify=data_identity,
         help="'digits' (the embedded default), 'fashion' (Fashion-MNIST from its idx files) or an "
         "ImageFolder path (one sub-folder per class)",
     )
@@ -245,8 +243,9 @@ def build_parser():
         "datasets, which are not mirror-symmetric)",
     )
     TrainingRun.add_arguments(parser, "MODEL")
-    parser.add_argument(
+    defining.add_argument(
         "--max-steps",
+        when=lambda args: args.lr_schedule == "cosine",
         type=positive_int,
         default=3000,
         help="optimiser steps of the whole run (resumed ones included)",

@@ -41,7 +41,7 @@ from ard.cli import (
     positive_float,
     positive_int,
 )
-from ard.data import EMBEDDED, find_embedded, grey_levels, image_dataset, save_grid
+from ard.data import EMBEDDED, data_identity, find_embedded, grey_levels, image_dataset, save_grid
 from ard.fileio import file_sha256
 from ard.gan import GANSettings, GANStage
 from ard.generation import teacher_flow
@@ -54,6 +54,7 @@ from ard.trajectory_store import (
     TrajectoryStore,
     collate_batch,
     default_boundaries,
+    store_digest,
 )
 from ard.vae import load_vae, vae_decode
 from ard_models import HISTORY_ATTENTION
@@ -130,7 +131,7 @@ def load_init(args, boundaries):
     return init
 
 
-def gan_settings(args, teacher_config, depth):
+def resolve_gan_settings(args, teacher_config, depth):
     """The GAN stage's settings from the flags, with their defaults that depend on the data: heads
     on every block, a translation by an eighth of the side in pixel space, dequantisation by one
     grey level, flips for image folders (an embedded dataset's images are not mirror-symmetric)."""
@@ -203,7 +204,42 @@ def main(args):
             f"{len(store)}"
         )
     init = load_init(args, boundaries)
-    gan = gan_settings(args, teacher_config, len(teacher.blocks)) if args.gan else None
+    # Setup data (the batch of each step is a function of the step, so a resume continues exactly);
+    # each rank reads its own shards of the store, a world of one for its sampler:
+    local_indices = store.rank_indices(range(len(store) - args.val_count), rank, world_size)
+    sampler = StepBatchSampler(
+        len(local_indices),
+        args.global_batch_size // world_size,
+        seed=rank_seed(args.global_seed, rank),
+        rank=0,
+        world_size=1,
+        start_step=run.start_step,
+        num_steps=args.max_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        TrajectoryDataset(store, boundaries, args.target, indices=local_indices),
+        batch_sampler=sampler,
+        collate_fn=collate_batch,
+        num_workers=0,
+    )
+    # The GAN stage's settings and the real images it shows its discriminator:
+    gan_settings = None
+    if args.gan:
+        gan_settings = resolve_gan_settings(args, teacher_config, len(teacher.blocks))
+        if args.data in EMBEDDED:
+            image_size = teacher_config["input_size"]
+        else:
+            image_size = args.image_size or teacher_config.get("image_size")
+        real_data = image_dataset(args.data, image_size)
+        real_sampler = StepBatchSampler(
+            len(real_data),
+            args.global_batch_size,
+            args.global_seed,
+            rank,
+            world_size,
+            start_step=run.start_step,
+            num_steps=args.max_steps,
+        )
     # A VAE for the real latents of the GAN stage and to decode the sample grids:
     latent = teacher_config["space"] == "latent" and (args.gan or args.sample_every)
     vae = load_vae(teacher_config["vae"], device) if latent else None
@@ -245,32 +281,18 @@ def main(args):
         opt.load_state_dict(init["opt"])  # the regression stage's moments, this run's lr and decay
         for group in opt.param_groups:
             group.update(lr=args.lr, weight_decay=args.weight_decay)
-    model = dist_util.wrap_ddp(student, device)
+    ddp = dist_util.wrap_ddp(student, device)  # the student itself in a world of one
     if args.compile:
-        model = torch.compile(model)
-    lr = lr_factor(args.lr_schedule, args.warmup_steps, args.max_steps)
+        ddp = torch.compile(ddp)
+    lr_scale = lr_factor(args.lr_schedule, args.warmup_steps, args.max_steps)
     run.logger.info(
         f"Student {teacher_config['model']}, K={student.num_steps}, N={args.history_layers}: "
         f"{sum(p.numel() for p in student.parameters()):,} parameters"
     )
 
     # The GAN stage: discriminator heads on the frozen teacher, and the real images they see:
-    gan_stage = None
-    if gan is not None:
-        if args.data in EMBEDDED:
-            image_size = teacher_config["input_size"]
-        else:
-            image_size = args.image_size or teacher_config.get("image_size")
-        real_data = image_dataset(args.data, image_size)
-        real_sampler = StepBatchSampler(
-            len(real_data),
-            args.global_batch_size,
-            args.global_seed,
-            rank,
-            world_size,
-            start_step=run.start_step,
-            num_steps=args.max_steps,
-        )
+    gan = None
+    if gan_settings is not None:
         real_loader = torch.utils.data.DataLoader(
             real_data,
             batch_sampler=real_sampler,
@@ -278,28 +300,18 @@ def main(args):
             worker_init_fn=run.stop.ignore_in_worker,
         )
         real_batches = iter(real_loader)  # draws from the global RNG, before the heads are made
-        gan_stage = GANStage(
-            teacher, teacher_config, gan, real_batches, device, vae, args.precision, run.checkpoint
+        gan = GANStage(
+            teacher,
+            teacher_config,
+            gan_settings,
+            real_batches,
+            device,
+            vae,
+            args.precision,
+            run.checkpoint,
         )
-        run.logger.info(f"GAN stage: heads on teacher blocks {list(gan.blocks)}, {gan}")
+        run.logger.info(f"GAN stage: {gan_settings}")
 
-    # Setup data: each rank reads its own shards of the store, a world of one for its sampler:
-    local_indices = store.rank_indices(range(len(store) - args.val_count), rank, world_size)
-    sampler = StepBatchSampler(
-        len(local_indices),
-        args.global_batch_size // world_size,
-        seed=rank_seed(args.global_seed, rank),
-        rank=0,
-        world_size=1,
-        start_step=run.start_step,
-        num_steps=args.max_steps,
-    )
-    loader = torch.utils.data.DataLoader(
-        TrajectoryDataset(store, boundaries, args.target, indices=local_indices),
-        batch_sampler=sampler,
-        collate_fn=collate_batch,
-        num_workers=0,
-    )
     # Fixed noise and labels for the sample grids:
     num_shown = min(student.num_classes, 10)
     side, channels = student.input_size, student.in_channels
@@ -308,44 +320,37 @@ def main(args):
     fixed_y = (torch.arange(len(fixed_noise)) % num_shown).to(device)
 
     # Training loop:
-    model.train()
-    run.logger.info(
-        f"Training from step {run.start_step} to {args.max_steps}, global batch "
-        f"{args.global_batch_size}"
-    )
+    ddp.train()
+    run.begin_loop()
     for step, (inputs, targets, y) in enumerate(loader, start=run.start_step):
         torch.manual_seed(step_seed(args.global_seed, step, rank))  # every random draw of the step
         inputs, targets, y = inputs.to(device), targets.to(device), y.to(device)
         with dist_util.autocast(device, args.precision):
-            pred = model(inputs, y)  # (B, K, C, H, W): step k predicts the target of step k
+            pred = ddp(inputs, y)  # (B, K, C, H, W): step k predicts the target of step k
             step_mse = (pred.float() - targets).square().mean(dim=(0, 2, 3, 4))  # (K,)
             loss = step_mse.mean()
         figures = dict(loss=loss.item(), step_mse=step_mse.tolist())
-        if gan_stage is not None:
+        if gan is not None:
             # The fake: the student's own K-step sample, differentiable once lambda may be > 0.
-            adversarial = step >= gan.warmup
+            adversarial = step >= gan_settings.warmup
             with dist_util.autocast(device, args.precision):
                 fake = (student.rollout if adversarial else student.sample)(inputs[:, 0], y)[:, -1]
-            d = gan_stage.discriminator_step(fake.detach(), y)
+            d = gan.discriminator_step(fake.detach(), y)
             weight, grad_reg, grad_gan = 0.0, 0.0, 0.0
             if adversarial:
-                loss_gan = gan_stage.generator_loss(fake, y)
-                weight, grad_reg, grad_gan = gan_stage.gan_weight(
-                    loss, loss_gan, student.last_layer
-                )
+                loss_gan = gan.generator_loss(fake, y)
+                weight, grad_reg, grad_gan = gan.gan_weight(loss, loss_gan, student.last_layer)
                 loss = loss + weight * loss_gan
-            figures.update(
-                d_loss=d.loss, gan_weight=float(weight), grad_reg=grad_reg, grad_gan=grad_gan
-            )
-            figures.update(
-                d_real=d.real, d_fake=d.fake, fake_min=fake.min().item(), fake_max=fake.max().item()
-            )
+            figures.update(d_loss=d.loss, gan_weight=float(weight), grad_reg=grad_reg)
+            figures.update(grad_gan=grad_gan, d_real=d.real, d_fake=d.fake)
+            figures.update(fake_min=fake.min().item(), fake_max=fake.max().item())
         for group in opt.param_groups:
-            group["lr"] = args.lr * lr(step)
+            group["lr"] = args.lr * lr_scale(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        run.check_finite(step, loss, grad_norm)  # every rank stops, before the weights change
+        # Every rank stops on a NaN (of the discriminator too), before the student changes:
+        run.check_finite(step, loss, grad_norm, *([d.loss] if gan is not None else []))
         opt.step()
         update_ema(ema, student, args.ema_decay)
 
@@ -372,7 +377,7 @@ def main(args):
                     "scheme": "seeded per (global_seed, step, rank)",
                     "global_seed": args.global_seed,
                 },
-                **(gan_stage.state_dict() if gan_stage is not None else {}),
+                **(gan.state_dict() if gan is not None else {}),
             },
         )
     run.finish()
@@ -384,7 +389,11 @@ def build_parser():
     )
     defining = DefiningFlags(parser)  # flags that define the run: a resume must agree on them
     defining.add_argument(
-        "--traj", type=str, required=True, help="trajectory store written by train_teacher_traj.py"
+        "--traj",
+        type=str,
+        required=True,
+        identify=store_digest,
+        help="trajectory store written by train_teacher_traj.py (a resume compares what it holds)",
     )
     parser.add_argument(
         "--teacher-ckpt", type=str, required=True, help="the teacher that wrote the store"
@@ -419,6 +428,7 @@ def build_parser():
         type=positive_int,
         default=None,
         metavar="K",
+        was="num_steps",
         help="K, the student's steps (default 4, or as many as --boundaries give)",
     )
     defining.add_argument(
@@ -437,8 +447,9 @@ def build_parser():
         help="default boundaries evenly spaced in the timestep ('t') or in log-SNR ('logsnr')",
     )
     TrainingRun.add_arguments(parser, "ARD-MODEL-NN")
-    parser.add_argument(
+    defining.add_argument(
         "--max-steps",
+        when=lambda args: args.lr_schedule == "cosine",
         type=positive_int,
         default=300_000,
         help="optimiser steps of the whole run (resumed ones included)",
@@ -515,15 +526,16 @@ def build_parser():
         default=False,
         help="torch.compile the model",
     )
-    gan = parser.add_argument_group("GAN fine-tuning")
-    gan_defining = DefiningFlags(gan)
-    gan_defining.add_argument(
+    gan_group = parser.add_argument_group("GAN fine-tuning")
+    gan_defining = DefiningFlags(gan_group, when=lambda args: args.gan)  # compared with --gan
+    DefiningFlags(gan_group).add_argument(
         "--gan", action=argparse.BooleanOptionalAction, default=False, help="run the GAN stage"
     )
-    gan_defining.add_argument(
+    DefiningFlags(gan_group).add_argument(
         "--init-ckpt",
         type=str,
         default=None,
+        identify=file_sha256,
         help="start from this train_ard.py checkpoint's EMA weights (required by --gan) "
         "instead of the teacher",
     )
@@ -591,6 +603,7 @@ def build_parser():
         "--data",
         type=str,
         default="digits",
+        identify=data_identity,
         help="real data: 'digits', 'fashion' or an ImageFolder path",
     )
     gan_defining.add_argument(
@@ -599,7 +612,7 @@ def build_parser():
         default=None,
         help="image size of --data (default: the teacher's)",
     )
-    gan.add_argument(
+    gan_group.add_argument(
         "--num-workers",
         type=non_negative_int,
         default=4,

@@ -31,16 +31,22 @@ import torch
 from ard import cli, dist_util
 from ard.checkpoints import find_checkpoint, load_model
 from ard.cli import UserError, check_output_path, non_negative_int, positive_int
+from ard.collective import CollectiveStop
 from ard.fileio import (
     WriterLock,
     check_free_space,
     file_sha256,
-    remove_stale_temporaries,
     start_or_resume,
 )
 from ard.generation import TeacherSampler, add_sampler_arguments, teacher_flow
 from ard.logs import progress
-from ard.preemption import Preempted, StopRequest, add_stop_argument
+from ard.preemption import (
+    Preempted,
+    StopRequest,
+    add_stop_argument,
+    clear_preempted,
+    mark_preempted,
+)
 from ard.trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
 from diffusion.ode import solver_grid
 from diffusion.sampling import SOLVERS
@@ -95,6 +101,7 @@ def store_manifest(args, ckpt_path, config, sampler, save_steps):
         save_steps=save_steps,
         save_timesteps=[grid[s] for s in save_steps],
         dtype=args.dtype,
+        precision=args.precision,
         seed=args.global_seed,
         labels="index mod num_classes",
         count=args.num_trajectories,
@@ -173,18 +180,24 @@ def main(args):
         ),
     )
     with WriterLock(args.out, f"the trajectory store {args.out}"):
-        write_missing_shards(args, manifest, sampler, save_steps, device, stop)
+        if dist_util.is_main():
+            clear_preempted(args.out)
+        try:
+            write_missing_shards(args, manifest, sampler, save_steps, device, stop)
+        except Preempted as e:
+            if dist_util.is_main():
+                mark_preempted(args.out, str(e))
+            raise
     dist_util.cleanup()
 
 
 def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
     """This rank's shards that are missing or damaged, with progress on rank 0 and a summary at the
-    end. On a stop request the batch in flight finishes, the shard it belongs to is dropped (the
-    same command writes it again) and Preempted ends the process."""
+    end. Every rank takes part in the same rounds of stop decisions, one after each batch, until all
+    are done (CollectiveStop): a signal to any rank stops every rank after the batch in flight,
+    keeping each complete shard (an unfinished one is written again by the same command), and an
+    error on any rank ends every rank with its sentence."""
     rank, world_size = dist_util.rank(), dist_util.world_size()
-    if rank == 0:
-        for name in remove_stale_temporaries(args.out):
-            print(f"removed {name}, left by an interrupted writer")
     ranges = shard_ranges(args.num_trajectories, args.shard_size)
     complete, damaged = complete_shards(args.out, manifest)
     for problem in damaged:
@@ -198,34 +211,46 @@ def write_missing_shards(args, manifest, sampler, save_steps, device, stop):
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
     bar = progress(total, f"trajectories (rank 0 of {world_size})", unit="traj")
     shape = tuple(manifest["shape"])
+    rounds = CollectiveStop(
+        stop,
+        device,
+        f"the complete shards of {args.out} are kept; the same command writes the rest",
+    )
 
     def solve(noise, y):
         with dist_util.autocast(device, args.precision):
             xt, x0 = sampler.trajectory(noise.to(device), y.to(device), save_steps)
         return xt.float(), x0.float()
 
-    def on_batch(n):
+    shown = 0  # trajectories of the shard in progress counted by the bar
+
+    def between_batches(n):  # of one shard; the unfinished shard is dropped on a stop
+        nonlocal shown
         bar.update(n)
-        if stop.requested:
-            raise Preempted(
-                f"{stop.requested}: the complete shards of {args.out} are kept; the same command "
-                "writes the rest"
-            )
+        shown += n
+        if rounds.after_batch():
+            raise rounds.preempted()
 
     start_time, written = time.time(), 0
-    for s in todo:
-        written += write_shard(
-            args.out,
-            s,
-            *ranges[s],
-            solve,
-            shape,
-            manifest["num_classes"],
-            args.global_seed,
-            args.dtype,
-            args.batch_size,
-            on_batch,
-        )
+    with rounds.sharing_errors():  # an error here ends every rank, with its sentence
+        for s in todo:
+            shown = 0
+            written += write_shard(
+                args.out,
+                s,
+                *ranges[s],
+                solve,
+                shape,
+                manifest["num_classes"],
+                args.global_seed,
+                args.dtype,
+                args.batch_size,
+                between_batches,
+            )
+            bar.update(ranges[s][1] - ranges[s][0] - shown)
+            if rounds.after_batch():  # the shard is complete, and kept
+                raise rounds.preempted()
+    rounds.wait_for_peers()
     bar.close()
     count = int(dist_util.all_reduce_sum(total, device))
     written = int(dist_util.all_reduce_sum(written, device))

@@ -57,16 +57,18 @@ class DefiningFlags:
                    another disk resumes
       when=fn      compare only when fn(args) is true (the GAN flags with --gan, --max-steps when
                    the learning-rate schedule depends on it)
+      was=name     the flag's dest before a rename, read from runs saved before it
 
-    A flag that a saved run does not record was added after it, and counts as its default."""
+    A flag that a saved run does not record was added after it, and counts as its default (unless
+    that default is None, filled in from other flags: then it is not compared)."""
 
     def __init__(self, parser, when=None):
         self.parser, self.when = parser, when
 
-    def add_argument(self, *args, identify=None, when=None, **kwargs):
+    def add_argument(self, *args, identify=None, when=None, was=None, **kwargs):
         action = self.parser.add_argument(*args, **kwargs)
         action.defines_run = True
-        action.identify, action.when = identify, when or self.when
+        action.identify, action.when, action.was = identify, when or self.when, was
         action.help = f"{action.help} [defines the run]"
         return action
 

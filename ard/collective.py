@@ -11,12 +11,18 @@ is one all-reduce of (stop requested, failed, still working). A rank that fails 
 world of one) the rounds cost nothing.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
 from ard import dist_util
 from ard.cli import UserError
 from ard.preemption import Preempted
+
+
+class PeerFailed(UserError):
+    """Another rank failed: this rank ends with that rank's sentence."""
 
 
 class CollectiveStop:
@@ -77,4 +83,15 @@ class CollectiveStop:
             return error
         rank, kind, message = next(f for f in failures if f is not None)
         what = message if kind == "UserError" else f"{kind}: {message}"
-        return UserError(f"rank {rank} stopped the job: {what}")
+        return PeerFailed(f"rank {rank} stopped the job: {what}")
+
+    @contextmanager
+    def sharing_errors(self):
+        """The work of this rank: an exception in it (but a stop or a peer's failure, which every
+        rank already knows of) is shared with every rank in place of this rank's next round."""
+        try:
+            yield
+        except (Preempted, PeerFailed):
+            raise
+        except Exception as error:
+            raise self.failed(error)

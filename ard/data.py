@@ -3,6 +3,7 @@ files), an ImageFolder with ADM's centre crop, and generated images to uint8 bat
 grids. The VAE is in vae.py."""
 
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -220,6 +221,22 @@ def image_dataset(data, image_size):
     if data in EMBEDDED:
         return torch.utils.data.TensorDataset(*load_embedded(data, "train", image_size))
     return image_folder(data, image_size)
+
+
+def data_identity(data):
+    """What --data holds, as a string: an embedded dataset's name, or a hash of an ImageFolder's
+    class folders and file names (not their bytes: reading 1.28 M ImageNet images to hash them would
+    take longer than a resume is worth), so that a copy staged on another disk is the same data."""
+    if data in EMBEDDED:
+        return data
+    if not os.path.isdir(data):
+        raise MissingFileError(f"data folder {data} does not exist")
+    digest = hashlib.sha256()
+    for root, folders, files in os.walk(data):
+        folders.sort()
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(root, name), data).encode() + b"\n")
+    return digest.hexdigest()
 
 
 #################################################################################

@@ -2,6 +2,7 @@
 renamed into place), JSON and .npz through them, file hashes, and resumable outputs that refuse to
 mix runs made with other settings."""
 
+import atexit
 import errno
 import hashlib
 import json
@@ -9,6 +10,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 
 import numpy as np
 
@@ -35,15 +38,21 @@ def _alive(pid):
     return True
 
 
-def remove_stale_temporaries(folder):
-    """Removes the temporary files and folders in `folder` left by dead processes of this
-    host; returns their names."""
+def remove_stale_temporaries(folder, all_but_mine=False):
+    """Removes the temporary files and folders in `folder` left by dead processes of this host, or,
+    with all_but_mine (the caller holds the folder's WriterLock, so no other process writes there),
+    every temporary but this process's; returns their names."""
     removed = []
     if not os.path.isdir(folder):
         return removed
+    me = (socket.gethostname(), os.getpid())
     for name in os.listdir(folder):
         match = TEMPORARY.search(name)
-        if match and match["host"] == socket.gethostname() and not _alive(int(match["pid"])):
+        if not match:
+            continue
+        owner = (match["host"], int(match["pid"]))
+        dead_here = owner[0] == me[0] and not _alive(owner[1])
+        if dead_here or (all_but_mine and owner != me):
             path = os.path.join(folder, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(name)
@@ -120,59 +129,134 @@ def file_sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+# A writer's lock is a lease: its holder touches LOCK every LOCK_HEARTBEAT_SECONDS, and a lock whose
+# heartbeat has not moved for LOCK_STALE_HEARTBEATS of them is a dead job's, whatever host it ran on
+# (a requeued job often starts on another node). The heartbeat is read as "has the file's mtime
+# changed", on this host's clock only, so clocks that disagree between hosts do not matter.
+LOCK_HEARTBEAT_SECONDS = float(os.environ.get("ARD_LOCK_HEARTBEAT_SECONDS", 30))
+LOCK_STALE_HEARTBEATS = 4
+
+
 class WriterLock:
-    """One writer at a time for an output folder: rank 0 creates LOCK (host and pid) atomically,
-    and removes it on exit. A lock left by a dead process of this host is taken over; a live
-    writer's, or one from another host, stops this run with the lock's path, to remove by hand
-    if its process is gone."""
+    """One writer at a time for an output folder (a store, a sample file's chunks, a training run):
+    rank 0 creates folder/LOCK (host and pid) atomically, keeps it alive with a heartbeat thread,
+    and removes it on exit (or when the process ends). A lock left by a dead process of this host is
+    taken over at once; one whose heartbeat stops (a job killed on another node) after
+    LOCK_STALE_HEARTBEATS heartbeats of waiting; a live writer's stops this job with one sentence.
+    Whoever takes a folder over removes the temporaries its dead writer left there."""
 
     def __init__(self, folder, what):
-        self.path, self.what, self.held = os.path.join(folder, "LOCK"), what, False
+        self.folder, self.path, self.what, self.held = (
+            folder,
+            os.path.join(folder, "LOCK"),
+            what,
+            False,
+        )
+        self._beating = None
 
     def __enter__(self):
         error = None
         if dist_util.is_main():
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            error = self._acquire()
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                error = self._acquire()
+            except OSError as e:
+                error = f"could not take the lock {self.path} of {self.what}: {e}"
         error = dist_util.broadcast_object(error)
         if error:
             raise UserError(error)
         return self
 
+    def _owner(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f), os.stat(self.path).st_mtime_ns
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError):
+            return {}, None
+
     def _acquire(self):
-        for _ in range(2):
+        waited, seen, seen_at, alive = 0.0, None, time.monotonic(), False
+        stale_after = LOCK_STALE_HEARTBEATS * LOCK_HEARTBEAT_SECONDS
+        while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        owner = json.load(f)
-                except (OSError, ValueError):
-                    owner = {}
-                pid = owner.get("pid")
-                if (
-                    owner.get("host") == socket.gethostname()
-                    and isinstance(pid, int)
-                    and not _alive(pid)
-                ):
-                    os.remove(self.path)  # left by a dead process of this host
+                owner, mtime = self._owner()
+                if owner is None:
+                    continue  # released meanwhile
+                pid, host = owner.get("pid"), owner.get("host")
+                if host == socket.gethostname() and isinstance(pid, int):
+                    if _alive(pid):
+                        return self._refusal(owner, "")
+                    self._take_over(f"left by pid {pid}, which is gone")
                     continue
-                return (
-                    f"another process (pid {owner.get('pid')} on {owner.get('host')}) "
-                    f"is writing {self.what}; wait for it to finish, or remove "
-                    f"{self.path} if that process is gone"
-                )
+                now = time.monotonic()
+                if mtime != seen:
+                    alive, seen, seen_at = seen is not None, mtime, now
+                if now - seen_at >= stale_after:
+                    self._take_over(f"of {host}, whose heartbeat stopped {now - seen_at:.0f} s ago")
+                    continue
+                if alive and waited >= stale_after:
+                    return self._refusal(owner, f" (its heartbeat is alive after {waited:.0f} s)")
+                time.sleep(LOCK_HEARTBEAT_SECONDS / 2)
+                waited += LOCK_HEARTBEAT_SECONDS / 2
+                continue
             with os.fdopen(fd, "w") as f:
                 json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
             self.held = True
+            self.removed = remove_stale_temporaries(self.folder, all_but_mine=True)
+            self._start_heartbeat()
+            atexit.register(self.release)
             return None
-        return f"could not take the lock {self.path} of {self.what}"
+
+    def _refusal(self, owner, detail):
+        return (
+            f"another process (pid {owner.get('pid')} on {owner.get('host')}) is writing "
+            f"{self.what}{detail}; wait for it to finish, or remove {self.path} if that process "
+            f"is gone"
+        )
+
+    def _take_over(self, why):
+        print(f"taking over {self.path} {why}", flush=True)
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _start_heartbeat(self):
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(LOCK_HEARTBEAT_SECONDS):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass  # a shared filesystem's hiccup: the next beat tries again
+
+        threading.Thread(target=beat, name="lock-heartbeat", daemon=True).start()
+        self._beating = stop
+
+    def release(self):
+        """Stops the heartbeat and removes LOCK if this process holds it."""
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
+        if self.held:
+            self.held = False
+            owner, _ = self._owner()
+            if (
+                owner
+                and owner.get("pid") == os.getpid()
+                and owner.get("host") == socket.gethostname()
+            ):
+                os.remove(self.path)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             dist_util.barrier()  # every rank has finished writing
-        if self.held and os.path.exists(self.path):
-            os.remove(self.path)
+        self.release()
 
 
 def start_or_resume(path, settings, what, before_writing=None):

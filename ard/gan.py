@@ -50,18 +50,18 @@ from diffusion.flow import FlowMatching
 
 @dataclass(frozen=True)
 class GANSettings:
-    """What the GAN stage does, resolved in one place (train_ard.gan_settings, from its flags)."""
+    """What the GAN stage does, from one place: train_ard.resolve_gan_settings and its flags."""
 
     blocks: tuple  # teacher blocks with a discriminator head
-    disc_lr: float = 2e-4  # AdamW learning rate of the heads
-    scale: float = 0.5  # lambda = scale * |grad L_reg| / |grad L_GAN| on the student's last layer
-    max_weight: float = 10.0  # lambda is clamped to [0, max_weight]
-    fixed_weight: float = None  # a fixed lambda instead of the adaptive one
-    warmup: int = 100  # optimiser steps with lambda = 0, where the discriminator trains alone
-    max_t: int = 300  # real and fake x0 are diffused to t ~ U[0, max_t)
-    augment: int = 0  # random translation of real and fake by up to this many pixels
-    flip: bool = False  # random horizontal flips of the real images
-    dequantize: float = 0.0  # uniform noise of this width on the real images in [-1, 1]
+    disc_lr: float  # AdamW learning rate of the heads
+    scale: float  # lambda = scale * |grad L_reg| / |grad L_GAN| on the student's last layer
+    max_weight: float  # lambda is clamped to [0, max_weight]
+    fixed_weight: float  # a fixed lambda instead of the adaptive one (None: adaptive)
+    warmup: int  # optimiser steps with lambda = 0, where the discriminator trains alone
+    max_t: int  # real and fake x0 are diffused to t ~ U[0, max_t)
+    augment: int  # random translation of real and fake by up to this many pixels
+    flip: bool  # random horizontal flips of the real images
+    dequantize: float  # uniform noise of this width on the real images in [-1, 1]
 
 
 class DiscriminatorHead(nn.Module):

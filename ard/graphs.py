@@ -38,6 +38,11 @@ def _signature(tensors):
     )
 
 
+def _on_device(device):
+    """Makes a CUDA device current for a recording or a replay (nothing for another device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class CudaGraph:
     """Records fn(*inputs) as a CUDA graph: `warmup` eager calls on a side stream first (they fill
     caches and let cuDNN and the allocator settle, as torch.cuda.graphs asks), then the capture.
@@ -51,6 +56,11 @@ class CudaGraph:
         self.warmup = warmup
 
     def __call__(self, fn, inputs):
+        # On the inputs' device, whichever is current: a graph lives on the device it records on.
+        with _on_device(inputs[0].device):
+            return self._record(fn, inputs)
+
+    def _record(self, fn, inputs):
         enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -88,7 +98,8 @@ class CapturedSampler:
         replay, buffers, output = self.recordings[key]
         for buffer, t in zip(buffers, tensors):
             buffer.copy_(t)
-        replay()
+        with _on_device(buffers[0].device):
+            replay()
         return output.clone()
 
 

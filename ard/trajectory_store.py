@@ -23,6 +23,7 @@ when complete.
 """
 
 import bisect
+import hashlib
 import json
 import os
 import shutil
@@ -135,8 +136,8 @@ def _fill_shard(tmp, start, stop, solve, shape, num_classes, seed, dtype, batch_
                 )
                 reserve(path)
             arrays[name][b : b + len(batch)] = value.cpu().numpy().astype(dtype)
-        if on_batch is not None:
-            on_batch(len(batch))
+        if on_batch is not None and b + batch_size < len(indices):
+            on_batch(len(batch))  # it may raise to abandon the shard; the last batch completes it
     for array in arrays.values():
         array.flush()
     del arrays
@@ -158,6 +159,13 @@ def reserve(path):
         except OSError as e:
             if e.errno in NO_SPACE:
                 raise
+
+
+def store_digest(path):
+    """What the store at `path` holds, as one hash: its manifest's (the teacher's sha256, the solver
+    and its settings, the count, the shards). Two copies of one store have the same digest."""
+    manifest = json.dumps(read_manifest(path), sort_keys=True)
+    return hashlib.sha256(manifest.encode()).hexdigest()
 
 
 def read_manifest(path):

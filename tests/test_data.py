@@ -120,7 +120,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_teacher_trains_on_fashion_mnist_and_the_gan_stage_reads_it(tmp_path, monkeypatch):
     from ard.checkpoints import load_checkpoint
-    from ard.gan import real_images
+    from ard.data import image_dataset
 
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "fashion"))
     written = write_fashion_idx(tmp_path / "fashion")
@@ -146,5 +146,6 @@ def test_teacher_trains_on_fashion_mnist_and_the_gan_stage_reads_it(tmp_path, mo
         1,
         10,
     )
-    x, y = next(real_images("fashion", 28, 8, 0, 0, 1, 0, 1, 0))
+    # the GAN stage's real images (train_ard.py): the embedded dataset's training split
+    x, y = next(iter(torch.utils.data.DataLoader(image_dataset("fashion", 28), batch_size=8)))
     assert x.shape == (8, 1, 28, 28) and set(y.tolist()) <= set(written["train"][1].tolist())

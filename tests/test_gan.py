@@ -61,9 +61,11 @@ def stage(teacher, warmup=0, scale=0.5, max_weight=10.0, dequantize=0.0, real=No
         disc_lr=1e-2,
         scale=scale,
         max_weight=max_weight,
+        fixed_weight=None,
         warmup=warmup,
         max_t=300,
         augment=1,
+        flip=False,
         dequantize=dequantize,
     )
     config = dict(num_classes=4, learn_sigma=True)
