@@ -2,7 +2,8 @@
 
 - cli: user errors (one sentence, exit status 2), argument types, run-defining flags, output paths
 - dist_util: processes and devices: torchrun or a world of one, precision
-- preemption: stop signals: save the work in flight, exit with status 75
+- preemption: stop signals: save the work in flight, exit with status 75, leave PREEMPTED
+- collective: stop and error decisions every rank takes together, for unequal shares of work
 - logs: the run's logger, and progress bars fit for a terminal or a file
 - fileio: atomic writes, file hashes, writer locks, resumable outputs, free space
 - seeding: every random stream: per training step, per sample index, per epoch

@@ -37,8 +37,7 @@ def dead_pid():
     return proc.pid
 
 
-# Non-finite values
-# ------------------------------------------------------------------------------------------
+# Non-finite values --------------------------------------------------------------------------------
 
 
 def test_teacher_training_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
@@ -97,8 +96,7 @@ def test_readers_refuse_a_checkpoint_with_non_finite_weights(teacher, tmp_path):
     )
 
 
-# Run folders
-# ------------------------------------------------------------------------------------------------
+# Run folders --------------------------------------------------------------------------------------
 
 
 def test_a_run_folder_is_never_overwritten_without_resume_or_replace(tmp_path):
@@ -150,8 +148,7 @@ def test_stale_temporary_files_of_dead_processes_are_removed_and_live_ones_kept(
     ]
 
 
-# Provenance
-# -------------------------------------------------------------------------------------------------
+# Provenance ---------------------------------------------------------------------------------------
 
 
 def test_resume_with_another_teacher_is_refused(teacher, store, tmp_path):
@@ -214,8 +211,7 @@ def test_evaluator_refuses_labels_of_the_wrong_shape(tmp_path):
             load_batch(str(tmp_path / "s.npz"))
 
 
-# The trajectory store
-# ---------------------------------------------------------------------------------------
+# The trajectory store -----------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -317,8 +313,7 @@ def test_lock_is_released_for_the_next_writer(tmp_path):
     assert not (tmp_path / "LOCK").exists()
 
 
-# Arguments and paths
-# ----------------------------------------------------------------------------------------
+# Arguments and paths ------------------------------------------------------------------------------
 
 
 def test_argument_types_refuse_values_that_cannot_work():
