@@ -29,8 +29,16 @@ import numpy as np
 import torch
 
 from ard import cli, dist_util
-from ard.checkpoints import find_checkpoint, load_model
-from ard.cli import NothingToDo, UserError, check_output_path, non_negative_int, positive_int
+from ard.checkpoints import find_checkpoint, load_model, peek_config
+from ard.cli import (
+    NothingToDo,
+    UserError,
+    add_dry_run_argument,
+    check_output_path,
+    non_negative_int,
+    positive_int,
+    print_dry_run,
+)
 from ard.collective import CollectiveStop
 from ard.data import to_uint8
 from ard.fileio import (
@@ -145,6 +153,31 @@ def bytes_missing(args, chunk_dir, config):
     return per_image * (missing + args.num_samples)
 
 
+def dry_run(args):
+    """--dry-run: the file this command would make, from the checkpoint's config alone."""
+    config = peek_config(args.ckpt)
+    vae = (args.vae or config["vae"]) if config["space"] == "latent" else None
+    sha256 = file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else "(not downloaded)"
+    settings = run_settings(args, sha256, config, vae)
+    chunk_dir = f"{args.out}.chunks"
+    made = (
+        len([f for f in os.listdir(chunk_dir) if f.startswith("chunk-")])
+        if os.path.isdir(chunk_dir)
+        else 0
+    )
+    done = finished_settings(args.out) == settings
+    kind = "an ARD student" if config["kind"] == "ard" else "a teacher"
+    print_dry_run(
+        "sample_ddp.py",
+        {
+            **settings,
+            "model": f"{config['model']} ({kind})",
+            "state": "already made: nothing to do" if done else f"{made} chunks already made",
+        },
+        [] if done else [(args.out, bytes_missing(args, chunk_dir, config))],
+    )
+
+
 def main(args):
     # Setup DDP (a stop signal from here on keeps every complete chunk):
     stop = StopRequest(args.stop_signals)
@@ -153,6 +186,8 @@ def main(args):
     rank = dist_util.rank()
     torch.set_grad_enabled(False)
     check_output_path(args.out, "--out")
+    if args.dry_run:
+        dry_run(args)
     ckpt_path = find_checkpoint(args.ckpt)
 
     # Load the model; stop if the file is already made, check any earlier partial run:
@@ -328,6 +363,7 @@ def parse_args(argv=None):
     )
     dist_util.add_precision_argument(parser, default="fp32")
     add_stop_argument(parser)
+    add_dry_run_argument(parser)
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.error("--out must end in .npz")

@@ -30,34 +30,48 @@ from ard.checkpoints import (
     find_checkpoint,
     load_checkpoint,
     load_model,
+    peek_config,
     student_config,
 )
 from ard.cli import (
     DefiningFlags,
+    MissingFileError,
     UserError,
+    add_dry_run_argument,
     diffusion_steps,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    print_dry_run,
 )
 from ard.data import EMBEDDED, data_identity, find_embedded, grey_levels, image_dataset, save_grid
 from ard.fileio import file_sha256
 from ard.gan import GANSettings, GANStage
 from ard.generation import teacher_flow
 from ard.seeding import rank_seed, step_seed
-from ard.training import StepBatchSampler, TrainingRun, due, lr_factor, requires_grad, update_ema
+from ard.training import (
+    StepBatchSampler,
+    TrainingRun,
+    due,
+    list_checkpoints,
+    lr_factor,
+    requires_grad,
+    update_ema,
+)
 from ard.trajectory_store import (
     BOUNDARY_SCHEDULES,
     TARGETS,
     TrajectoryDataset,
     TrajectoryStore,
     collate_batch,
-    default_boundaries,
+    resolve_boundaries,
+    solver_timesteps,
     store_digest,
 )
 from ard.vae import load_vae, vae_decode
 from ard_models import HISTORY_ATTENTION
+from models import MODEL_CONFIGS
 
 
 @torch.no_grad()
@@ -170,6 +184,55 @@ def resolve_gan_settings(args, teacher_config, depth):
     )
 
 
+def dry_run(args):
+    """--dry-run: what this command would train, from the store's manifest and the checkpoints'
+    configs alone: no network is loaded, no run folder touched."""
+    store = TrajectoryStore(args.traj)
+    teacher_config = peek_config(args.teacher_ckpt)
+    if args.gan and not args.init_ckpt:
+        raise UserError("--gan starts from a regression checkpoint: pass --init-ckpt")
+    if args.init_ckpt and not os.path.isfile(args.init_ckpt):
+        raise MissingFileError(f"--init-ckpt {args.init_ckpt} does not exist")
+    flow = teacher_flow(store.manifest, store.manifest["num_sampling_steps"])
+    grid = solver_timesteps(store.manifest)
+    boundaries = args.boundaries or resolve_boundaries(
+        store, grid, args.student_steps, args.boundary_schedule, flow
+    )
+    depth = MODEL_CONFIGS[teacher_config["model"].split("-")[1].split("/")[0]]["depth"]
+    gan_settings = resolve_gan_settings(args, teacher_config, depth) if args.gan else None
+    timesteps = [grid[s] for s in boundaries]
+    config = student_config(
+        teacher_config, timesteps[:-1], args.history_layers, boundaries, args.target, None, args.gan
+    )
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_model(config).parameters())
+    # A checkpoint holds the weights, the EMA and AdamW's two moments in fp32.
+    per_checkpoint = 16 * parameters
+    count = -(-args.max_steps // args.ckpt_every)
+    kept = min(count, args.keep_last) if args.keep_last else count
+    run_dir = args.run_dir or os.path.join(args.results_dir, "NNN-...")
+    existing = list_checkpoints(os.path.join(run_dir, "checkpoints"))
+    print_dry_run(
+        "train_ard.py",
+        {
+            "store": f"{args.traj}: {len(store):,} trajectories, solver steps {store.saved_steps}",
+            "teacher": f"{args.teacher_ckpt}: {teacher_config['model']}",
+            "boundaries (solver steps)": boundaries,
+            "their timesteps": timesteps,
+            "student": f"K={args.student_steps}, N={args.history_layers}, target {args.target}, "
+            f"{parameters:,} parameters",
+            "optimiser": f"AdamW lr {args.lr} ({args.lr_schedule}, warm-up {args.warmup_steps}), "
+            f"weight decay {args.weight_decay}, clip {args.grad_clip}, EMA {args.ema_decay}",
+            "budget": f"{args.max_steps:,} steps of {args.global_batch_size}, "
+            f"precision {args.precision}",
+            "GAN stage": gan_settings,
+            "run folder": f"{run_dir}, "
+            + (f"newest checkpoint {existing[-1][1]}" if existing else "no checkpoint yet"),
+        },
+        [(os.path.join(run_dir, "checkpoints"), kept * per_checkpoint)],
+    )
+
+
 def main(args):
     # Setup DDP and the run (new, or resumed; nothing is written before every check has passed):
     device = dist_util.setup(args.precision)
@@ -179,6 +242,8 @@ def main(args):
             f"--global-batch-size {args.global_batch_size} must be divisible by the world size "
             f"{world_size}"
         )
+    if args.dry_run:
+        dry_run(args)
     run = TrainingRun(args, build_parser(), device)
 
     # The store, the teacher that wrote it, the boundaries, the GAN stage's start point:
@@ -189,13 +254,9 @@ def main(args):
             f"--resume {args.resume} was distilled from another teacher than --teacher-ckpt "
             f"{args.teacher_ckpt}"
         )
-    solver = teacher_flow(store.manifest, store.manifest["num_sampling_steps"])
-    boundaries = args.boundaries or default_boundaries(
-        store.saved_steps,
-        store.saved_timesteps,
-        args.student_steps,
-        args.boundary_schedule,
-        solver,
+    flow = teacher_flow(store.manifest, store.manifest["num_sampling_steps"])
+    boundaries = args.boundaries or resolve_boundaries(
+        store, solver_timesteps(store.manifest), args.student_steps, args.boundary_schedule, flow
     )
     dataset = TrajectoryDataset(store, boundaries, args.target)  # refuses steps the store lacks
     if args.val_count >= len(store):
@@ -618,6 +679,7 @@ def build_parser():
         default=4,
         help="data loader workers for an ImageFolder",
     )
+    add_dry_run_argument(parser)
     return parser
 
 

@@ -29,8 +29,15 @@ import numpy as np
 import torch
 
 from ard import cli, dist_util
-from ard.checkpoints import find_checkpoint, load_model
-from ard.cli import UserError, check_output_path, non_negative_int, positive_int
+from ard.checkpoints import find_checkpoint, load_model, peek_config
+from ard.cli import (
+    UserError,
+    add_dry_run_argument,
+    check_output_path,
+    non_negative_int,
+    positive_int,
+    print_dry_run,
+)
 from ard.collective import CollectiveStop
 from ard.fileio import (
     WriterLock,
@@ -38,7 +45,7 @@ from ard.fileio import (
     file_sha256,
     start_or_resume,
 )
-from ard.generation import TeacherSampler, add_sampler_arguments, teacher_flow
+from ard.generation import TeacherSampler, add_sampler_arguments, teacher_flow, teacher_process
 from ard.logs import progress
 from ard.preemption import (
     Preempted,
@@ -47,32 +54,44 @@ from ard.preemption import (
     clear_preempted,
     mark_preempted,
 )
-from ard.trajectory_store import MANIFEST, complete_shards, shard_name, shard_ranges, write_shard
+from ard.trajectory_store import (
+    MANIFEST,
+    complete_shards,
+    schedule_steps,
+    shard_name,
+    shard_ranges,
+    write_shard,
+)
+from diffusion.flow import FlowMatching
 from diffusion.ode import solver_grid
 from diffusion.sampling import SOLVERS
 
 SMALL_MODEL_TOKENS = 64  # up to this many tokens per image, every solver step is saved by default
 
 
-def parse_save_steps(spec, num_steps, default_all):
-    """'all', 'every:N', or a comma-separated list of solver steps; the noise (0) and the sample (S)
-    are always kept."""
+def parse_save_steps(spec, num_steps, default_all, grid=None, flow=None):
+    """'all', 'every:N', 'student:K[:SCHEDULE]' (exactly the K + 1 boundaries a K-step student's
+    default schedule wants on this solver's grid, `grid`: see trajectory_store.schedule_steps), or a
+    comma-separated list of solver steps; the noise (0) and the sample (S) are always kept."""
     if spec is None:
         spec = "all" if default_all else "every:5"
-    if spec == "all":
-        steps = set(range(num_steps + 1))
-    else:
-        try:
-            steps = (
-                set(range(0, num_steps + 1, int(spec.split(":", 1)[1])))
-                if spec.startswith("every:")
-                else {int(s) for s in spec.split(",") if s.strip()}
-            )
-        except ValueError:
-            raise UserError(
-                f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1) or a list of solver steps "
-                "like 0,10,25"
-            ) from None
+    try:
+        if spec == "all":
+            steps = set(range(num_steps + 1))
+        elif spec.startswith("every:"):
+            steps = set(range(0, num_steps + 1, int(spec.split(":", 1)[1])))
+        elif spec.startswith("student:"):
+            k, *schedule = spec.split(":")[1:]
+            if int(k) < 1 or len(schedule) > 1:
+                raise ValueError(spec)
+            steps = set(schedule_steps(grid, int(k), schedule[0] if schedule else "t", flow))
+        else:
+            steps = {int(s) for s in spec.split(",") if s.strip()}
+    except ValueError:
+        raise UserError(
+            f"--save-steps {spec!r} is not 'all', 'every:N' (N >= 1), 'student:K' (K >= 1, "
+            "optionally :t or :logsnr) or a list of solver steps like 0,10,25"
+        ) from None
     bad = sorted(s for s in steps if not 0 <= s <= num_steps)
     if bad:
         raise UserError(f"--save-steps {bad} are outside the solver's steps 0..{num_steps}")
@@ -144,12 +163,54 @@ def store_bytes_missing(args, manifest):
     )
 
 
+def dry_run(args):
+    """--dry-run: the store this command would write, from the checkpoint's config alone."""
+    config = peek_config(args.ckpt)
+    if config["kind"] != "dit":
+        raise UserError(f"{args.ckpt} holds an ARD student, not a teacher")
+    process = teacher_process(config, args.num_sampling_steps)
+    grid = solver_grid(process)
+    patch = int(config["model"].split("/")[1])
+    save_steps = parse_save_steps(
+        args.save_steps,
+        args.num_sampling_steps,
+        (config["input_size"] // patch) ** 2 <= SMALL_MODEL_TOKENS,
+        grid=grid,
+        flow=process if isinstance(process, FlowMatching) else None,
+    )
+    shape = [config["in_channels"], config["input_size"], config["input_size"]]
+    layout = dict(
+        count=args.num_trajectories,
+        shard_size=args.shard_size,
+        save_steps=save_steps,
+        shape=shape,
+        dtype=args.dtype,
+    )
+    print_dry_run(
+        "train_teacher_traj.py",
+        {
+            "teacher": f"{args.ckpt}: {config['model']}, {config['space']} {shape}, predicts "
+            f"{config.get('prediction', 'eps')}",
+            "solver": f"{args.solver}, {args.num_sampling_steps} steps, CFG {args.cfg_scale} "
+            f"({'first 3 channels' if args.legacy_cfg else 'every channel'}), guidance interval "
+            f"{args.guidance_interval}, precision {args.precision}",
+            "saved solver steps": save_steps,
+            "their timesteps": [grid[s] for s in save_steps],
+            "trajectories": f"{args.num_trajectories:,} in shards of {args.shard_size:,}, "
+            f"{args.dtype}, seed {args.global_seed}",
+        },
+        [(args.out, store_bytes_missing(args, layout))],
+    )
+
+
 def main(args):
     # Setup DDP and check the inputs (a stop signal from here on keeps every complete shard):
     stop = StopRequest(args.stop_signals)
     device = dist_util.setup(args.precision)
     torch.set_grad_enabled(False)
     check_output_path(args.out, "the trajectory store", folder=True)
+    if args.dry_run:
+        dry_run(args)
     ckpt_path = find_checkpoint(args.ckpt)
 
     # Load the teacher and describe the run:
@@ -164,8 +225,13 @@ def main(args):
         args.guidance_interval,
     )
     tokens = (config["input_size"] // model.patch_size) ** 2
+    flow = sampler.diffusion if isinstance(sampler.diffusion, FlowMatching) else None
     save_steps = parse_save_steps(
-        args.save_steps, args.num_sampling_steps, tokens <= SMALL_MODEL_TOKENS
+        args.save_steps,
+        args.num_sampling_steps,
+        tokens <= SMALL_MODEL_TOKENS,
+        grid=solver_grid(sampler.diffusion),
+        flow=flow,
     )
     manifest = store_manifest(args, ckpt_path, config, sampler, save_steps)
 
@@ -284,9 +350,10 @@ def parse_args(argv=None):
         "--save-steps",
         type=str,
         default=None,
-        help="solver steps to save: 'all', 'every:N' or a list like 0,10,15,20,25 "
-        f"(default: all for models of at most {SMALL_MODEL_TOKENS} tokens, else every:5); "
-        "0 (the noise) and S (the sample) are always saved",
+        help="solver steps to save: 'all', 'every:N', 'student:K' (exactly the boundaries of a "
+        "K-step student's default schedule, 'student:K:logsnr' for the log-SNR one) or a list like "
+        f"0,10,15,20,25 (default: all for models of at most {SMALL_MODEL_TOKENS} tokens, else "
+        "every:5); 0 (the noise) and S (the sample) are always saved",
     )
     parser.add_argument(
         "--dtype",
@@ -309,6 +376,7 @@ def parse_args(argv=None):
     )
     dist_util.add_precision_argument(parser, default="fp32")
     add_stop_argument(parser)
+    add_dry_run_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -305,6 +305,35 @@ def weights_and_config(ckpt, path=""):
     )
 
 
+def peek_config(name_or_path):
+    """The config of a checkpoint without reading its weights (--dry-run): the file is opened with
+    its tensors memory-mapped, and only their shapes are read; an official name not yet downloaded
+    gives the official model's config without downloading it."""
+    name = name_or_path
+    local = os.path.join(PRETRAINED_DIR, name)
+    if not os.path.isfile(name) and name in PRETRAINED and not os.path.isfile(local):
+        official = PRETRAINED[name]
+        size = official["image_size"]
+        return teacher_config(
+            "DiT-XL/2",
+            size // 8,
+            4,
+            1000,
+            official["family"] != "repa",
+            "latent",
+            "ema",
+            size,
+            None,
+            **FAMILIES[official["family"]],
+        )
+    path = find_checkpoint(name)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint that loads with weights_only=True: {e}") from e
+    return weights_and_config(ckpt, path)[1]
+
+
 #################################################################################
 #                           Models from their configs                           #
 #################################################################################

@@ -10,6 +10,7 @@ and exits with 0. Any other exception is a programming error and keeps its trace
 
 import argparse
 import os
+import shutil
 import sys
 
 from ard import dist_util
@@ -76,6 +77,34 @@ class DefiningFlags:
 def run_defining_flags(parser):
     """The actions of `parser` declared with DefiningFlags."""
     return [a for a in parser._actions if getattr(a, "defines_run", False)]
+
+
+def add_dry_run_argument(parser):
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve every setting, print them with the bytes the job will write and the free "
+        "space there, and exit before loading any network weights",
+    )
+
+
+def print_dry_run(script, settings, writes):
+    """What --dry-run prints: the resolved settings ({name: value}) and, for each (path, bytes) the
+    job will write, the free space of the filesystem that will hold it; then NothingToDo ends it."""
+    lines = [f"{script} --dry-run: the settings this command resolves to"]
+    lines += [f"  {name}: {value}" for name, value in settings.items()]
+    for path, size in writes:
+        folder = os.path.abspath(path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free
+        lines.append(
+            f"  writes {path}: about {size / 2**30:.2f} GiB; {free / 2**30:.2f} GiB free on the "
+            f"filesystem of {folder}"
+        )
+    if dist_util.is_main():
+        print("\n".join(lines), flush=True)
+    raise NothingToDo("a dry run: no network was loaded and nothing was written")
 
 
 def _rank():

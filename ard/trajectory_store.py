@@ -33,8 +33,10 @@ import torch
 
 from ard.cli import MissingFileError, UserError
 from ard.fileio import NO_SPACE, no_space_error, temporary_name
+from ard.generation import teacher_process
 from ard.seeding import TRAJECTORY_STREAM, per_index_noise
 from diffusion.flow import log_snr as flow_log_snr
+from diffusion.ode import solver_grid
 
 MANIFEST = "manifest.json"
 ARRAYS = ("xt", "x0", "y", "index")
@@ -294,6 +296,47 @@ def default_boundaries(saved_steps, saved_timesteps, num_steps, schedule="t", fl
             )
         boundaries.append(min(candidates)[1])
     return boundaries + [last]
+
+
+def schedule_steps(grid_timesteps, num_steps, schedule="t", flow=None):
+    """The K + 1 solver steps a boundary schedule wants on a solver's whole grid (its S + 1
+    timesteps, solver_grid's): what a store must save for a K-step student, and what train_ard.py
+    uses when the store saved them all."""
+    return default_boundaries(
+        list(range(len(grid_timesteps))), list(grid_timesteps), num_steps, schedule, flow
+    )
+
+
+def solver_timesteps(manifest):
+    """The timestep of every state on the solver grid of a store's teacher (S + 1 values, the noise
+    first), from its manifest: the grid the store's saved steps are counted on."""
+    return solver_grid(teacher_process(manifest, manifest["num_sampling_steps"]))
+
+
+def resolve_boundaries(store, grid_timesteps, num_steps, schedule="t", flow=None):
+    """The default boundaries of a K-step student on a store: the steps the schedule wants on the
+    solver's whole grid, which the store must have saved; else one sentence naming the steps the
+    store could give instead and both fixes. Never approximated silently."""
+    wanted = schedule_steps(grid_timesteps, num_steps, schedule, flow)
+    if set(wanted) <= set(store.saved_steps):
+        return wanted
+    try:
+        nearest = default_boundaries(
+            store.saved_steps, store.saved_timesteps, num_steps, schedule, flow
+        )
+        instead = (
+            f"whose nearest are {nearest}: pass --boundaries {' '.join(map(str, nearest))} to use "
+            "those, or"
+        )
+    except UserError:
+        instead = f"too few for a {num_steps}-step student:"
+    times = [int(round(float(grid_timesteps[s]))) for s in wanted]
+    spec = f"student:{num_steps}" + ("" if schedule == "t" else f":{schedule}")
+    raise UserError(
+        f"the {num_steps}-step schedule {schedule!r} wants solver steps {wanted} (timesteps "
+        f"{times}), and the store {store.path} saved {store.saved_steps}, {instead} write the "
+        f"store with --save-steps {spec} (or 'all')"
+    )
 
 
 class TrajectoryStore:

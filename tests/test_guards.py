@@ -381,3 +381,43 @@ def test_bare_state_dict_that_is_not_a_latent_dit_is_refused(teacher, tmp_path):
     torch.save(teacher[1].state_dict(), tmp_path / "bare.pt")
     with pytest.raises(UserError, match="not an official DiT, SiT or REPA checkpoint"):
         load_model(str(tmp_path / "bare.pt"))
+
+
+def test_dry_runs_resolve_the_settings_load_no_network_and_write_nothing(teacher, store, tmp_path):
+    traj = run_script(
+        [
+            "train_teacher_traj.py",
+            "--ckpt",
+            teacher[0],
+            "--out",
+            str(tmp_path / "traj"),
+            "--num-trajectories",
+            "64",
+            "--num-sampling-steps",
+            "25",
+            "--save-steps",
+            "student:4",
+            "--dry-run",
+        ]
+    )
+    assert "saved solver steps: [0, 6, 12, 18, 25]" in traj and "writes" in traj
+    student = run_script(
+        [
+            "train_ard.py",
+            "--traj",
+            store,
+            "--teacher-ckpt",
+            teacher[0],
+            "--history-layers",
+            "2",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--dry-run",
+        ]
+    )
+    assert "boundaries (solver steps): [0, 1, 2, 3, 5]" in student and "parameters" in student
+    sample = run_script(
+        ["sample_ddp.py", "--ckpt", teacher[0], "--out", str(tmp_path / "s.npz"), "--dry-run"]
+    )
+    assert "num_samples: 50000" in sample and "s.npz: about" in sample
+    assert os.listdir(tmp_path) == []  # nothing was written

@@ -237,6 +237,22 @@ def test_missing_boundaries_are_refused(teacher, sparse_store, tmp_path):
     assert "did not save solver steps [3]" in out
 
 
+def test_default_boundaries_the_store_cannot_give_exactly_are_refused_with_both_fixes(
+    teacher, sparse_store, tmp_path
+):
+    # The sparse store saved solver steps 0, 2 and 5 of 5; the log-SNR schedule of a 2-step student
+    # wants 0, 3, 5, and a 3-step student 0, 1, 3, 5 (of which 0, 2, 5 cannot give the nearest).
+    args = ard_args(teacher[0], sparse_store, tmp_path / "run", 1, "--global-batch-size", "8")
+    out = run_script_expect_failure(
+        [*args, "--student-steps", "2", "--boundary-schedule", "logsnr"]
+    )
+    assert "wants solver steps [0, 3, 5]" in out and "saved [0, 2, 5], whose nearest are" in out
+    assert "pass --boundaries 0 2 5" in out and "--save-steps student:2:logsnr" in out
+    out = run_script_expect_failure([*args, "--student-steps", "3"])
+    assert "too few for a 3-step student: write the store with --save-steps student:3" in out
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(teacher, store, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(store, bad)

@@ -154,3 +154,18 @@ def test_default_boundaries_are_evenly_spaced_in_t_on_the_25_step_grid():
     assert default_boundaries(list(range(26)), timesteps, 1) == [0, 25]
     with pytest.raises(ValueError, match="too few steps"):
         default_boundaries([0, 10, 25], [999, 583, -1], 4)
+
+
+def test_save_steps_student_k_saves_exactly_the_boundaries_of_a_k_step_student():
+    from ard.trajectory_store import schedule_steps
+    from train_teacher_traj import parse_save_steps
+
+    timesteps = solver_grid(create_diffusion("25"))
+    assert parse_save_steps("student:4", 25, False, grid=timesteps) == [0, 6, 12, 18, 25]
+    assert parse_save_steps("student:4:logsnr", 25, False, grid=timesteps) == schedule_steps(
+        timesteps, 4, "logsnr"
+    )
+    # what the README's trajectory command used to save: the default rule then moved boundaries
+    assert parse_save_steps("every:5", 25, False) == [0, 5, 10, 15, 20, 25]
+    with pytest.raises(ValueError, match="student:K"):
+        parse_save_steps("student:0", 25, False, grid=timesteps)
