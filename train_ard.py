@@ -61,6 +61,7 @@ from ard.training import (
 )
 from ard.trajectory_store import (
     BOUNDARY_SCHEDULES,
+    DEFAULT_STUDENT_STEPS,
     TARGETS,
     TrajectoryDataset,
     TrajectoryStore,
@@ -694,7 +695,7 @@ def parse_args(argv=None):
             )
         args.student_steps = len(args.boundaries) - 1
     elif args.student_steps is None:
-        args.student_steps = 4
+        args.student_steps = DEFAULT_STUDENT_STEPS
     return args
 
 

@@ -55,6 +55,7 @@ from ard.preemption import (
     mark_preempted,
 )
 from ard.trajectory_store import (
+    DEFAULT_STUDENT_STEPS,
     MANIFEST,
     complete_shards,
     schedule_steps,
@@ -74,7 +75,7 @@ def parse_save_steps(spec, num_steps, default_all, grid=None, flow=None):
     default schedule wants on this solver's grid, `grid`: see trajectory_store.schedule_steps), or a
     comma-separated list of solver steps; the noise (0) and the sample (S) are always kept."""
     if spec is None:
-        spec = "all" if default_all else "every:5"
+        spec = "all" if default_all else f"student:{DEFAULT_STUDENT_STEPS}"
     try:
         if spec == "all":
             steps = set(range(num_steps + 1))
@@ -353,7 +354,7 @@ def parse_args(argv=None):
         help="solver steps to save: 'all', 'every:N', 'student:K' (exactly the boundaries of a "
         "K-step student's default schedule, 'student:K:logsnr' for the log-SNR one) or a list like "
         f"0,10,15,20,25 (default: all for models of at most {SMALL_MODEL_TOKENS} tokens, else "
-        "every:5); 0 (the noise) and S (the sample) are always saved",
+        f"student:{DEFAULT_STUDENT_STEPS}); 0 (the noise) and S (the sample) are always saved",
     )
     parser.add_argument(
         "--dtype",

@@ -527,7 +527,7 @@ def run_scripts(m, device, root, log):
                 "--shard-size",
                 "8",
                 "--save-steps",
-                "every:5",
+                "student:4",
                 "--precision",
                 "bf16",
             ],

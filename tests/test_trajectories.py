@@ -169,3 +169,15 @@ def test_save_steps_student_k_saves_exactly_the_boundaries_of_a_k_step_student()
     assert parse_save_steps("every:5", 25, False) == [0, 5, 10, 15, 20, 25]
     with pytest.raises(ValueError, match="student:K"):
         parse_save_steps("student:0", 25, False, grid=timesteps)
+
+
+def test_default_store_of_a_large_model_gives_the_default_students_boundaries():
+    from ard.trajectory_store import default_boundaries
+    from train_ard import parse_args
+    from train_teacher_traj import parse_save_steps
+
+    timesteps = solver_grid(create_diffusion("25"))
+    saved = parse_save_steps(None, 25, False, grid=timesteps)
+    student_steps = parse_args(["--traj", "t", "--teacher-ckpt", "t.pt"]).student_steps
+    boundaries = default_boundaries(saved, [timesteps[s] for s in saved], student_steps)
+    assert boundaries == saved == [0, 6, 12, 18, 25]
