@@ -8,15 +8,17 @@
 
     python -m experiments.digits                 # the default (about 8 minutes on 2 CPU cores)
     python -m experiments.digits --quick         # every stage with tiny budgets: an end-to-end
-                                                 # smoke test (about 35 s)
+                                                 # smoke test (about a minute)
     python -m experiments.digits --quick --flow  # the same with the flow teacher's stages (one
                                                  # seed; the test suite runs it)
     python -m experiments.digits --headroom      # the default plus N = 0 and ARD after 400 steps,
                                                  # 3 seeds (about 4 min more)
+    python -m experiments.digits --history       # the headroom setting plus N = 1, 2, 6 and history
+                                                 # trained with noise, 3 seeds (about 40 min more)
     python -m experiments.digits --flow          # the default plus a flow-matching teacher and its
                                                  # students, 3 seeds (about 15 min more)
     python -m experiments.digits --full          # 3 seeds, both targets, GAN, headroom, 2-5 step
-                                                 # students, flow (about 44 min)
+                                                 # students, flow (about 50 min)
 
 Finished stages are reused when the command is run again (each is skipped when its output exists;
 the trajectory writer and the sampler resume partial work; an interrupted training stage resumes
@@ -53,6 +55,7 @@ BUDGETS = {
         net_epochs=2,
         cost_batch=20,
         bootstrap=10,
+        paired_resamples=10,
     ),
     "default": dict(
         teacher_steps=1400,
@@ -68,6 +71,7 @@ BUDGETS = {
         net_epochs=40,
         cost_batch=500,
         bootstrap=100,
+        paired_resamples=200,
     ),
 }
 # The tiny teacher: DiT-T (depth 6, width 128) with 4x4 patches, four tokens per 8x8 digit. It
@@ -87,6 +91,11 @@ DIGITS = Setting(
     net="digits_net",
 )
 HISTORY_LAYERS = DIGITS.history_layers
+# --history: the headroom setting's students with history in 0 to all 6 blocks, and ARD and step
+# distillation trained with Gaussian noise of these stds on their history inputs (train_ard.py
+# --history-noise; the digits' pixels are in [-1, 1]).
+HISTORY_DEPTHS = (0, 1, 2, 3, 6)
+HISTORY_NOISES = (0.02, 0.05, 0.1)
 
 # Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner
 # rescales them by how fast this machine turns out to be.
@@ -178,7 +187,9 @@ def flow_rows(runner, budget, estimates, seeds):
 def distil(runner, budget, args, teacher, traj, estimates):
     """Every student of the mode; returns the rows of the table's students."""
 
-    def declare_student(history_layers, seed=0, target="state", student_steps=4, steps=None):
+    def declare_student(
+        history_layers, seed=0, target="state", student_steps=4, steps=None, history_noise=0.0
+    ):
         return pipeline.student_stage(
             runner,
             DIGITS,
@@ -191,6 +202,7 @@ def distil(runner, budget, args, teacher, traj, estimates):
             target,
             student_steps,
             steps,
+            history_noise=history_noise,
         )
 
     rows = []
@@ -199,7 +211,7 @@ def distil(runner, budget, args, teacher, traj, estimates):
         for seed in seeds:
             for history_layers in (0, HISTORY_LAYERS):
                 rows.append(declare_student(history_layers, seed, target))
-    if args.full or args.headroom:
+    if args.full or args.headroom or args.history:
         # The setting with headroom: the same students after headroom_steps of their steps, where
         # step distillation still falls short of its teacher. A constant learning rate makes that
         # checkpoint the same as a run of headroom_steps, so --headroom trains seeds 1 and 2 only
@@ -215,6 +227,25 @@ def distil(runner, budget, args, teacher, traj, estimates):
                         seed,
                         at_step=budget["headroom_steps"],
                         variant="short",
+                    )
+                )
+    if args.history:
+        # How deep the history goes, and history trained on noised inputs: more students of the
+        # headroom setting, each a run of headroom_steps, three seeds.
+        headroom = budget["headroom_steps"]
+        students = [(layers, 0.0) for layers in HISTORY_DEPTHS if layers not in (0, HISTORY_LAYERS)]
+        students += [(layers, noise) for noise in HISTORY_NOISES for layers in (0, HISTORY_LAYERS)]
+        for seed in (0, 1, 2):
+            for history_layers, noise in students:
+                declare_student(history_layers, seed, steps=headroom, history_noise=noise)
+                rows.append(
+                    student_row(
+                        runner,
+                        history_layers,
+                        seed,
+                        at_step=headroom,
+                        variant="short",
+                        history_noise=noise,
                     )
                 )
     # The GAN stage, from step distillation and from ARD (state target).
@@ -241,7 +272,7 @@ def declare(runner, budget, estimates, args):
         rows += flow_rows(runner, budget, estimates, seeds=(0,) if args.quick else (0, 1, 2))
     figures_of = pipeline.evaluate(runner, DIGITS, budget, rows, ref, net, estimates)
     real = pipeline.evaluate_real_train(runner, DIGITS, ref, net, estimates)
-    for variant in ["plain"] + (["short"] if args.full or args.headroom else []):
+    for variant in ["plain"] + (["short"] if args.full or args.headroom or args.history else []):
         pipeline.history_probe(runner, DIGITS, budget, estimates, rows, traj, variant)
     return rows, figures_of, real
 
@@ -291,7 +322,7 @@ def main(args):
     rows, figures_of, real = declare(runner, budget, estimates, args)
     mode = next(
         name
-        for name in ("full", "headroom", "flow", "default")
+        for name in ("full", "headroom", "history", "flow", "default")
         if name == "default" or getattr(args, name)
     )
     pipeline.finish(
@@ -317,6 +348,13 @@ def parse_args(argv=None):
         action="store_true",
         help="the default rows plus the headroom setting: N = 0 and ARD after headroom_steps "
         "steps, 3 seeds",
+    )
+    mode.add_argument(
+        "--history",
+        action="store_true",
+        help="the headroom setting plus students with N in "
+        f"{{{', '.join(map(str, HISTORY_DEPTHS))}}} and with noise of std "
+        f"{{{', '.join(map(str, HISTORY_NOISES))}}} on their history inputs, 3 seeds each",
     )
     mode.add_argument(
         "--full",

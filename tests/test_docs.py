@@ -1,5 +1,6 @@
 """The documentation cannot point at what is not there: every relative link and image of README.md
-and docs/ exists, and every flag of every command they show is accepted by that command's parser."""
+and docs/ exists, every flag of every command they show is accepted by that command's parser, every
+test they name is in the file they say, and the design page's layout names every module."""
 
 import os
 import re
@@ -132,3 +133,68 @@ def test_the_docs_check_catches_a_renamed_flag_and_a_moved_file(tmp_path):
         ["--traj"],
     )
     assert not os.path.exists(os.path.join(ROOT, "assets", "no_such_figure.png"))
+
+
+TEST_NAME = re.compile(r"`(test_[a-z0-9_]+)`")
+TEST_FILE = re.compile(r"`tests/(test_[a-z0-9_]+\.py)`")
+# A page that says where its tests live unless it names another file.
+DEFAULT_TEST_FILE = {"docs/reliability.md": "test_guards.py"}
+
+
+def defined_tests():
+    """{test file name: the names of the functions it defines}."""
+    tests = os.path.join(ROOT, "tests")
+    return {
+        name: set(re.findall(r"^def (test_[a-z0-9_]+)", text(os.path.join("tests", name)), re.M))
+        for name in os.listdir(tests)
+        if name.startswith("test_") and name.endswith(".py")
+    }
+
+
+def named_tests(page, defined):
+    """(test name, the files the page says it is in) for every test a page names: the files named
+    in the rest of its sentence, else the page's default file, else any file of the suite."""
+    body = re.sub(r"\s+", " ", text(page))
+    out = []
+    for match in TEST_NAME.finditer(body):
+        sentence = re.split(r"(?<=[.;])\s", body[match.end() :], maxsplit=1)[0]
+        sentence = sentence.split("`test_", 1)[0]
+        files = TEST_FILE.findall(sentence)
+        if not files and page in DEFAULT_TEST_FILE:
+            files = [DEFAULT_TEST_FILE[page]]
+        out.append((match.group(1), files or sorted(defined)))
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_test_a_page_names_is_in_the_file_it_names(page):
+    defined = defined_tests()
+    wrong = [
+        (name, files)
+        for name, files in named_tests(page, defined)
+        if not any(name in defined.get(f, ()) for f in files)
+    ]
+    assert not wrong, f"{page} names tests that are not where it says: {wrong}"
+
+
+def test_the_test_names_check_would_catch_a_test_under_the_wrong_file():
+    defined = defined_tests()
+    assert "test_resume_with_other_settings_is_refused" in defined["test_training.py"]
+    assert "test_resume_with_other_settings_is_refused" not in defined["test_guards.py"]
+
+
+LAYOUT_PACKAGES = ("ard", "experiments", "benchmarks")
+
+
+@pytest.mark.parametrize("package", LAYOUT_PACKAGES)
+def test_the_design_page_lists_every_module_of_each_package(package):
+    row = next(
+        line for line in text("docs/design.md").splitlines() if line.startswith(f"| `{package}/`")
+    )
+    modules = [
+        name[:-3]
+        for name in os.listdir(os.path.join(ROOT, package))
+        if name.endswith(".py") and name != "__init__.py"
+    ]
+    missing = [m for m in modules if f"`{m}`" not in row and f"`{m}.py`" not in row]
+    assert not missing, f"docs/design.md's layout does not name {package}/ modules {missing}"
