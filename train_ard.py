@@ -387,6 +387,12 @@ def main(args):
     for step, (inputs, targets, y) in enumerate(loader, start=run.start_step):
         torch.manual_seed(step_seed(args.global_seed, step, rank))  # every random draw of the step
         inputs, targets, y = inputs.to(device), targets.to(device), y.to(device)
+        if args.history_noise:
+            # The history the student will see when it samples is its own, not the teacher's:
+            history = inputs[:, 1:]
+            inputs = torch.cat(
+                [inputs[:, :1], history + args.history_noise * torch.randn_like(history)], 1
+            )
         with dist_util.autocast(device, args.precision):
             pred = ddp(inputs, y)  # (B, K, C, H, W): step k predicts the target of step k
             step_mse = (pred.float() - targets).square().mean(dim=(0, 2, 3, 4))  # (K,)
@@ -507,6 +513,15 @@ def build_parser():
         choices=BOUNDARY_SCHEDULES,
         default="t",
         help="default boundaries evenly spaced in the timestep ('t') or in log-SNR ('logsnr')",
+    )
+    defining.add_argument(
+        "--history-noise",
+        type=non_negative_float,
+        default=0.0,
+        metavar="STD",
+        help="Gaussian noise of this std (in the data's units) added to the teacher-forced inputs "
+        "of steps 2..K while training, so the student does not lean on a history exactly the "
+        "teacher's; the noise input and every target stay clean (beyond the paper; 0: off)",
     )
     TrainingRun.add_arguments(parser, "ARD-MODEL-NN")
     defining.add_argument(

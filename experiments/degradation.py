@@ -24,30 +24,60 @@ from evaluator.__main__ import load_batch
 from evaluator.feature_net import NETS, features, load_feature_net
 from evaluator.metrics import feature_statistics, frechet_distance
 
+REFERENCES = ("real", "teacher")  # FID against the real images, and against the teacher's samples
+
+
+def paired_fids(real, teacher, floor, students, resamples, seed=0):
+    """FIDs of the teacher and of each student ({name: features}) against the real images and
+    against the teacher's samples (the teacher's own figure there: its floor), at the samples
+    themselves and at each of `resamples` paired resamples: (point, draws), each
+    {reference: {model: FID}} (draws: a list of them)."""
+    stats = {"real": feature_statistics(real), "teacher": feature_statistics(teacher)}
+    models = {"real": dict(teacher=teacher, **students), "teacher": dict(teacher=floor, **students)}
+
+    def fids(idx):
+        return {
+            ref: {
+                name: frechet_distance(*feature_statistics(feats[idx]), *stats[ref])
+                for name, feats in models[ref].items()
+            }
+            for ref in REFERENCES
+        }
+
+    count = len(teacher)
+    rng = np.random.default_rng(seed)
+    draws = [fids(rng.integers(0, count, count)) for _ in range(resamples)]
+    return fids(np.arange(count)), draws
+
+
+def ratio(fid, baseline="n0", model="ard"):
+    """(FID_baseline - FID_teacher) / (FID_model - FID_teacher) of one {model: FID}."""
+    return (fid[baseline] - fid["teacher"]) / (fid[model] - fid["teacher"])
+
+
+def paired_comparison(point, draws, baseline, model):
+    """{reference: ratio, its 95% percentile interval, FID_baseline - FID_model and its interval}
+    of one seed, from paired_fids."""
+    out = {}
+    for ref in REFERENCES:
+        ratios = [ratio(d[ref], baseline, model) for d in draws]
+        differences = [d[ref][baseline] - d[ref][model] for d in draws]
+        out[ref] = dict(
+            ratio=ratio(point[ref], baseline, model),
+            ratio_ci95=[float(v) for v in np.percentile(ratios, [2.5, 97.5])],
+            difference=point[ref][baseline] - point[ref][model],
+            difference_ci95=[float(v) for v in np.percentile(differences, [2.5, 97.5])],
+        )
+    return out
+
 
 def paired_ratios(real, teacher, floor, n0, ard, resamples, seed=0):
     """The point estimate and each resample's: (ratio against the real images, against the
     teacher's samples)."""
-    real_stats, teacher_stats = feature_statistics(real), feature_statistics(teacher)
-
-    def ratios(idx):
-        fid_real = {
-            model: frechet_distance(*feature_statistics(feats[idx]), *real_stats)
-            for model, feats in (("teacher", teacher), ("n0", n0), ("ard", ard))
-        }
-        fid_teacher = {
-            model: frechet_distance(*feature_statistics(feats[idx]), *teacher_stats)
-            for model, feats in (("teacher", floor), ("n0", n0), ("ard", ard))
-        }
-        return [
-            (fid["n0"] - fid["teacher"]) / (fid["ard"] - fid["teacher"])
-            for fid in (fid_real, fid_teacher)
-        ]
-
-    count = len(n0)
-    rng = np.random.default_rng(seed)
-    draws = np.array([ratios(rng.integers(0, count, count)) for _ in range(resamples)])
-    return ratios(np.arange(count)), draws
+    point, draws = paired_fids(real, teacher, floor, dict(n0=n0, ard=ard), resamples, seed)
+    return [ratio(point[ref]) for ref in REFERENCES], np.array(
+        [[ratio(d[ref]) for ref in REFERENCES] for d in draws]
+    )
 
 
 def parse_args(argv=None):

@@ -69,6 +69,7 @@ class Row:
     target: str | None = None  # a student's: "state" or "x0"
     # A student's: "plain", "gan" (after the GAN stage) or "short" (its headroom checkpoint).
     variant: str = "plain"
+    history_noise: float = 0.0  # a student's train_ard.py --history-noise
 
     @property
     def is_teacher(self):
@@ -100,18 +101,20 @@ def student_row(
     student_steps=4,
     variant="plain",
     teacher_objective="ddpm",
+    history_noise=0.0,
 ):
     """A student's row, its checkpoint of step `at_step`. Names (and groups): k4_n3_state_s0
     (k4_n3_state), gan_k4_n3_state_s0 (k4_n3_state_gan), short_k4_n3_state_s0 (k4_n3_short),
-    flow_k4_n0_state_s1 (flow_k4_n0_state)."""
+    flow_k4_n0_state_s1 (flow_k4_n0_state), short_k4_n3_state_hn0.05_s0 (k4_n3_short_hn0.05)."""
     model = ("flow_" if teacher_objective == "flow" else "") + f"k{student_steps}_n{history_layers}"
-    plain = f"{model}_{target}_s{seed}"
+    noise = f"_hn{history_noise:g}" if history_noise else ""
+    plain = f"{model}_{target}{noise}_s{seed}"
     if variant == "plain":
-        name, group = plain, f"{model}_{target}"
+        name, group = plain, f"{model}_{target}{noise}"
     elif variant == "gan":
-        name, group = f"gan_{plain}", f"{model}_{target}_gan"
+        name, group = f"gan_{plain}", f"{model}_{target}{noise}_gan"
     else:  # short: the plain student's run, read at an earlier checkpoint
-        name, group = f"short_{plain}", f"{model}_short"
+        name, group = f"short_{plain}", f"{model}_short{noise}"
     run = name if variant == "gan" else plain
     return Row(
         name=name,
@@ -124,6 +127,7 @@ def student_row(
         history_layers=history_layers,
         target=target,
         variant=variant,
+        history_noise=history_noise,
     )
 
 
@@ -257,6 +261,7 @@ def student_stage(
     steps=None,
     after="trajectories",
     teacher_objective="ddpm",
+    history_noise=0.0,
 ):
     """A student distilled from a store by train_ard.py; returns its row (its last checkpoint)."""
     steps = steps or budget["distil_steps"]
@@ -268,6 +273,7 @@ def student_stage(
         target=target,
         student_steps=student_steps,
         teacher_objective=teacher_objective,
+        history_noise=history_noise,
     )
     runner.add(
         row.stage,
@@ -309,6 +315,7 @@ def student_stage(
             runner.path("students", row.name),
             "--resume",
             "auto",
+            *(["--history-noise", str(history_noise)] if history_noise else []),
         ],
         after=[after],
         estimate=estimates["student"] * student_steps / 4 * steps / budget["distil_steps"],
@@ -475,7 +482,8 @@ def history_probe(runner, setting, budget, estimates, rows, traj, variant="plain
         for row in rows
         if not row.is_teacher
         and row.teacher_objective == "ddpm"
-        and (row.steps, row.target, row.variant, row.seed) == (4, "state", variant, 0)
+        and (row.steps, row.target, row.variant, row.seed, row.history_noise)
+        == (4, "state", variant, 0, 0.0)
         and row.history_layers in (0, setting.history_layers)
     ]
     figure = figure_path(runner, f"{setting.data}_history_probe{suffix}.png")
@@ -528,6 +536,54 @@ def measure_costs(runner, setting, budget, rows):
     return costs
 
 
+def history_rows(setting, rows):
+    """The headroom-setting students that differ from the main pair in their depth of history or in
+    noise on it (experiments.digits --history); [] for the other modes."""
+    return [
+        row
+        for row in rows
+        if not row.is_teacher
+        and row.variant == "short"
+        and row.teacher_objective == "ddpm"
+        and (row.history_layers not in (0, setting.history_layers) or row.history_noise)
+    ]
+
+
+def paired_history(runner, setting, rows, resamples):
+    """Each headroom-setting student of another depth or noise (and ARD's own) against step
+    distillation of its seed, from one paired bootstrap over the seed's samples:
+    {row name: degradation.paired_comparison}."""
+    from evaluator.__main__ import load_batch
+    from evaluator.feature_net import features, load_feature_net
+    from experiments.degradation import paired_comparison, paired_fids
+
+    if not history_rows(setting, rows):
+        return {}
+    short = [
+        row
+        for row in rows
+        if not row.is_teacher and row.variant == "short" and row.teacher_objective == "ddpm"
+    ]
+    net, _ = load_feature_net(runner.path(f"{setting.net}.pt"))
+
+    def feats(path):
+        return features(net, load_batch(path)["arr_0"])[0]
+
+    real = feats(runner.path("ref_test.npz"))
+    teacher = feats(runner.path("samples", f"{TEACHER_REFERENCE['ddpm']}.npz"))
+    floor = feats(runner.path("samples", f"{TEACHER_REFERENCE['ddpm']}_s1.npz"))
+    out = {}
+    for seed in sorted({row.seed for row in short}):
+        of_seed = [row for row in short if row.seed == seed]
+        baseline = next(r for r in of_seed if r.history_layers == 0 and not r.history_noise)
+        students = {r.name: feats(runner.path("samples", f"{r.name}.npz")) for r in of_seed}
+        point, draws = paired_fids(real, teacher, floor, students, resamples, seed)
+        for row in of_seed:
+            if row is not baseline:
+                out[row.name] = paired_comparison(point, draws, baseline.name, row.name)
+    return out
+
+
 def make_runner(args, default_run_dir):
     """The stage runner of an experiment's command line, after checking where it writes."""
     if args.assets_dir:
@@ -563,6 +619,7 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
         report.step_mse(rows),
         mode,
         args.quick,
+        paired_history(runner, setting, rows, budget.get("paired_resamples", budget["bootstrap"])),
     )
     with open(runner.path("results.md"), "w") as f:
         f.write(table["markdown"])

@@ -51,15 +51,17 @@ def comparisons(budget):
     ]
 
 
-def seeds_of(rows, history_layers, teacher_objective="ddpm", target="state", variant="plain"):
+def seeds_of(
+    rows, history_layers, teacher_objective="ddpm", target="state", variant="plain", noise=0.0
+):
     """The names of the rows of one 4-step student, its seeds in the order they were declared."""
     return [
         row.name
         for row in rows
         if not row.is_teacher
         and row.steps == 4
-        and (row.history_layers, row.teacher_objective, row.target, row.variant)
-        == (history_layers, teacher_objective, target, variant)
+        and (row.history_layers, row.teacher_objective, row.target, row.variant, row.history_noise)
+        == (history_layers, teacher_objective, target, variant, noise)
     ]
 
 
@@ -98,6 +100,8 @@ def row_label(setting, row, budget):
         label += f", after {budget['headroom_steps']} steps (headroom)"
     if row.variant == "gan":
         label += " + GAN fine-tuning"
+    if row.history_noise:
+        label += f", history noise {row.history_noise:g}"
     return label
 
 
@@ -134,24 +138,28 @@ def interval(values):
     return text
 
 
+def validation_record(row):
+    """The validation a student's run logged at the step of the row's checkpoint (its held-out
+    per-step MSE, val_ar_step_mse and val_tf_step_mse), or None."""
+    run = os.path.dirname(os.path.dirname(row.checkpoint))
+    at = int(os.path.basename(row.checkpoint).split(".")[0])
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return next(
+            (r for r in map(json.loads, f) if r.get("step") == at and "val_ar_step_mse" in r),
+            None,
+        )
+
+
 def step_mse(rows):
     """Each student group's held-out per-step MSE against the teacher's states, sampled (AR) and
     teacher-forced (TF), at the step of its checkpoint, from its run's metrics:
     {group: {sampled, teacher_forced, seeds}}."""
     records = {}
     for row in rows:
-        if row.is_teacher:
-            continue
-        run = os.path.dirname(os.path.dirname(row.checkpoint))
-        at = int(os.path.basename(row.checkpoint).split(".")[0])
-        path = os.path.join(run, "metrics.jsonl")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            record = next(
-                (r for r in map(json.loads, f) if r.get("step") == at and "val_ar_step_mse" in r),
-                None,
-            )
+        record = None if row.is_teacher else validation_record(row)
         if record is not None:
             records.setdefault(row.group, []).append(record)
     return {
@@ -166,10 +174,109 @@ def step_mse(rows):
     }
 
 
-def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
+def history_table(setting, results, rows, budget, paired):
+    """The headroom setting by depth of history and noise on it (experiments.digits --history):
+    markdown lines and their JSON. Every ratio and difference is against step distillation (N = 0,
+    no noise) of the same seed; a ratio is shown only where neither student's FID interval reaches
+    the teacher's (else there is no degradation to divide by)."""
+    short = [
+        row
+        for row in rows
+        if not row.is_teacher and row.variant == "short" and row.teacher_objective == "ddpm"
+    ]
+    teacher = {
+        "real": results[TEACHER_REFERENCE["ddpm"]],
+        "teacher": results[f"{TEACHER_REFERENCE['ddpm']}_s1"],
+    }
+    key = {"real": "fid", "teacher": "teacher_fid"}
+    baseline = {r.seed: r for r in short if r.history_layers == 0 and not r.history_noise}
+
+    def clear(row, ref):
+        # Both students' intervals above the teacher's: a degradation to divide by.
+        top = teacher[ref].get(f"{key[ref]}_ci", [0, teacher[ref][key[ref]]])[1]
+        return all(
+            results[r.name].get(f"{key[ref]}_ci", [results[r.name][key[ref]]])[0] > top
+            for r in (row, baseline[row.seed])
+        )
+
+    def final(row, which):
+        record = validation_record(row)
+        return record[f"val_{which}_step_mse"][-1] if record else float("nan")
+
+    headroom = budget["headroom_steps"]
+    lines = [
+        "",
+        f"The headroom setting ({headroom} steps) by depth of history N and noise on the history "
+        "inputs in training (mean ± std over seeds; ratio = (N=0 - teacher) / (model - teacher) "
+        "per seed against step distillation of the same seed, with its 95% t-interval over seeds; "
+        "'-' where a student's FID interval reaches the teacher's):",
+        "",
+        "| N | history noise | FID vs real | FID vs teacher | sampled final-step MSE "
+        "| teacher-forced final-step MSE | ratio vs real | ratio vs teacher | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = {}
+    for row in short:
+        groups.setdefault((row.history_noise, row.history_layers), []).append(row)
+    out = {}
+    for (noise, layers), group in sorted(groups.items()):
+        names = [row.name for row in group]
+        sampled = [final(row, "ar") for row in group]
+        forced = [final(row, "tf") for row in group]
+        cells = []
+        for ref in ("real", "teacher"):
+            if layers == 0 and not noise:
+                cells.append("1 (the baseline)")
+            elif all(row.name in paired and clear(row, ref) for row in group):
+                cells.append(interval([paired[row.name][ref]["ratio"] for row in group]))
+            else:
+                cells.append("-")
+        lines.append(
+            f"| {layers} | {noise:g} | {cell(results, names, 'fid', 2)} | "
+            f"{cell(results, names, 'teacher_fid', 2)} | "
+            f"{mean_spread(sampled)[0]:.5f} ± {mean_spread(sampled)[1]:.5f} | "
+            f"{mean_spread(forced)[0]:.5f} ± {mean_spread(forced)[1]:.5f} | "
+            f"{cells[0]} | {cells[1]} | {len(group)} |"
+        )
+        out[f"n{layers}_noise{noise:g}"] = dict(
+            history_layers=layers,
+            history_noise=noise,
+            seeds=[row.seed for row in group],
+            fid=[results[n]["fid"] for n in names],
+            teacher_fid=[results[n]["teacher_fid"] for n in names],
+            sampled_final_mse=sampled,
+            teacher_forced_final_mse=forced,
+            paired={row.seed: paired.get(row.name) for row in group},
+        )
+    lines += [
+        "",
+        "Each seed against step distillation of the same seed (95% percentile intervals of one "
+        "paired bootstrap over its samples; difference = FID of N=0 minus the model's, so "
+        "positive means the model is closer):",
+        "",
+        "| N | history noise | seed | ratio vs real | difference vs real | ratio vs teacher "
+        "| difference vs teacher |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (noise, layers), group in sorted(groups.items()):
+        for row in group:
+            if row.name not in paired:
+                continue
+            figures = []
+            for ref in ("real", "teacher"):
+                p = paired[row.name][ref]
+                lo, hi = p["ratio_ci95"]
+                figures.append(f"{p['ratio']:.2f} [{lo:.2f}, {hi:.2f}]" if clear(row, ref) else "-")
+                lo, hi = p["difference_ci95"]
+                figures.append(f"{p['difference']:.2f} [{lo:.2f}, {hi:.2f}]")
+            lines.append(f"| {layers} | {noise:g} | {row.seed} | " + " | ".join(figures) + " |")
+    return lines, out
+
+
+def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, paired=None):
     """The tables of a run (markdown, and everything in them as JSON): every row against the real
     test images and against the teacher's own samples, the degradation ratios, the held-out per-step
-    MSE."""
+    MSE, and with `paired` (pipeline.paired_history) the table by depth of history and noise."""
     groups = {}
     for row in rows:
         groups.setdefault(row.group, []).append(row)
@@ -321,6 +428,9 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick):
                     + f" | {mse[group]['seeds']} |"
                 )
         out["step_mse"] = mse
+    if paired:
+        history_lines, out["history"] = history_table(setting, results, rows, budget, paired)
+        lines += history_lines
     return {"markdown": "\n".join(lines) + "\n", "json": out}
 
 
@@ -450,6 +560,7 @@ def fid_steps_figure(setting, rows, results, path):
             if not row.is_teacher
             and (row.teacher_objective, row.history_layers, row.target, row.variant, row.seed)
             == ("ddpm", layers, "state", "plain", 0)
+            and not row.history_noise
         )
         ax.plot(*zip(*points), style, label=label)
     ax.set_xscale("log")

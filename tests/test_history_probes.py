@@ -156,3 +156,23 @@ def test_paired_bootstrap_degradation_ratio_is_one_for_the_same_student_and_hold
     assert point[0] < 1 and point[1] < 1 and draws.shape == (50, 2)
     lo, hi = np.percentile(draws[:, 1], [2.5, 97.5])
     assert lo <= point[1] <= hi
+
+
+def test_paired_comparison_gives_each_model_its_ratio_and_difference_against_the_baseline():
+    from experiments.degradation import paired_comparison, paired_fids, paired_ratios
+
+    rng = np.random.default_rng(1)
+    real, teacher, floor = (rng.normal(0.1 * i, 1, (300, 6)) for i in range(3))
+    n0, worse = rng.normal(0.5, 1.2, (300, 6)), rng.normal(0.8, 1.4, (300, 6))
+    point, draws = paired_fids(real, teacher, floor, dict(n0=n0, ard=worse), resamples=30)
+    against = paired_comparison(point, draws, "n0", "ard")
+    # The same draws as the one-pair function, and the difference is the FIDs' own.
+    ratios, ratio_draws = paired_ratios(real, teacher, floor, n0, worse, resamples=30)
+    for i, ref in enumerate(("real", "teacher")):
+        assert against[ref]["ratio"] == pytest.approx(ratios[i])
+        assert against[ref]["ratio_ci95"] == pytest.approx(
+            np.percentile(ratio_draws[:, i], [2.5, 97.5])
+        )
+        assert against[ref]["difference"] == pytest.approx(point[ref]["n0"] - point[ref]["ard"])
+        # A model further from the reference than the baseline: a negative difference.
+        assert against[ref]["difference"] < 0 and against[ref]["difference_ci95"][1] < 0

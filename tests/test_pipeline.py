@@ -178,3 +178,33 @@ def test_fashion_declares_both_targets_students_gan_stages_and_the_teacher_at_2_
     evaluation = runner.stages["eval_k4_n0_x0_s0"].args
     assert evaluation[evaluation.index("--features") + 1] == "fashion"
     assert "history_probe" in runner.stages
+
+
+def test_history_mode_declares_every_depth_and_noise_level_for_three_seeds(tmp_path):
+    from experiments import digits
+    from experiments.pipeline import ROOT as root
+    from experiments.stage_runner import StageRunner
+
+    args = digits.parse_args(["--history", "--run-dir", str(tmp_path / "run")])
+    budget, estimates = digits.BUDGETS["default"], digits.ESTIMATES["default"]
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = digits.declare(runner, budget, estimates, args)
+    short = [row for row in rows if row.variant == "short"]
+    kinds = {(row.history_layers, row.history_noise) for row in short}
+    assert kinds == {(n, 0.0) for n in digits.HISTORY_DEPTHS} | {
+        (n, noise) for noise in digits.HISTORY_NOISES for n in (0, digits.HISTORY_LAYERS)
+    }
+    for kind in kinds:
+        assert sorted(r.seed for r in short if (r.history_layers, r.history_noise) == kind) == [
+            0,
+            1,
+            2,
+        ]
+    stage = runner.stages["student_k4_n3_state_hn0.05_s2"]
+    assert stage.args[stage.args.index("--history-noise") + 1] == "0.05"
+    assert stage.args[stage.args.index("--max-steps") + 1] == str(budget["headroom_steps"])
+    # The main pair's stages take no noise flag, so a run folder of the other modes is reused.
+    assert "--history-noise" not in runner.stages["student_k4_n3_state_s0"].args
+    # The probe of the headroom checkpoints reads the main pair only.
+    probe = runner.stages["history_probe_short"].args
+    assert not any("hn" in arg or "_n6_" in arg for arg in probe)

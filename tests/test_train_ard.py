@@ -310,3 +310,16 @@ def test_a_checkpoint_after_k_steps_does_not_depend_on_max_steps(teacher, store,
         load_checkpoint(str(tmp_path / "short" / "checkpoints" / "0000004.pt")),
         load_checkpoint(str(tmp_path / "long" / "checkpoints" / "0000004.pt")),
     )
+
+
+def test_history_noise_touches_the_history_inputs_only(teacher, store, tmp_path):
+    # With N = 0 step 1 sees only the noise input: its loss is the clean run's exactly when the
+    # noise input and the targets stay clean; the losses of steps 2..K, whose inputs are noised,
+    # move.
+    for name, extra in (("clean", []), ("noised", ["--history-noise", "0.5"])):
+        args = ard_args(teacher[0], store, tmp_path / name, 1, *extra)
+        args[args.index("--history-layers") + 1] = "0"
+        run_script(args)
+    clean, noised = (metrics(tmp_path / name)[0]["step_mse"] for name in ("clean", "noised"))
+    assert noised[0] == clean[0]
+    assert all(n != c for n, c in zip(noised[1:], clean[1:]))
