@@ -176,3 +176,18 @@ def test_paired_comparison_gives_each_model_its_ratio_and_difference_against_the
         assert against[ref]["difference"] == pytest.approx(point[ref]["n0"] - point[ref]["ard"])
         # A model further from the reference than the baseline: a negative difference.
         assert against[ref]["difference"] < 0 and against[ref]["difference_ci95"][1] < 0
+
+
+def test_a_ratio_has_a_degradation_to_divide_by_only_when_every_student_and_its_interval_is_above():
+    from experiments.report import clearly_worse
+
+    results = dict(
+        far=dict(fid=14.0, fid_ci=[12.5, 15.5]),
+        touching=dict(fid=13.0, fid_ci=[11.0, 15.0]),  # the interval reaches the teacher's 11.05
+        point_only=dict(fid=12.0),
+        better=dict(fid=10.0),
+    )
+    assert clearly_worse(results, ["far"], "fid", 11.05)
+    assert clearly_worse(results, ["far", "point_only"], "fid", 11.05)
+    assert not clearly_worse(results, ["far", "touching"], "fid", 11.05)
+    assert not clearly_worse(results, ["better"], "fid", 11.05)
