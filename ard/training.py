@@ -440,7 +440,7 @@ class TrainingRun:
         (0-based; the loss, the gradient norm, ...) is infinite or NaN on any rank; call it before
         opt.step(), so that no weight turns bad. Its one reduction also carries whether a stop
         signal reached this rank, which end_step acts on: one synchronisation per step."""
-        finite = all(math.isfinite(float(v)) for v in values)
+        finite = all(math.isfinite(float(torch.as_tensor(v).detach())) for v in values)
         signalled = self.stop.requested is not None
         finite_all, stop_any = dist_util.all_reduce_mean(
             [float(finite), float(signalled)], self.device

@@ -298,3 +298,14 @@ def test_an_explicit_device_index_is_kept(monkeypatch):
     assert dist_util.setup("fp32", "cuda") == torch.device("cuda", 3)
     assert chosen == [torch.device("cuda", 1), torch.device("cuda", 3)]
     assert _on_device(torch.device("cuda", 1)).idx == 1  # a capture runs on its inputs' device
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(has_bf16, monkeypatch, capsys):
+    from ard import dist_util
+
+    monkeypatch.setattr(dist_util, "cpu_has_bf16", lambda: has_bf16)
+    dist_util.setup("bf16", "cpu")
+    dist_util.setup("fp32", "cpu")
+    warned = capsys.readouterr().err.count("WARNING: --precision bf16 on a CPU")
+    assert warned == (0 if has_bf16 else 1)
