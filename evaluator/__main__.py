@@ -57,10 +57,10 @@ def load_batch(path):
     return batch
 
 
-def evaluate_inception(ref, sample, weights=None, device="cpu"):
+def evaluate_inception(ref, sample, weights=None, device="cpu", verify=True):
     from evaluator.inception import InceptionFeatures
 
-    net = InceptionFeatures(weights, device)
+    net = InceptionFeatures(weights, device, verify=verify)
     fake = net(sample["arr_0"])
     real = net(ref["arr_0"]) if "arr_0" in ref else None
     mu, sigma = (ref["mu"], ref["sigma"]) if "mu" in ref else feature_statistics(real["pool"])
@@ -137,6 +137,12 @@ def parse_args(argv=None):
         help="path to weights-inception-2015-12-05-6726825d.pth",
     )
     parser.add_argument(
+        "--skip-weights-checksum",
+        action="store_true",
+        help="do not check the Inception weights' sha256: only for rehearsals with random weights "
+        "(python -m benchmarks.imagenet_rehearsal); figures made with it mean nothing",
+    )
+    parser.add_argument(
         "--feature-net",
         default=None,
         help="with --features digits or fashion: the feature network, made by "
@@ -188,7 +194,14 @@ def main(args):
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        results = evaluate_inception(ref, sample, args.inception_weights, device)
+        if args.skip_weights_checksum:
+            print(
+                "WARNING: --skip-weights-checksum: the Inception weights were not checked to be "
+                "ADM's; these figures mean nothing"
+            )
+        results = evaluate_inception(
+            ref, sample, args.inception_weights, device, verify=not args.skip_weights_checksum
+        )
     for key, name in NAMES:
         if key in results:
             interval = (
@@ -205,6 +218,7 @@ def main(args):
                 ref=args.ref_batch,
                 sample=args.sample_batch,
                 features=args.features,
+                weights_checksum_skipped=args.skip_weights_checksum,
                 num_samples=int(len(sample["arr_0"])),
             ),
         )

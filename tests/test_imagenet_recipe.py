@@ -4,8 +4,6 @@ boundaries included (resolved from the store its writer command makes), are chec
 changed default or a drifting command fails."""
 
 import os
-import re
-import shlex
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +15,7 @@ import train_teacher_traj
 from ard.checkpoints import peek_config
 from ard.generation import teacher_flow, teacher_process
 from ard.trajectory_store import resolve_boundaries
+from benchmarks.imagenet_rehearsal import bash_commands
 from diffusion.ode import solver_grid
 
 SCRIPTS = {
@@ -67,13 +66,10 @@ def shown_commands():
     one of SCRIPTS on an official XL/2 teacher or its students."""
     found = []
     for page in ("README.md", os.path.join("docs", "imagenet.md")):
-        text = open(os.path.join(ROOT, page)).read()
-        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                words = shlex.split(line.split(" #", 1)[0]) if not line.startswith("#") else []
-                script = next((w for w in words if w in SCRIPTS), None)
-                if script is not None:
-                    found.append((page, script, words[words.index(script) + 1 :]))
+        for words in bash_commands(open(os.path.join(ROOT, page)).read()):
+            script = next((w for w in words if w in SCRIPTS), None)
+            if script is not None:
+                found.append((page, script, words[words.index(script) + 1 :]))
     return found
 
 
