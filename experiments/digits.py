@@ -14,7 +14,7 @@
     python -m experiments.digits --headroom      # the default plus N = 0 and ARD after 400 steps,
                                                  # 3 seeds (about 4 min more)
     python -m experiments.digits --history       # the headroom setting plus N = 1, 2, 6 and history
-                                                 # trained with noise, 3 seeds (about 40 min more)
+                                                 # trained with noise, 3 seeds (about 30 min more)
     python -m experiments.digits --flow          # the default plus a flow-matching teacher and its
                                                  # students, 3 seeds (about 15 min more)
     python -m experiments.digits --full          # 3 seeds, both targets, GAN, headroom, 2-5 step
