@@ -56,17 +56,24 @@ def ratio(fid, baseline="n0", model="ard"):
 
 
 def paired_comparison(point, draws, baseline, model):
-    """{reference: ratio, its 95% percentile interval, FID_baseline - FID_model and its interval}
-    of one seed, from paired_fids."""
+    """{reference: ratio, its 95% percentile interval, FID_baseline - FID_model and its interval,
+    and whether both students are clearly worse than the teacher (the 95% interval of each one's
+    FID_student - FID_teacher above zero: else the ratio has no degradation to divide by)} of one
+    seed, from paired_fids."""
     out = {}
     for ref in REFERENCES:
         ratios = [ratio(d[ref], baseline, model) for d in draws]
         differences = [d[ref][baseline] - d[ref][model] for d in draws]
+        lowest_excess = min(
+            np.percentile([d[ref][name] - d[ref]["teacher"] for d in draws], 2.5)
+            for name in (baseline, model)
+        )
         out[ref] = dict(
             ratio=ratio(point[ref], baseline, model),
             ratio_ci95=[float(v) for v in np.percentile(ratios, [2.5, 97.5])],
             difference=point[ref][baseline] - point[ref][model],
             difference_ci95=[float(v) for v in np.percentile(differences, [2.5, 97.5])],
+            clearly_worse_than_teacher=bool(lowest_excess > 0),
         )
     return out
 

@@ -184,22 +184,16 @@ def history_table(setting, results, rows, budget, paired):
     """The headroom setting by depth of history and noise on it (experiments.digits --history):
     markdown lines and their JSON. Every ratio and difference is against step distillation (N = 0,
     no noise) of the same seed; a ratio is shown only where both students are clearly worse than the
-    teacher (report.clearly_worse; else there is no degradation to divide by)."""
+    teacher by the paired bootstrap (else there is no degradation to divide by)."""
     short = [
         row
         for row in rows
         if not row.is_teacher and row.variant == "short" and row.teacher_objective == "ddpm"
     ]
-    teacher = {
-        "real": results[TEACHER_REFERENCE["ddpm"]],
-        "teacher": results[f"{TEACHER_REFERENCE['ddpm']}_s1"],
-    }
-    key = {"real": "fid", "teacher": "teacher_fid"}
-    baseline = {r.seed: r for r in short if r.history_layers == 0 and not r.history_noise}
 
     def clear(row, ref):
-        names = [row.name, baseline[row.seed].name]
-        return clearly_worse(results, names, key[ref], teacher[ref][key[ref]])
+        # Both students clearly worse than the teacher, by the seed's paired bootstrap.
+        return paired[row.name][ref]["clearly_worse_than_teacher"]
 
     def final(row, which):
         record = validation_record(row)
@@ -211,7 +205,8 @@ def history_table(setting, results, rows, budget, paired):
         f"The headroom setting ({headroom} steps) by depth of history N and noise on the history "
         "inputs in training (mean ± std over seeds; ratio = (N=0 - teacher) / (model - teacher) "
         "per seed against step distillation of the same seed, with its 95% t-interval over seeds; "
-        "'-' where a student's FID, or its interval, reaches the teacher's):",
+        "'-' where, on some seed, the paired bootstrap's 95% interval of a student's FID minus "
+        "the teacher's reaches 0):",
         "",
         "| N | history noise | FID vs real | FID vs teacher | sampled final-step MSE "
         "| teacher-forced final-step MSE | ratio vs real | ratio vs teacher | seeds |",

@@ -176,6 +176,21 @@ def test_paired_comparison_gives_each_model_its_ratio_and_difference_against_the
         assert against[ref]["difference"] == pytest.approx(point[ref]["n0"] - point[ref]["ard"])
         # A model further from the reference than the baseline: a negative difference.
         assert against[ref]["difference"] < 0 and against[ref]["difference_ci95"][1] < 0
+        # Both students far from the teacher: a degradation to divide by.
+        assert against[ref]["clearly_worse_than_teacher"]
+
+
+def test_no_degradation_to_divide_by_when_a_students_paired_interval_reaches_the_teacher():
+    from experiments.degradation import paired_comparison, paired_fids
+
+    rng = np.random.default_rng(2)
+    real = rng.normal(0, 1, (300, 6))
+    teacher, floor = rng.normal(0, 1, (300, 6)), rng.normal(0, 1, (300, 6))
+    like_teacher = teacher + rng.normal(0, 0.01, (300, 6))  # the teacher's samples, barely moved
+    worse = rng.normal(0.8, 1.4, (300, 6))
+    point, draws = paired_fids(real, teacher, floor, dict(n0=worse, ard=like_teacher), 30)
+    against = paired_comparison(point, draws, "n0", "ard")
+    assert not against["real"]["clearly_worse_than_teacher"]
 
 
 def test_a_ratio_has_a_degradation_to_divide_by_only_when_every_student_and_its_interval_is_above():
