@@ -125,7 +125,8 @@ def degradation(setting, results, rows, comparison, teacher, key):
 
 def clearly_worse(results, names, key, teacher):
     """Whether every named student's figure `key`, and the lower end of its interval, is above the
-    teacher's figure: a degradation to divide by (the one rule of every ratio's table)."""
+    teacher's figure: a degradation to divide by. The rule where only each row's own interval is
+    known; where a seed's paired bootstrap ran, degradation.paired_comparison's is sharper."""
     return all(
         min(results[name][key], results[name].get(f"{key}_ci", [results[name][key]])[0]) > teacher
         for name in names
