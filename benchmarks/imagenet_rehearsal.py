@@ -241,13 +241,19 @@ def map_path(kind, value, plan):
     return os.path.join(plan.out, value.lstrip("/")) if os.path.isabs(value) else value
 
 
-def rehearsed_command(stage, launcher, positionals, flags, plan):
-    """(argv after the program, changes) of one stage."""
+def rehearsed_command(stage, processes, positionals, flags, plan):
+    """(argv after the program, changes) of one stage; `processes` is the page's torchrun process
+    count (None for a plain python command)."""
     where = f"{RECIPE_PAGE}, the {stage['name']} command"
     argv, changes = list(positionals), []
-    if launcher == "torchrun":
+    if processes is not None:
         changes.append(
-            dict(kind="process count", flag="torchrun --nproc_per_node", recipe=None, rehearsal=1)
+            dict(
+                kind="process count",
+                flag="torchrun --nproc_per_node",
+                recipe=processes,
+                rehearsal=1,
+            )
         )
     for flag, values in flags:
         shown = " ".join(values) or None
@@ -287,6 +293,8 @@ def plan_stages(commands, plan):
     found, skipped = {}, []
     for words in commands:
         launcher, name, args = program(words)
+        # program() has checked that a torchrun launch is `torchrun --nproc_per_node=N script`
+        processes = words[1].partition("=")[2] if launcher == "torchrun" else None
         positionals, flags = split_flags(args)
         key = (name, any(flag == "--gan" for flag, _ in flags))
         if key in NOT_REHEARSED:
@@ -303,7 +311,7 @@ def plan_stages(commands, plan):
         found[stage["name"]] = (
             stage,
             name,
-            *rehearsed_command(stage, launcher, positionals, flags, plan),
+            *rehearsed_command(stage, processes, positionals, flags, plan),
             args,
         )
     missing = [s["name"] for s in STAGES if s["name"] not in found]
@@ -684,8 +692,8 @@ def main(args):
     from ard.checkpoints import PRETRAINED, PRETRAINED_DIR
     from evaluator.inception import WEIGHTS_NAME
 
-    if os.path.exists(args.out) and os.listdir(args.out):
-        raise UserError(f"--out {args.out} is not empty: give a new folder")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise UserError(f"--out {args.out} is not an empty folder: give a new folder")
     plan = Plan(args.out, args.depth, args.trajectories, args.samples)
     stages, skipped = plan_stages(recipe_commands(), plan)
     recipe = recipe_settings(stages)
@@ -718,7 +726,7 @@ def main(args):
     print(f"Rehearsing {RECIPE_PAGE}'s recipe in {plan.out} ({machine})")
     for note in report["notes"]:
         print(f"  {note}")
-    print("Flags changed from the page's commands (counts, intervals and paths only):")
+    print("Flags changed from the page's commands:")
     for change in changes:
         print(f"  {change_line(change)}")
 
