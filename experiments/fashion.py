@@ -11,6 +11,10 @@ end, as the project's own scripts run it: does what the digits showed (4 tokens 
     python -m experiments.fashion             # one seed of each student (about 2.3 hours on
                                               # 2 CPU cores)
     python -m experiments.fashion --seeds 3   # three (for a GPU)
+    python -m experiments.fashion --history   # the default plus the state students of seeds 1
+                                              # and 2, seed 0's trained on to 3,000 steps, and
+                                              # students trained with noise on their history
+                                              # (about 4 hours on 2 CPU cores in all)
     python -m experiments.fashion --quick     # every stage with tiny budgets (a smoke test)
 
 It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS:
@@ -25,13 +29,14 @@ import argparse
 from ard import cli
 from ard.cli import positive_int
 from experiments import pipeline, report
-from experiments.pipeline import Setting, teacher_row
+from experiments.pipeline import Setting, student_row, teacher_row
 
 BUDGETS = {
     "quick": dict(
         teacher_steps=20,
         trajectories=64,
         distil_steps=6,
+        long_steps=18,
         samples=64,
         gan_steps=4,
         gan_warmup=2,
@@ -48,6 +53,7 @@ BUDGETS = {
         teacher_steps=6000,
         trajectories=5000,
         distil_steps=1000,
+        long_steps=3000,
         samples=2000,
         gan_steps=100,
         gan_warmup=30,
@@ -77,6 +83,12 @@ FASHION = Setting(
     net="fashion_net",
 )
 TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at these step counts
+# --history: the state students of three seeds; seed 0's trained on to long_steps (the budget
+# curve: a constant learning rate makes its distil_steps checkpoint the plain student's); and N = 0
+# and ARD trained with Gaussian noise of these stds on their history inputs (train_ard.py
+# --history-noise; the images are in [-1, 1]), seed 0.
+HISTORY_SEEDS = (0, 1, 2)
+HISTORY_NOISES = (0.05, 0.1)
 
 # Seconds per stage on the reference machine (2 cores), for the run's time estimate: the runner
 # rescales them by how fast this machine turns out to be.
@@ -112,27 +124,52 @@ def declare(runner, budget, estimates, args):
     """Every stage, declared on the runner; returns (the table's rows, {row name: its figures'
     path}, the real training images' figures' path)."""
     teacher, ref, net, traj = pipeline.prepare(runner, FASHION, budget, estimates)
+    layers = FASHION.history_layers
+
+    def declare_student(history_layers, seed, target="state", **kwargs):
+        return pipeline.student_stage(
+            runner,
+            FASHION,
+            budget,
+            estimates,
+            traj,
+            teacher,
+            history_layers,
+            seed,
+            target,
+            **kwargs,
+        )
+
     rows = []
     seeds = list(range(args.seeds))
-    for target in ("state", "x0"):
-        for seed in seeds:
-            for history_layers in (0, FASHION.history_layers):
-                rows.append(
-                    pipeline.student_stage(
-                        runner,
-                        FASHION,
-                        budget,
-                        estimates,
-                        traj,
-                        teacher,
-                        history_layers,
-                        seed,
-                        target,
-                    )
+    state_seeds = sorted(set(seeds) | set(HISTORY_SEEDS)) if args.history else seeds
+    for target, target_seeds in (("state", state_seeds), ("x0", seeds)):
+        for seed in target_seeds:
+            for history_layers in (0, layers):
+                if not (args.history and target == "state" and seed == 0):
+                    rows.append(declare_student(history_layers, seed, target))
+                    continue
+                # The budget curve: the run trained on to long_steps, saved and validated at the
+                # plain run's steps, is read at distil_steps (the plain row) and at its end.
+                declare_student(
+                    history_layers,
+                    seed,
+                    steps=budget["long_steps"],
+                    every=max(1, budget["distil_steps"] // 4),
                 )
-    # The GAN stage, from step distillation and from ARD (state target).
-    for student in [row for row in rows if row.target == "state"]:
+                for variant, at_step in (
+                    ("plain", budget["distil_steps"]),
+                    ("long", budget["long_steps"]),
+                ):
+                    rows.append(student_row(runner, history_layers, seed, at_step, variant=variant))
+    # The GAN stage, from step distillation and from ARD (state target, --seeds' students).
+    plain_state = [row for row in rows if row.target == "state" and row.variant == "plain"]
+    for student in [row for row in plain_state if row.seed in seeds]:
         rows.append(pipeline.gan_stage(runner, FASHION, budget, estimates, traj, teacher, student))
+    if args.history:
+        for noise in HISTORY_NOISES:
+            for history_layers in (0, layers):
+                rows.append(declare_student(history_layers, 0, history_noise=noise))
     teacher_steps = [2, 4, 25] if args.quick else TEACHER_STEPS
     rows += [teacher_row(teacher, "ddim", steps) for steps in teacher_steps]
     # Other noises: the teacher-fidelity floor.
@@ -187,7 +224,7 @@ def main(args):
         rows,
         figures_of,
         real,
-        f"{args.seeds} seed(s)",
+        f"{args.seeds} seed(s)" + (", history" if args.history else ""),
         draw=lambda results: figures(runner, rows, results),
     )
 
@@ -201,6 +238,14 @@ def parse_args(argv=None):
         type=positive_int,
         default=1,
         help="seeds of each student (one on 2 CPU cores; three on a GPU)",
+    )
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="also the state-target students of seeds "
+        f"{', '.join(map(str, HISTORY_SEEDS))}, seed 0's trained on to long_steps (the budget "
+        "curve), and N = 0 and ARD with noise of std "
+        f"{{{', '.join(map(str, HISTORY_NOISES))}}} on their history inputs (seed 0)",
     )
     parser.add_argument(
         "--teacher-steps",

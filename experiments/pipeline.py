@@ -67,7 +67,8 @@ class Row:
     seed: int = 0
     history_layers: int | None = None  # a student's N
     target: str | None = None  # a student's: "state" or "x0"
-    # A student's: "plain", "gan" (after the GAN stage) or "short" (its headroom checkpoint).
+    # A student's: "plain", "gan" (after the GAN stage), "short" (its headroom checkpoint) or
+    # "long" (its run trained on to long_steps: experiments.fashion --history's budget curve).
     variant: str = "plain"
     history_noise: float = 0.0  # a student's train_ard.py --history-noise
 
@@ -105,7 +106,8 @@ def student_row(
 ):
     """A student's row, its checkpoint of step `at_step`. Names (and groups): k4_n3_state_s0
     (k4_n3_state), gan_k4_n3_state_s0 (k4_n3_state_gan), short_k4_n3_state_s0 (k4_n3_short),
-    flow_k4_n0_state_s1 (flow_k4_n0_state), short_k4_n3_state_hn0.05_s0 (k4_n3_short_hn0.05)."""
+    long_k4_n3_state_s0 (k4_n3_long), flow_k4_n0_state_s1 (flow_k4_n0_state),
+    short_k4_n3_state_hn0.05_s0 (k4_n3_short_hn0.05)."""
     model = ("flow_" if teacher_objective == "flow" else "") + f"k{student_steps}_n{history_layers}"
     noise = f"_hn{history_noise:g}" if history_noise else ""
     plain = f"{model}_{target}{noise}_s{seed}"
@@ -113,8 +115,8 @@ def student_row(
         name, group = plain, f"{model}_{target}{noise}"
     elif variant == "gan":
         name, group = f"gan_{plain}", f"{model}_{target}{noise}_gan"
-    else:  # short: the plain student's run, read at an earlier checkpoint
-        name, group = f"short_{plain}", f"{model}_short{noise}"
+    else:  # short or long: the plain student's run, read at an earlier or a later checkpoint
+        name, group = f"{variant}_{plain}", f"{model}_{variant}{noise}"
     run = name if variant == "gan" else plain
     return Row(
         name=name,
@@ -262,9 +264,12 @@ def student_stage(
     after="trajectories",
     teacher_objective="ddpm",
     history_noise=0.0,
+    every=None,
 ):
-    """A student distilled from a store by train_ard.py; returns its row (its last checkpoint)."""
+    """A student distilled from a store by train_ard.py; returns its row (its last checkpoint).
+    It validates and saves every `every` steps (default: a quarter of its steps)."""
     steps = steps or budget["distil_steps"]
+    every = every or max(1, steps // 4)
     row = student_row(
         runner,
         history_layers,
@@ -301,14 +306,14 @@ def student_stage(
             "--val-count",
             str(budget["val_count"]),
             "--val-every",
-            str(max(1, steps // 4)),
+            str(every),
             "--log-every",
             str(max(1, steps // 20)),
             "--sample-every",
             "0",
             # The digits' students keep their headroom_steps checkpoint.
             "--ckpt-every",
-            str(max(1, steps // 4)),
+            str(every),
             "--global-seed",
             str(seed),
             "--run-dir",

@@ -43,6 +43,7 @@ def comparisons(budget):
         Comparison(
             "short", f"after {budget.get('headroom_steps')} steps (headroom)", variant="short"
         ),
+        Comparison("long", f"after {budget.get('long_steps', 0):,} steps", variant="long"),
         Comparison(
             "flow_state",
             f"flow teacher ({FLOW_SOLVER} {FLOW_STEPS}), state target",
@@ -98,6 +99,8 @@ def row_label(setting, row, budget):
         label += ", x0 target"
     if row.variant == "short":
         label += f", after {budget['headroom_steps']} steps (headroom)"
+    if row.variant == "long":
+        label += f", after {budget['long_steps']:,} steps"
     if row.variant == "gan":
         label += " + GAN fine-tuning"
     if row.history_noise:

@@ -208,3 +208,42 @@ def test_history_mode_declares_every_depth_and_noise_level_for_three_seeds(tmp_p
     # The probe of the headroom checkpoints reads the main pair only.
     probe = runner.stages["history_probe_short"].args
     assert not any("hn" in arg or "_n6_" in arg for arg in probe)
+
+
+def test_fashion_history_mode_reads_seed_zeros_run_at_both_budgets_and_adds_seeds_and_noise(
+    tmp_path,
+):
+    from experiments import fashion
+    from experiments.pipeline import ROOT as root
+    from experiments.stage_runner import StageRunner
+
+    args = fashion.parse_args(["--history", "--run-dir", str(tmp_path / "run")])
+    budget = fashion.BUDGETS["default"]
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = fashion.declare(runner, budget, fashion.ESTIMATES["default"], args)
+    layers = fashion.FASHION.history_layers
+    for n in (0, layers):
+        # Three seeds of the state students; the x0 target and the GAN stage keep one.
+        assert sorted(r.seed for r in rows if r.group == f"k4_n{n}_state") == [0, 1, 2]
+        assert [r.seed for r in rows if r.group == f"k4_n{n}_x0"] == [0]
+        assert [r.seed for r in rows if r.group == f"k4_n{n}_state_gan"] == [0]
+        # The budget curve: one run, read at distil_steps (the plain row) and at long_steps.
+        plain = next(r for r in rows if r.name == f"k4_n{n}_state_s0")
+        long = next(r for r in rows if r.name == f"long_k4_n{n}_state_s0")
+        assert os.path.dirname(plain.checkpoint) == os.path.dirname(long.checkpoint)
+        assert plain.checkpoint.endswith(f"{budget['distil_steps']:07d}.pt")
+        assert long.checkpoint.endswith(f"{budget['long_steps']:07d}.pt")
+        stage = runner.stages[plain.stage].args
+        assert stage[stage.index("--max-steps") + 1] == str(budget["long_steps"])
+        # It saves and validates at the plain run's steps, so the plain row has both.
+        for flag in ("--ckpt-every", "--val-every"):
+            assert budget["distil_steps"] % int(stage[stage.index(flag) + 1]) == 0
+        # Seeds 1 and 2 are plain runs, the same stages as --seeds 3's.
+        other = runner.stages[f"student_k4_n{n}_state_s1"].args
+        assert other[other.index("--max-steps") + 1] == str(budget["distil_steps"])
+        for noise in fashion.HISTORY_NOISES:
+            noised = runner.stages[f"student_k4_n{n}_state_hn{noise:g}_s0"].args
+            assert noised[noised.index("--history-noise") + 1] == str(noise)
+    # The GAN stage starts from the plain row's checkpoint, not the long run's end.
+    gan = runner.stages["student_gan_k4_n0_state_s0"].args
+    assert gan[gan.index("--init-ckpt") + 1].endswith(f"{budget['distil_steps']:07d}.pt")
