@@ -541,51 +541,51 @@ def measure_costs(runner, setting, budget, rows):
     return costs
 
 
-def history_rows(setting, rows):
-    """The headroom-setting students that differ from the main pair in their depth of history or in
-    noise on it (experiments.digits --history); [] for the other modes."""
-    return [
-        row
-        for row in rows
-        if not row.is_teacher
-        and row.variant == "short"
-        and row.teacher_objective == "ddpm"
-        and (row.history_layers not in (0, setting.history_layers) or row.history_noise)
-    ]
-
-
-def paired_history(runner, setting, rows, resamples):
-    """Each headroom-setting student of another depth or noise (and ARD's own) against step
-    distillation of its seed, from one paired bootstrap over the seed's samples:
-    {row name: degradation.paired_comparison}."""
+def paired_students(runner, setting, rows, resamples):
+    """Every 4-step student against step distillation (N = 0, no history noise) of the same teacher,
+    target, variant and seed, from one paired bootstrap over that seed's samples (the same resampled
+    indices for the teacher, the baseline and every student of the set):
+    {row name: degradation.paired_comparison}. A set without its baseline is left out."""
     from evaluator.__main__ import load_batch
     from evaluator.feature_net import features, load_feature_net
     from experiments.degradation import paired_comparison, paired_fids
 
-    if not history_rows(setting, rows):
+    sets = {}
+    for row in rows:
+        if not row.is_teacher and row.steps == 4:
+            key = (row.teacher_objective, row.target, row.variant, row.seed)
+            sets.setdefault(key, []).append(row)
+    baselines = {
+        key: next((r for r in group if r.history_layers == 0 and not r.history_noise), None)
+        for key, group in sets.items()
+    }
+    sets = {key: group for key, group in sets.items() if baselines[key] and len(group) > 1}
+    if not sets:
         return {}
-    short = [
-        row
-        for row in rows
-        if not row.is_teacher and row.variant == "short" and row.teacher_objective == "ddpm"
-    ]
     net, _ = load_feature_net(runner.path(f"{setting.net}.pt"))
+    cache = {}
 
-    def feats(path):
-        return features(net, load_batch(path)["arr_0"])[0]
+    def feats(name):
+        if name not in cache:
+            path = runner.path("ref_test.npz") if name is None else runner.path("samples", name)
+            cache[name] = features(net, load_batch(path)["arr_0"])[0]
+        return cache[name]
 
-    real = feats(runner.path("ref_test.npz"))
-    teacher = feats(runner.path("samples", f"{TEACHER_REFERENCE['ddpm']}.npz"))
-    floor = feats(runner.path("samples", f"{TEACHER_REFERENCE['ddpm']}_s1.npz"))
     out = {}
-    for seed in sorted({row.seed for row in short}):
-        of_seed = [row for row in short if row.seed == seed]
-        baseline = next(r for r in of_seed if r.history_layers == 0 and not r.history_noise)
-        students = {r.name: feats(runner.path("samples", f"{r.name}.npz")) for r in of_seed}
-        point, draws = paired_fids(real, teacher, floor, students, resamples, seed)
-        for row in of_seed:
-            if row is not baseline:
-                out[row.name] = paired_comparison(point, draws, baseline.name, row.name)
+    for key, group in sorted(sets.items()):
+        own = TEACHER_REFERENCE[key[0]]
+        students = {row.name: feats(f"{row.name}.npz") for row in group}
+        point, draws = paired_fids(
+            feats(None),
+            feats(f"{own}.npz"),
+            feats(f"{own}_s1.npz"),
+            students,
+            resamples,
+            seed=key[3],
+        )
+        for row in group:
+            if row is not baselines[key]:
+                out[row.name] = paired_comparison(point, draws, baselines[key].name, row.name)
     return out
 
 
@@ -624,7 +624,7 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
         report.step_mse(rows),
         mode,
         args.quick,
-        paired_history(runner, setting, rows, budget.get("paired_resamples", budget["bootstrap"])),
+        paired_students(runner, setting, rows, budget.get("paired_resamples", budget["bootstrap"])),
     )
     with open(runner.path("results.md"), "w") as f:
         f.write(table["markdown"])

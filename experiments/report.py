@@ -136,6 +136,18 @@ def clearly_worse(results, names, key, teacher):
     )
 
 
+def paired_text(seed, comparison):
+    """One seed's paired comparison (degradation.paired_comparison, one reference) in words: 'seed
+    0: N=0 - ARD +0.52 [+0.10, +0.95], ratio 1.30 [1.05, 1.61]'; no ratio where a student's
+    interval reaches the teacher."""
+    lo, hi = comparison["difference_ci95"]
+    text = f"seed {seed}: N=0 - ARD {comparison['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    if not comparison["clearly_worse_than_teacher"]:
+        return text + ", no ratio"
+    lo, hi = comparison["ratio_ci95"]
+    return text + f", ratio {comparison['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def interval(values):
     """'mean ± std, 95% t-interval [lo, hi]' over seeds (the interval with 2 or more values)."""
     from scipy.stats import t
@@ -184,16 +196,31 @@ def step_mse(rows):
     }
 
 
-def history_table(setting, results, rows, budget, paired):
-    """The headroom setting by depth of history and noise on it (experiments.digits --history):
-    markdown lines and their JSON. Every ratio and difference is against step distillation (N = 0,
-    no noise) of the same seed; a ratio is shown only where both students are clearly worse than the
-    teacher by the paired bootstrap (else there is no degradation to divide by)."""
-    short = [
+def history_students(setting, rows, variant):
+    """The 4-step state students of DiT's teacher in `variant` (short: the headroom checkpoints;
+    plain), if some differ from the main pair in their depth of history or in noise on it (the
+    --history modes); else []."""
+    students = [
         row
         for row in rows
-        if not row.is_teacher and row.variant == "short" and row.teacher_objective == "ddpm"
+        if not row.is_teacher
+        and (row.teacher_objective, row.target, row.variant, row.steps)
+        == ("ddpm", "state", variant, 4)
     ]
+    others = [
+        row
+        for row in students
+        if row.history_layers not in (0, setting.history_layers) or row.history_noise
+    ]
+    return students if others else []
+
+
+def history_table(setting, results, rows, budget, paired, variant="short"):
+    """The students of `variant` by depth of history and noise on it (the --history modes): markdown
+    lines and their JSON. Every ratio and difference is against step distillation (N = 0, no
+    noise) of the same seed; a ratio is shown only where both students are clearly worse than the
+    teacher by the paired bootstrap (else there is no degradation to divide by)."""
+    short = history_students(setting, rows, variant)
 
     def clear(row, ref):
         # Both students clearly worse than the teacher, by the seed's paired bootstrap.
@@ -203,10 +230,13 @@ def history_table(setting, results, rows, budget, paired):
         record = validation_record(row)
         return record[f"val_{which}_step_mse"][-1] if record else float("nan")
 
-    headroom = budget["headroom_steps"]
+    if variant == "short":
+        what = f"The headroom setting ({budget['headroom_steps']} steps)"
+    else:
+        what = f"The {budget['distil_steps']:,}-step students"
     lines = [
         "",
-        f"The headroom setting ({headroom} steps) by depth of history N and noise on the history "
+        f"{what} by depth of history N and noise on the history "
         "inputs in training (mean ± std over seeds; ratio = (N=0 - teacher) / (model - teacher) "
         "per seed against step distillation of the same seed, with its 95% t-interval over seeds; "
         "'-' where, on some seed, the paired bootstrap's 95% interval of a student's FID minus "
@@ -277,7 +307,8 @@ def history_table(setting, results, rows, budget, paired):
 def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, paired=None):
     """The tables of a run (markdown, and everything in them as JSON): every row against the real
     test images and against the teacher's own samples, the degradation ratios, the held-out per-step
-    MSE, and with `paired` (pipeline.paired_history) the table by depth of history and noise."""
+    MSE; with `paired` (pipeline.paired_students) each ratio's per-seed paired comparison, and the
+    tables by depth of history and noise."""
     groups = {}
     for row in rows:
         groups.setdefault(row.group, []).append(row)
@@ -359,6 +390,7 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
     lines += fidelity
     out["real_train"] = real
     out["teacher_fid"] = results[TEACHER_REFERENCE["ddpm"]]["fid"]
+    seed_of = {row.name: row.seed for row in rows}
     # Each teacher's floor against its own samples: its samples of other noises.
     floors = {row.teacher_objective: row.name for row in rows if row.is_teacher and row.seed == 1}
     for comparison in comparisons(budget):
@@ -375,22 +407,47 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
             ratios, no_gap = degradation(setting, results, rows, comparison, teacher, key)
             if not ratios:
                 continue
+            ard = seeds_of(
+                rows,
+                setting.history_layers,
+                comparison.teacher_objective,
+                comparison.target,
+                comparison.variant,
+            )
+            ref = "real" if key == "fid" else "teacher"
+            pairs = {name: paired[name][ref] for name in ard if name in (paired or {})}
+            if len(pairs) == len(ard):
+                # Each seed's paired bootstrap: the sharper rule of whether there is a degradation.
+                no_gap = not all(p["clearly_worse_than_teacher"] for p in pairs.values())
             mean, std = mean_spread(ratios)
-            lines += [
-                "",
+            head = (
                 f"Degradation ratio (N=0 - teacher) / (ARD - teacher), {what}, {comparison.text}: "
-                f"{interval(ratios)} over {len(ratios)} seed(s), values "
-                f"{[round(ratio, 2) for ratio in ratios]} (the paper: 5.1)",
-            ]
+            )
             if no_gap:
+                lines += [
+                    "",
+                    head + f"none: some student's FID, or the 95% interval of it minus the "
+                    f"teacher's, reaches the teacher's {teacher:.2f}; there is no degradation to "
+                    "divide by",
+                ]
+            else:
+                lines += [
+                    "",
+                    head + f"{interval(ratios)} over {len(ratios)} seed(s), values "
+                    f"{[round(ratio, 2) for ratio in ratios]} (the paper: 5.1)",
+                ]
+            if pairs:
                 lines.append(
-                    f"(some students reach the teacher's {teacher:.2f}, or their interval does: "
-                    "there is no clear degradation to compare, and the ratio says nothing)"
+                    "Each seed's paired bootstrap (95% percentile intervals; N=0 - ARD: FID of "
+                    "step distillation minus ARD's, positive where ARD is closer): "
+                    + "; ".join(paired_text(seed_of[name], p) for name, p in pairs.items())
                 )
             out[f"degradation_{key}_{comparison.key}"] = {
                 "mean": mean,
                 "std": std,
                 "values": ratios,
+                "defined": not no_gap,
+                "paired": pairs,
             }
     if FLOW_TEACHER in results:
         teacher_fid = results[FLOW_TEACHER]["fid"]
@@ -429,9 +486,12 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
                     + f" | {mse[group]['seeds']} |"
                 )
         out["step_mse"] = mse
-    if paired:
-        history_lines, out["history"] = history_table(setting, results, rows, budget, paired)
-        lines += history_lines
+    for variant, name in (("short", "history"), ("plain", "history_plain")):
+        if paired and history_students(setting, rows, variant):
+            history_lines, out[name] = history_table(
+                setting, results, rows, budget, paired, variant
+            )
+            lines += history_lines
     return {"markdown": "\n".join(lines) + "\n", "json": out}
 
 

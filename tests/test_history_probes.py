@@ -206,3 +206,79 @@ def test_a_ratio_has_a_degradation_to_divide_by_only_when_every_student_and_its_
     assert clearly_worse(results, ["far", "point_only"], "fid", 11.05)
     assert not clearly_worse(results, ["far", "touching"], "fid", 11.05)
     assert not clearly_worse(results, ["better"], "fid", 11.05)
+
+
+def _two_seeds_of_both_students(fids, teacher_fid=10.0):
+    """A table's inputs with the teacher and step distillation and ARD of seeds 0 and 1, each
+    student's FID `fids[(N, seed)]` (FID against the teacher: the same, the floor 1.0)."""
+    from experiments import fashion
+    from experiments.pipeline import Row
+
+    setting = fashion.FASHION
+    rows = [Row("teacher_ddim25", "teacher_ddim25", 25, "t.pt", "teacher", sampler="ddim")]
+    rows.append(
+        Row("teacher_ddim25_s1", "teacher_ddim25_s1", 25, "t.pt", "teacher", "ddpm", "ddim", 1)
+    )
+    results = {
+        "teacher_ddim25": dict(fid=teacher_fid, teacher_fid=0.0),
+        "teacher_ddim25_s1": dict(fid=teacher_fid, teacher_fid=1.0),
+    }
+    for (n, seed), fid in fids.items():
+        name = f"k4_n{n}_state_s{seed}"
+        rows.append(
+            Row(
+                name,
+                f"k4_n{n}_state",
+                4,
+                "missing.pt",
+                "s",
+                seed=seed,
+                history_layers=n,
+                target="state",
+            )
+        )
+        results[name] = dict(fid=fid, teacher_fid=fid - teacher_fid + 1.0)
+    costs = {row.group: (1.0, 1.0) for row in rows}
+    real = dict(fid=1.0, precision=0.5, recall=0.5)
+    return setting, rows, results, costs, real
+
+
+def _paired(difference, clearly_worse):
+    return {
+        ref: dict(
+            ratio=2.0,
+            ratio_ci95=[1.5, 2.5],
+            difference=difference,
+            difference_ci95=[difference - 0.5, difference + 0.5],
+            clearly_worse_than_teacher=clearly_worse,
+        )
+        for ref in ("real", "teacher")
+    }
+
+
+def test_every_ratio_shows_each_seeds_paired_difference_and_none_without_a_degradation():
+    from experiments import fashion
+    from experiments.report import summarise
+
+    layers = fashion.FASHION.history_layers
+    fids = {(0, 0): 14.0, (layers, 0): 12.0, (0, 1): 16.0, (layers, 1): 12.5}
+    setting, rows, results, costs, real = _two_seeds_of_both_students(fids)
+    budget = fashion.BUDGETS["quick"]
+    paired = {
+        f"k4_n{layers}_state_s0": _paired(2.0, True),
+        f"k4_n{layers}_state_s1": _paired(2.5, True),
+    }
+    table = summarise(setting, results, costs, real, rows, budget, {}, "test", True, paired)
+    text = table["markdown"]
+    # The ratio over seeds, and beside it each seed's paired difference N=0 - ARD.
+    assert "state target: 2.20 ± 0.28" in text
+    assert "seed 0: N=0 - ARD +2.00 [+1.50, +2.50], ratio 2.00" in text
+    assert "seed 1: N=0 - ARD +2.50 [+2.00, +3.00], ratio 2.00" in text
+    assert table["json"]["degradation_fid_state"]["defined"]
+    # One seed whose paired interval reaches the teacher: no ratio, the differences still shown.
+    paired[f"k4_n{layers}_state_s1"] = _paired(2.5, False)
+    table = summarise(setting, results, costs, real, rows, budget, {}, "test", True, paired)
+    text = table["markdown"]
+    assert "state target: none: some student's FID" in text and "2.20 ±" not in text
+    assert "seed 1: N=0 - ARD +2.50 [+2.00, +3.00], no ratio" in text
+    assert not table["json"]["degradation_fid_state"]["defined"]
