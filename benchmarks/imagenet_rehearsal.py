@@ -4,7 +4,7 @@ SD-VAE's configuration), with only counts and paths changed, on inputs made here
 weights; per stage its wall time, CPU time, peak memory and bytes written, and the full recipe's
 disk and GPU-hours extrapolated from them.
 
-    python -m benchmarks.imagenet_rehearsal --out /tmp/rehearsal             # 20 of the 28 blocks
+    python -m benchmarks.imagenet_rehearsal --out /tmp/rehearsal             # 10 of the 28 blocks
     python -m benchmarks.imagenet_rehearsal --out /tmp/rehearsal --depth 1   # the first block only
 
 Stages, each a subprocess with its log in OUT/logs/STAGE.log, run in OUT/work (so that
@@ -19,8 +19,8 @@ pretrained_models/ resolves there):
   evaluator     python -m evaluator, with --skip-weights-checksum (its weights are random)
 
 Writes OUT/rehearsal.json and OUT/rehearsal.md. A stage that fails stops the rehearsal with its
-exit status and the tail of its log. --depth D keeps the first D of DiT-XL/2's 28 blocks (20 by
-default: at 28 the GAN stage needs more than 22.7 GiB); each subprocess then starts through a
+exit status and the tail of its log. --depth D keeps the first D of DiT-XL/2's 28 blocks (10 by
+default: at 20 the GAN stage ran out of 24 GB); each subprocess then starts through a
 bootstrap that sets DiT-XL's depth to D, since the scripts read a bare state dict's config off its
 depth and width, and --history-layers is cut to D where D < 6.
 """
@@ -41,11 +41,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_PAGE = os.path.join("docs", "imagenet.md")
 RECIPE_HEADING = "## The paper's recipe with an official DiT-XL/2 teacher"
 FULL_DEPTH = 28
-# At 28 blocks (2 AMD EPYC cores, 24 GB, batch 1) the regression stage peaked at 20.5 GiB and the
-# GAN stage, which also holds the frozen teacher and the heads, reached 22.7 GiB before its first
-# step, 1.2 GB short of the machine's end. From 1 to 28 blocks each block added 0.68 GiB to the
-# regression stage: 20 blocks keep the GAN stage near 18 GiB.
-DEFAULT_DEPTH = 20
+# On 2 AMD EPYC cores with 24 GB, batch 1: at 28 blocks the regression stage peaked at 20.5 GiB
+# and the GAN stage, which also holds the frozen teacher, the heads and the discriminator's
+# optimiser, reached 22.7 GiB before its first step; at 20 blocks the regression stage peaked at
+# 15.1 GiB and the GAN stage was killed for memory in its first step (18.1 GB resident). 10 blocks
+# ran every stage, the GAN stage peaking at 10.4 GiB (docs/imagenet.md has the figures).
+DEFAULT_DEPTH = 10
 HF_REPO = "stabilityai/sd-vae-ft-ema"  # what `--vae ema` names (ard.vae.SD_VAES)
 # sd-vae-ft-ema's config.json, the values that shape the network
 SD_VAE_CONFIG = dict(
@@ -642,10 +643,9 @@ def notes(plan, recipe, skipped):
     ]
     if plan.depth == DEFAULT_DEPTH:
         out.append(
-            f"{DEFAULT_DEPTH} blocks, the default: at {FULL_DEPTH} the regression stage peaked at "
-            "20.5 GiB on a 24 GB machine, and the GAN stage, which also holds the frozen teacher "
-            "and the discriminator heads, reached 22.7 GiB before its first step (--depth 28 "
-            "runs all of them)"
+            f"{DEFAULT_DEPTH} blocks, the default: on a 24 GB machine the GAN stage, which also "
+            "holds the frozen teacher, the discriminator heads and their optimiser, ran out of "
+            "memory in its first step at 20 blocks (--depth 28 runs all of them)"
         )
     if plan.depth < FULL_DEPTH:
         out.append(
@@ -802,8 +802,8 @@ def parse_args(argv=None):
         "--depth",
         type=positive_int,
         default=DEFAULT_DEPTH,
-        help=f"keep the first D of DiT-XL/2's {FULL_DEPTH} blocks (default {DEFAULT_DEPTH}: at "
-        f"{FULL_DEPTH} the GAN stage needs more than 22.7 GiB of memory)",
+        help=f"keep the first D of DiT-XL/2's {FULL_DEPTH} blocks (default {DEFAULT_DEPTH}: at 20 "
+        "the GAN stage needs more than 24 GB of memory)",
     )
     parser.add_argument(
         "--trajectories", type=positive_int, default=2, help="trajectories to write"
