@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: the linter and formatter (ruff, configured in .ruff.toml), then pytest on CPU with tiny
-# configs, about 10 minutes on 2 cores (two pytest workers). Sets up .venv first.
+# configs, 10-13 minutes on 2 cores (two pytest workers). Sets up .venv first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
