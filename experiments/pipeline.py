@@ -13,6 +13,7 @@ reuse a run folder's finished stages.
 """
 
 import json
+import math
 import os
 import shutil
 import time
@@ -267,9 +268,11 @@ def student_stage(
     every=None,
 ):
     """A student distilled from a store by train_ard.py; returns its row (its last checkpoint).
-    It validates and saves every `every` steps (default: a quarter of its steps)."""
+    It saves every `every` steps (default: a quarter of its steps) and validates then too, on a log
+    step (train_ard.py validates only at those), so it logs at a divisor of `every`."""
     steps = steps or budget["distil_steps"]
     every = every or max(1, steps // 4)
+    log_every = math.gcd(max(1, steps // 20), every)
     row = student_row(
         runner,
         history_layers,
@@ -308,7 +311,7 @@ def student_stage(
             "--val-every",
             str(every),
             "--log-every",
-            str(max(1, steps // 20)),
+            str(log_every),
             "--sample-every",
             "0",
             # The digits' students keep their headroom_steps checkpoint.

@@ -235,8 +235,8 @@ def test_fashion_history_mode_reads_seed_zeros_run_at_both_budgets_and_adds_seed
         assert long.checkpoint.endswith(f"{budget['long_steps']:07d}.pt")
         stage = runner.stages[plain.stage].args
         assert stage[stage.index("--max-steps") + 1] == str(budget["long_steps"])
-        # It saves and validates at the plain run's steps, so the plain row has both.
-        for flag in ("--ckpt-every", "--val-every"):
+        # It saves and validates (on a log step) at the plain run's steps: the plain row has both.
+        for flag in ("--ckpt-every", "--val-every", "--log-every"):
             assert budget["distil_steps"] % int(stage[stage.index(flag) + 1]) == 0
         # Seeds 1 and 2 are plain runs, the same stages as --seeds 3's.
         other = runner.stages[f"student_k4_n{n}_state_s1"].args
