@@ -12,6 +12,7 @@ name the rows; those names are file names and stage names, which is what lets a 
 reuse a run folder's finished stages.
 """
 
+import fnmatch
 import json
 import math
 import os
@@ -592,6 +593,42 @@ def paired_students(runner, setting, rows, resamples):
     return out
 
 
+def select(runner, rows, patterns):
+    """--only: keeps the rows whose names match one of the shell patterns, the stages whose names
+    do (a stage that is no row: history_probe), the samples of the teacher each kept row is read
+    against (the DDIM teacher's always) and their floor (its other-noise samples), the real
+    training images' figures, and every stage these need; drops every other stage. Returns the
+    rows kept, for the tables."""
+    if not patterns:
+        return rows
+    unmatched = [
+        pattern
+        for pattern in patterns
+        if not any(
+            fnmatch.fnmatchcase(name, pattern)
+            for name in [r.name for r in rows] + list(runner.stages)
+        )
+    ]
+    if unmatched:
+        raise SystemExit(
+            f"--only {' '.join(unmatched)} matches no row or stage of this mode; its rows are "
+            f"{', '.join(row.name for row in rows)}."
+        )
+    matched = [row for row in rows if any(fnmatch.fnmatchcase(row.name, p) for p in patterns)]
+    # The DDIM teacher's figures head every table; a flow row is read against the flow teacher's.
+    references = {TEACHER_REFERENCE["ddpm"]}
+    references |= {TEACHER_REFERENCE[row.teacher_objective] for row in matched}
+    references |= {f"{name}_s1" for name in references}
+    names = {row.name for row in matched} | references
+    kept = [row for row in rows if row.name in names]
+    stages = {f"eval_{row.name}" for row in kept} | {"eval_real_train"}
+    stages |= {
+        name for name in runner.stages if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    }
+    runner.keep(stages)
+    return kept
+
+
 def make_runner(args, default_run_dir):
     """The stage runner of an experiment's command line, after checking where it writes."""
     if args.assets_dir:
@@ -605,10 +642,13 @@ def make_runner(args, default_run_dir):
 
 
 def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=None):
-    """Runs the declared stages, writes the tables (results.md, results.json) and prints them, draws
-    the figures into RUN_DIR/figures/ with draw(results) unless --quick, and copies that folder to
-    --assets-dir if given."""
+    """Runs the declared stages (with --only, part of them: select), writes the tables (results.md,
+    results.json) and prints them, draws the figures into RUN_DIR/figures/ with draw(results) unless
+    --quick or --only, and copies that folder to --assets-dir if given."""
     start = time.time()
+    rows = select(runner, rows, args.only)
+    if args.only:
+        mode += f", only {' '.join(args.only)}"
     runner.run()
     results = {}
     for row in rows:
@@ -633,7 +673,9 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
         f.write(table["markdown"])
     write_json(runner.path("results.json"), table["json"])
     print("\n" + table["markdown"])
-    if draw is not None and not args.quick:
+    if args.only:
+        print("[figures] not drawn: --only runs part of the mode's rows, the figures show them all")
+    elif draw is not None and not args.quick:
         os.makedirs(runner.path(FIGURES), exist_ok=True)
         draw(results)
     # At the end, and from the folder: the figures drawn by an earlier invocation's stages too.
@@ -680,6 +722,16 @@ def add_arguments(parser, default_run_dir):
         help="also copy the run's figures (RUN_DIR/figures/) into this folder at the end, e.g. "
         "assets to refresh the figures the docs show (default: not given; the figures stay in the "
         "run folder)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PATTERN",
+        default=None,
+        help="run part of the mode: the rows (or stages) whose names match these shell patterns, "
+        "e.g. 'k4_*_state_s*', the teacher's reference samples every figure is read against, and "
+        "the stages they need; the tables cover those rows and no figures are drawn (default: "
+        "every row of the mode)",
     )
     parser.add_argument(
         "--no-fork",

@@ -317,6 +317,17 @@ class StageRunner:
         )
         return output
 
+    def keep(self, names):
+        """Drops every declared stage but `names` and the stages they need."""
+        kept, todo = set(), list(names)
+        while todo:
+            name = todo.pop()
+            if name not in kept:
+                kept.add(name)
+                todo += self.stages[name].after
+        self.stages = {name: stage for name, stage in self.stages.items() if name in kept}
+        self.paths = {}
+
     # Running --------------------------------------------------------------------------------------
 
     def run(self):

@@ -247,3 +247,73 @@ def test_fashion_history_mode_reads_seed_zeros_run_at_both_budgets_and_adds_seed
     # The GAN stage starts from the plain row's checkpoint, not the long run's end.
     gan = runner.stages["student_gan_k4_n0_state_s0"].args
     assert gan[gan.index("--init-ckpt") + 1].endswith(f"{budget['distil_steps']:07d}.pt")
+
+
+def _fashion_runner(tmp_path, argv):
+    from experiments import fashion
+    from experiments.pipeline import ROOT as root
+    from experiments.stage_runner import StageRunner
+
+    args = fashion.parse_args(argv + ["--run-dir", str(tmp_path / "run")])
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = fashion.declare(
+        runner, fashion.BUDGETS["default"], fashion.ESTIMATES["default"], args
+    )
+    return runner, rows
+
+
+def test_only_keeps_the_matching_rows_their_references_and_every_stage_they_need(tmp_path):
+    from experiments.pipeline import select
+
+    runner, rows = _fashion_runner(tmp_path, ["--seeds", "3"])
+    kept = select(runner, rows, ["k4_*_state_s*"])
+    students = {f"k4_n{n}_state_s{seed}" for n in (0, 3) for seed in (0, 1, 2)}
+    # The matching rows, and the teacher's samples every figure is read against, with their floor.
+    assert {row.name for row in kept} == students | {"teacher_ddim25", "teacher_ddim25_s1"}
+    assert {f"eval_{name}" for name in students} | {"teacher", "eval_real_train"} <= set(
+        runner.stages
+    )
+    # Nothing else: the x0 students, the GAN stage, the teacher at other step counts, the probe.
+    assert not any("x0" in name or "gan" in name for name in runner.stages)
+    assert "eval_teacher_ddim4" not in runner.stages and "history_probe" not in runner.stages
+    # Every stage a kept stage waits for is kept, so the run can start.
+    for stage in runner.stages.values():
+        assert set(stage.after) <= set(runner.stages)
+
+
+def test_only_with_a_stage_name_keeps_that_stage_and_the_students_it_reads(tmp_path):
+    from experiments.pipeline import select
+
+    runner, rows = _fashion_runner(tmp_path, [])
+    probe_needs = set(runner.stages["history_probe"].after)
+    kept = select(runner, rows, ["history_probe"])
+    assert "history_probe" in runner.stages and probe_needs <= set(runner.stages)
+    # The 25-step teacher's samples head every table, so they are kept too; nothing else is.
+    assert {row.name for row in kept} == {"teacher_ddim25", "teacher_ddim25_s1"}
+    assert not any(name.startswith("sample_k4") for name in runner.stages)
+
+
+def test_only_keeps_the_reference_of_the_rows_it_keeps_not_every_teachers(tmp_path):
+    from experiments import digits
+    from experiments.pipeline import ROOT as root
+    from experiments.pipeline import select
+    from experiments.stage_runner import StageRunner
+
+    args = digits.parse_args(["--full", "--run-dir", str(tmp_path / "run")])
+    runner = StageRunner(str(tmp_path / "run"), root)
+    rows, _, _ = digits.declare(
+        runner, digits.BUDGETS["default"], digits.ESTIMATES["default"], args
+    )
+    kept = select(runner, rows, ["k4_n0_state_s0"])
+    assert {row.name for row in kept} == {"k4_n0_state_s0", "teacher_ddim25", "teacher_ddim25_s1"}
+    assert "flow_teacher" not in runner.stages  # the flow teacher is not trained for a DDIM row
+
+
+def test_only_refuses_a_pattern_that_matches_nothing_and_names_the_rows(tmp_path):
+    from experiments.pipeline import select
+
+    runner, rows = _fashion_runner(tmp_path, [])
+    stages = dict(runner.stages)
+    with pytest.raises(SystemExit, match=r"--only long_\* matches no row.*k4_n0_state_s0"):
+        select(runner, rows, ["k4_n0_state_s0", "long_*"])  # long_* exists with --history only
+    assert runner.stages == stages  # refused before anything is dropped
