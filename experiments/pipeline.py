@@ -686,9 +686,11 @@ def finish(runner, setting, budget, args, rows, figures_of, real, mode, draw=Non
         f"\nTotal wall time of this invocation: {minutes:.1f} min; stage timings in "
         f"{runner.timings_path}"
     )
+    # Of this mode's stages: the folder may hold others', from other modes or other --only parts.
+    cpu = [runner.cpu[name] for name in runner.stages if name in runner.cpu]
     print(
         "CPU time (user + system) of the stages, over every invocation that ran them: "
-        f"{sum(runner.cpu.values()):.0f} s for {len(runner.cpu)} of {len(runner.stages)} stages; "
+        f"{sum(cpu):.0f} s for {len(cpu)} of {len(runner.stages)} stages; "
         f"each stage's in {runner.cpu_path}"
     )
 

@@ -424,7 +424,11 @@ class StageRunner:
         env = self._env(threads)
         log_path = self.path("logs", f"{stage.name}.log")
         stage.started, stage.threads = time.time(), threads
-        with open(log_path, "wb") as log:  # empty before the stage writes to it
+        # Appended to: an earlier invocation's lines (the error that stopped it) stay above.
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: started ===\n".encode())
+            log.flush()
             if threads == 1 and self.fork:
                 stage.proc = self._server().start(
                     stage.args, env, os.path.abspath(self.root), os.path.abspath(log_path)
@@ -438,6 +442,7 @@ class StageRunner:
                     stderr=subprocess.STDOUT,
                 )
         stage.log = open(log_path, "rb")
+        stage.log.seek(start)  # progress is read from this invocation's lines only
 
     @staticmethod
     def _env(threads):
@@ -486,6 +491,12 @@ class StageRunner:
         seconds = time.time() - stage.started
         stage.log.close()
         log_path = self.path("logs", f"{stage.name}.log")
+        # Wall and CPU seconds add up over invocations: a stage stopped and resumed counts both.
+        self.timings[stage.name] = self.timings.get(stage.name, 0.0) + seconds
+        write_json(self.timings_path, self.timings)
+        if stage.cpu_seconds is not None:
+            self.cpu[stage.name] = self.cpu.get(stage.name, 0.0) + stage.cpu_seconds
+            write_json(self.cpu_path, self.cpu)
         if stage.proc.returncode != 0 and self.stop.requested:
             self._line(
                 f"[{stage.name}] stopped (exit {stage.proc.returncode}) after {seconds:.0f} s"
@@ -500,11 +511,6 @@ class StageRunner:
                 f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of "
                 f"{log_path}:\n{tail}"
             )
-        self.timings[stage.name] = seconds
-        write_json(self.timings_path, self.timings)
-        if stage.cpu_seconds is not None:
-            self.cpu[stage.name] = stage.cpu_seconds
-            write_json(self.cpu_path, self.cpu)
         self.done.add(stage.name)
         # The machine's speed against the reference machine's, from the long stages that ran with
         # the threads their estimates assume (heavy stages sharing the cores are slower for that

@@ -202,3 +202,29 @@ def test_each_stage_records_its_own_cpu_time_forked_or_fresh(tmp_path):
         # Its 0.6 s, plus starting Python (and its imports, if fresh).
         assert 0.55 < cpu[f"{kind}_burn"] < 3.0, cpu
         assert cpu[f"{kind}_sleep"] < cpu[f"{kind}_burn"] - 0.4, cpu
+
+
+def test_a_rerun_stage_keeps_its_earlier_log_and_adds_up_its_cpu_time(tmp_path):
+    out, marker = str(tmp_path / "out"), str(tmp_path / "tried")
+    # Fails the first time (after 0.6 s of CPU), succeeds the second (another 0.6 s).
+    code = (
+        "import os, sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+        f"if not os.path.exists({marker!r}):\n"
+        f"    open({marker!r}, 'w').close(); print('the first reason'); sys.exit(3)\n"
+        f"print('the second time'); open({out!r}, 'w').write('x')"
+    )
+    for attempt in range(2):
+        runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+        runner.add("flaky", out, ["-c", code])
+        if attempt == 0:
+            with pytest.raises(SystemExit, match="the first reason"):
+                runner.run()
+        else:
+            runner.run()
+    log = (tmp_path / "run" / "logs" / "flaky.log").read_text()
+    assert log.count("started ===") == 2
+    assert log.index("the first reason") < log.index("the second time")
+    with open(tmp_path / "run" / "cpu_seconds.json") as f:
+        assert json.load(f)["flaky"] > 1.15  # both invocations' 0.6 s
+    with open(tmp_path / "run" / "timings.json") as f:
+        assert json.load(f)["flaky"] > 1.15
