@@ -545,25 +545,33 @@ def measure_costs(runner, setting, budget, rows):
     return costs
 
 
+def paired_sets(rows):
+    """The sets one paired bootstrap covers: {(teacher objective, target, variant, seed): (the
+    baseline, the set's rows)}, every 4-step student of that key with step distillation (N = 0, no
+    history noise) as its baseline. A set without its baseline or with nothing to compare with it
+    is left out, and so are the GAN stage's students: no table reads a ratio of theirs."""
+    sets = {}
+    for row in rows:
+        if not row.is_teacher and row.steps == 4 and row.variant != "gan":
+            key = (row.teacher_objective, row.target, row.variant, row.seed)
+            sets.setdefault(key, []).append(row)
+    out = {}
+    for key, group in sorted(sets.items()):
+        baseline = next((r for r in group if r.history_layers == 0 and not r.history_noise), None)
+        if baseline is not None and len(group) > 1:
+            out[key] = (baseline, group)
+    return out
+
+
 def paired_students(runner, setting, rows, resamples):
-    """Every 4-step student against step distillation (N = 0, no history noise) of the same teacher,
-    target, variant and seed, from one paired bootstrap over that seed's samples (the same resampled
-    indices for the teacher, the baseline and every student of the set):
-    {row name: degradation.paired_comparison}. A set without its baseline is left out."""
+    """Every student of a paired set (paired_sets) against its step distillation, from one paired
+    bootstrap over that seed's samples (the same resampled indices for the teacher, the baseline
+    and every student of the set): {row name: degradation.paired_comparison}."""
     from evaluator.__main__ import load_batch
     from evaluator.feature_net import features, load_feature_net
     from experiments.degradation import paired_comparison, paired_fids
 
-    sets = {}
-    for row in rows:
-        if not row.is_teacher and row.steps == 4:
-            key = (row.teacher_objective, row.target, row.variant, row.seed)
-            sets.setdefault(key, []).append(row)
-    baselines = {
-        key: next((r for r in group if r.history_layers == 0 and not r.history_noise), None)
-        for key, group in sets.items()
-    }
-    sets = {key: group for key, group in sets.items() if baselines[key] and len(group) > 1}
+    sets = paired_sets(rows)
     if not sets:
         return {}
     net, _ = load_feature_net(runner.path(f"{setting.net}.pt"))
@@ -576,7 +584,7 @@ def paired_students(runner, setting, rows, resamples):
         return cache[name]
 
     out = {}
-    for key, group in sorted(sets.items()):
+    for key, (baseline, group) in sets.items():
         own = TEACHER_REFERENCE[key[0]]
         students = {row.name: feats(f"{row.name}.npz") for row in group}
         point, draws = paired_fids(
@@ -588,8 +596,8 @@ def paired_students(runner, setting, rows, resamples):
             seed=key[3],
         )
         for row in group:
-            if row is not baselines[key]:
-                out[row.name] = paired_comparison(point, draws, baselines[key].name, row.name)
+            if row is not baseline:
+                out[row.name] = paired_comparison(point, draws, baseline.name, row.name)
     return out
 
 

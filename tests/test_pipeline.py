@@ -317,3 +317,26 @@ def test_only_refuses_a_pattern_that_matches_nothing_and_names_the_rows(tmp_path
     with pytest.raises(SystemExit, match=r"--only long_\* matches no row.*k4_n0_state_s0"):
         select(runner, rows, ["k4_n0_state_s0", "long_*"])  # long_* exists with --history only
     assert runner.stages == stages  # refused before anything is dropped
+
+
+def test_paired_sets_hold_each_seeds_students_against_its_step_distillation(tmp_path):
+    from experiments.pipeline import paired_sets
+
+    runner, rows = _fashion_runner(tmp_path, ["--history"])
+    sets = paired_sets(rows)
+    names = {key: sorted(row.name for row in group) for key, (_, group) in sets.items()}
+    assert {key: baseline.name for key, (baseline, _) in sets.items()} == {
+        ("ddpm", "state", "plain", 0): "k4_n0_state_s0",
+        ("ddpm", "state", "plain", 1): "k4_n0_state_s1",
+        ("ddpm", "state", "plain", 2): "k4_n0_state_s2",
+        ("ddpm", "x0", "plain", 0): "k4_n0_x0_s0",
+        ("ddpm", "state", "long", 0): "long_k4_n0_state_s0",
+    }
+    # The noise students are read against step distillation without noise, of their seed.
+    assert names[("ddpm", "state", "plain", 0)] == sorted(
+        ["k4_n0_state_s0", "k4_n3_state_s0"]
+        + [f"k4_n{n}_state_hn{noise:g}_s0" for n in (0, 3) for noise in (0.05, 0.1)]
+    )
+    assert names[("ddpm", "state", "long", 0)] == ["long_k4_n0_state_s0", "long_k4_n3_state_s0"]
+    # The GAN stage's students are in no set: no table reads their ratio.
+    assert not any(row.variant == "gan" for _, group in sets.values() for row in group)
