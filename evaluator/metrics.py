@@ -191,7 +191,7 @@ def range_interval(figure, draws, bounded, z=1.96):
     the figure (0.82 to 2.26 for 0.40), the basic interval lies below 0, and BCa's bias correction
     (the normal quantile of the share of draws below the figure, 0) is minus infinity. Nor a normal
     interval on the log scale: near 0 the spread is larger than the figure, and its upper end is
-    ten times the figure (0.05 to 3.29 for 0.40) where no draw came near."""
+    about eight times the figure (0.05 to 3.29 for 0.40) where no draw came near."""
     error = float(np.std(np.asarray(draws, dtype=np.float64), ddof=1))
     figure = float(figure)
     low = max(figure - z * error, min(0.0, figure))

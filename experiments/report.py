@@ -228,7 +228,14 @@ def history_table(setting, results, rows, budget, paired, variant="short"):
 
     def final(row, which):
         record = validation_record(row)
-        return record[f"val_{which}_step_mse"][-1] if record else float("nan")
+        return record[f"val_{which}_step_mse"][-1] if record else None
+
+    def mse_cell(values):
+        # '-' where a seed's run logged no validation at this step.
+        if None in values:
+            return "-"
+        mean, spread = mean_spread(values)
+        return f"{mean:.5f} ± {spread:.5f}"
 
     if variant == "short":
         what = f"The headroom setting ({budget['headroom_steps']} steps)"
@@ -265,8 +272,7 @@ def history_table(setting, results, rows, budget, paired, variant="short"):
         lines.append(
             f"| {layers} | {noise:g} | {cell(results, names, 'fid', 2)} | "
             f"{cell(results, names, 'teacher_fid', 2)} | "
-            f"{mean_spread(sampled)[0]:.5f} ± {mean_spread(sampled)[1]:.5f} | "
-            f"{mean_spread(forced)[0]:.5f} ± {mean_spread(forced)[1]:.5f} | "
+            f"{mse_cell(sampled)} | {mse_cell(forced)} | "
             f"{cells[0]} | {cells[1]} | {len(group)} |"
         )
         out[f"n{layers}_noise{noise:g}"] = dict(
@@ -426,9 +432,10 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
             if no_gap:
                 lines += [
                     "",
-                    head + f"none: some student's FID, or the 95% interval of it minus the "
-                    f"teacher's, reaches the teacher's {teacher:.2f}; there is no degradation to "
-                    "divide by",
+                    head + f"none: not every student is clearly worse than the teacher's "
+                    f"{teacher:.2f} (a student's FID or its interval reaches it, or on some seed "
+                    "the paired bootstrap's 95% interval of its FID minus the teacher's reaches "
+                    "0); there is no degradation to divide by",
                 ]
             else:
                 lines += [

@@ -340,3 +340,33 @@ def test_paired_sets_hold_each_seeds_students_against_its_step_distillation(tmp_
     assert names[("ddpm", "state", "long", 0)] == ["long_k4_n0_state_s0", "long_k4_n3_state_s0"]
     # The GAN stage's students are in no set: no table reads their ratio.
     assert not any(row.variant == "gan" for _, group in sets.values() for row in group)
+
+
+def test_history_table_of_the_plain_students_shows_ratios_only_where_both_degrade(tmp_path):
+    from experiments import fashion
+    from experiments.report import history_table
+
+    _, rows = _fashion_runner(tmp_path, ["--history"])
+    results = {row.name: {"fid": 30.0, "teacher_fid": 10.0} for row in rows}
+
+    def comparison(ratio, clear):
+        return {"ratio": ratio, "ratio_ci95": [ratio - 0.1, ratio + 0.1], "difference": 1.0,
+                "difference_ci95": [0.5, 1.5], "clearly_worse_than_teacher": clear}  # fmt: skip
+
+    paired = {
+        row.name: {"real": comparison(0.9, True), "teacher": comparison(0.8, row.seed != 2)}
+        for row in rows
+        if row.variant == "plain" and (row.history_layers or row.history_noise)
+    }
+    lines, out = history_table(
+        fashion.FASHION, results, rows, fashion.BUDGETS["default"], paired, variant="plain"
+    )
+    ard = next(line for line in lines if line.startswith("| 3 | 0 |"))
+    cells = [c.strip() for c in ard.split("|")[1:-1]]
+    # Three seeds; vs real every seed degrades, so a ratio; vs the teacher seed 2 does not: '-'.
+    assert cells[-1] == "3" and cells[6].startswith("0.90 ± 0.00") and cells[7] == "-"
+    # No run folder here, so no validation logged: '-', not 'nan'.
+    assert cells[4] == cells[5] == "-" and "nan" not in "\n".join(lines)
+    noised = next(line for line in lines if line.startswith("| 3 | 0.05 |"))
+    assert noised.rstrip(" |").endswith("1")  # the noise students: seed 0 only
+    assert out["n3_noise0"]["seeds"] == [0, 1, 2]
