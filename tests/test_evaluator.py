@@ -311,3 +311,19 @@ def test_bootstrap_intervals_are_196_standard_errors_inside_the_range():
     assert range_interval(0.56, draws, bounded=True) == pytest.approx(
         [0.56 - 1.96 * error, 0.56 + 1.96 * error]
     )
+
+
+def test_two_set_figures_intervals_respect_each_figures_range():
+    from evaluator.metrics import two_set_figures
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 8))
+    # A model close to the data: FID near 0, precision and recall near 1, where ± 1.96 standard
+    # errors would leave the range.
+    fake = real[rng.permutation(300)[:200]] + 0.01 * rng.standard_normal((200, 8))
+    figures = two_set_figures(real, fake, bootstrap=20, seed=0)
+    assert 0 <= figures["fid_ci"][0] <= figures["fid"] <= figures["fid_ci"][1]
+    for name in ("precision", "recall"):
+        low, high = figures[f"{name}_ci"]
+        assert 0 <= low <= figures[name] <= high <= 1
+    assert figures["precision"] > 0.9 and figures["fid_ci"][0] == 0
