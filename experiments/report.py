@@ -109,21 +109,28 @@ def row_label(setting, row, budget):
 
 
 def degradation(setting, results, rows, comparison, teacher, key):
-    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed of the comparison's students, the
+    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed that has both of the comparison's
+    students (paired by seed: an --only part may hold one student of a seed and not the other), the
     teacher's figure being `teacher`; and whether some student is not clearly worse than the
     teacher: its figure, or the lower end of its interval, at or below the teacher's (then there is
     no degradation to compare, and the ratio means nothing)."""
-    seeds = {
-        layers: seeds_of(
-            rows, layers, comparison.teacher_objective, comparison.target, comparison.variant
-        )
+    seed_of = {row.name: row.seed for row in rows}
+    distilled, ard = (
+        {
+            seed_of[name]: name
+            for name in seeds_of(
+                rows, layers, comparison.teacher_objective, comparison.target, comparison.variant
+            )
+        }
         for layers in (0, setting.history_layers)
-    }
-    distilled, ard = ([results[name][key] for name in names] for names in seeds.values())
-    ratios = [(d - teacher) / (a - teacher) for d, a in zip(distilled, ard)]
-    return ratios, not clearly_worse(
-        results, [n for names in seeds.values() for n in names], key, teacher
     )
+    seeds = [seed for seed in distilled if seed in ard]
+    ratios = [
+        (results[distilled[seed]][key] - teacher) / (results[ard[seed]][key] - teacher)
+        for seed in seeds
+    ]
+    names = [name for seed in seeds for name in (distilled[seed], ard[seed])]
+    return ratios, not clearly_worse(results, names, key, teacher)
 
 
 def clearly_worse(results, names, key, teacher):

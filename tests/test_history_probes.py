@@ -243,6 +243,20 @@ def _two_seeds_of_both_students(fids, teacher_fid=10.0):
     return setting, rows, results, costs, real
 
 
+def test_degradation_pairs_each_seeds_students_by_seed_and_drops_a_seed_missing_one():
+    from experiments import fashion
+    from experiments.report import comparisons, degradation
+
+    layers = fashion.FASHION.history_layers
+    # Declared out of seed order, as an --only part may leave them, and seed 2 without ARD.
+    fids = {(0, 1): 16.0, (layers, 0): 12.0, (0, 0): 14.0, (layers, 1): 12.5, (0, 2): 30.0}
+    setting, rows, results, _, _ = _two_seeds_of_both_students(fids)
+    state = comparisons(fashion.BUDGETS["quick"])[0]
+    ratios, no_gap = degradation(setting, results, rows, state, 10.0, "fid")
+    assert sorted(ratios) == [2.0, 2.4]  # (14 - 10) / (12 - 10) and (16 - 10) / (12.5 - 10)
+    assert not no_gap
+
+
 def _paired(difference, clearly_worse):
     return {
         ref: dict(
