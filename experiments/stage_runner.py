@@ -52,6 +52,7 @@ class Stage:
     proc: object = None  # a subprocess.Popen, or a ForkedStage: poll(), returncode, terminate()
     log: object = None  # the stage's log, open for reading its progress
     tail: str = ""
+    log_start: int = 0  # where this invocation's lines begin in the stage's log
     # user + system CPU time of the finished stage (its own children's included):
     cpu_seconds: float = None
 
@@ -426,7 +427,7 @@ class StageRunner:
         stage.started, stage.threads = time.time(), threads
         # Appended to: an earlier invocation's lines (the error that stopped it) stay above.
         with open(log_path, "ab") as log:
-            start = log.tell()
+            start = stage.log_start = log.tell()
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: started ===\n".encode())
             log.flush()
             if threads == 1 and self.fork:
@@ -487,26 +488,45 @@ class StageRunner:
             )
         return code
 
-    def _finish(self, stage, running):
+    def _account(self, stage):
+        """Adds the stage's wall and CPU seconds of this invocation to the run's: they add up over
+        invocations, so a stage stopped and resumed counts both parts. Returns the wall seconds."""
         seconds = time.time() - stage.started
         stage.log.close()
-        log_path = self.path("logs", f"{stage.name}.log")
-        # Wall and CPU seconds add up over invocations: a stage stopped and resumed counts both.
         self.timings[stage.name] = self.timings.get(stage.name, 0.0) + seconds
         write_json(self.timings_path, self.timings)
         if stage.cpu_seconds is not None:
             self.cpu[stage.name] = self.cpu.get(stage.name, 0.0) + stage.cpu_seconds
             write_json(self.cpu_path, self.cpu)
+        return seconds
+
+    def _stop_others(self, running, wait=120.0):
+        """After a failure: SIGTERM to the stages still running (a training stage saves a
+        checkpoint on it), a wait of up to `wait` seconds for them to exit, and their time
+        accounted like any stopped stage's."""
+        for other in running:
+            other.proc.terminate()
+        deadline = time.time() + wait
+        while time.time() < deadline and any(self._poll(other) is None for other in running):
+            time.sleep(0.2)
+        for other in running:
+            if other.proc.poll() is not None:
+                seconds = self._account(other)
+                self._line(f"[{other.name}] stopped after {seconds:.0f} s, as another stage failed")
+
+    def _finish(self, stage, running):
+        seconds = self._account(stage)
+        log_path = self.path("logs", f"{stage.name}.log")
         if stage.proc.returncode != 0 and self.stop.requested:
             self._line(
                 f"[{stage.name}] stopped (exit {stage.proc.returncode}) after {seconds:.0f} s"
             )
             return
         if stage.proc.returncode != 0 or not os.path.exists(stage.output):
-            for other in running:
-                other.proc.terminate()
-            with open(log_path) as log:
-                tail = log.read()[-3000:]
+            self._stop_others(running)
+            with open(log_path, "rb") as log:
+                log.seek(stage.log_start)  # this invocation's lines: an earlier one's error is not
+                tail = log.read().decode(errors="replace")[-3000:]
             raise SystemExit(
                 f"\n[{stage.name}] failed (exit {stage.proc.returncode}); the last lines of "
                 f"{log_path}:\n{tail}"

@@ -228,3 +228,47 @@ def test_a_rerun_stage_keeps_its_earlier_log_and_adds_up_its_cpu_time(tmp_path):
         assert json.load(f)["flaky"] > 1.15  # both invocations' 0.6 s
     with open(tmp_path / "run" / "timings.json") as f:
         assert json.load(f)["flaky"] > 1.15
+
+
+def test_a_failure_shows_this_invocations_log_lines_only(tmp_path):
+    counter = str(tmp_path / "count")
+    code = (
+        "import os, sys\n"
+        f"n = len(open({counter!r}).read()) if os.path.exists({counter!r}) else 0\n"
+        f"open({counter!r}, 'a').write('x'); print(f'reason number {{n}}'); sys.exit(3)"
+    )
+    for attempt in range(2):
+        runner = StageRunner(str(tmp_path / "run"), str(tmp_path), cores=2)
+        runner.add("bad", str(tmp_path / "never"), ["-c", code])
+        with pytest.raises(SystemExit) as failure:
+            runner.run()
+        assert f"reason number {attempt}" in str(failure.value)
+    assert "reason number 0" not in str(failure.value)  # the first invocation's is in the log only
+    assert "reason number 0" in (tmp_path / "run" / "logs" / "bad.log").read_text()
+
+
+def test_a_failure_stops_the_other_running_stages_waits_for_them_and_counts_their_time(tmp_path):
+    saved = str(tmp_path / "saved")
+    # A stage that saves its work on SIGTERM, as a training stage does, after 0.5 s of CPU.
+    patient = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({saved!r}, 'w').write('x'); sys.exit(1)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "t = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+        "time.sleep(60)"
+    )
+    failing = "import sys, time; time.sleep(1.5); sys.exit(3)"
+    for fork in (True, False):
+        run = tmp_path / f"run_{fork}"
+        runner = StageRunner(str(run), str(tmp_path), cores=2, fork=fork)
+        runner.add("patient", str(tmp_path / "never"), ["-c", patient])
+        runner.add("bad", str(tmp_path / "never2"), ["-c", failing])
+        with pytest.raises(SystemExit, match="bad.*exit 3"):
+            runner.run()
+        assert os.path.exists(saved)  # it saved before the runner exited
+        os.remove(saved)
+        with open(run / "cpu_seconds.json") as f:
+            assert json.load(f)["patient"] > 0.45
+        with open(run / "timings.json") as f:
+            assert json.load(f)["patient"] > 1.0
