@@ -620,7 +620,7 @@ def select(runner, rows, patterns):
     if unmatched:
         raise SystemExit(
             f"--only {' '.join(unmatched)} matches no row or stage of this mode; its rows are "
-            f"{', '.join(row.name for row in rows)}."
+            f"{', '.join(row.name for row in rows)}; its stages {', '.join(runner.stages)}."
         )
     matched = [row for row in rows if any(fnmatch.fnmatchcase(row.name, p) for p in patterns)]
     # The DDIM teacher's figures head every table; a flow row is read against the flow teacher's.
@@ -639,6 +639,11 @@ def select(runner, rows, patterns):
 
 def make_runner(args, default_run_dir):
     """The stage runner of an experiment's command line, after checking where it writes."""
+    if args.assets_dir and args.only:
+        raise SystemExit(
+            "--assets-dir copies the mode's figures, which an --only part does not draw (the run "
+            "folder's would be an earlier run's); give --assets-dir to the run without --only."
+        )
     if args.assets_dir:
         check_output_path(args.assets_dir, "--assets-dir", folder=True)
     if args.run_dir:
@@ -740,8 +745,8 @@ def add_arguments(parser, default_run_dir):
         default=None,
         help="run part of the mode: the rows (or stages) whose names match these shell patterns, "
         "e.g. 'k4_*_state_s*', the teacher's reference samples every figure is read against, and "
-        "the stages they need; the tables cover those rows and no figures are drawn (default: "
-        "every row of the mode)",
+        "the stages they need; the tables (results.md, results.json: rewritten by each part) "
+        "cover those rows and no figures are drawn (default: every row of the mode)",
     )
     parser.add_argument(
         "--no-fork",

@@ -319,6 +319,18 @@ def test_only_refuses_a_pattern_that_matches_nothing_and_names_the_rows(tmp_path
     assert runner.stages == stages  # refused before anything is dropped
 
 
+def test_only_refuses_assets_dir_before_any_stage_runs(tmp_path):
+    from experiments import fashion
+    from experiments.pipeline import make_runner
+
+    args = fashion.parse_args(
+        ["--run-dir", str(tmp_path / "run"), "--only", "k4_*", "--assets-dir", str(tmp_path / "a")]
+    )
+    with pytest.raises(SystemExit, match="--assets-dir copies the mode's figures"):
+        make_runner(args, "fashion")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "a").exists()
+
+
 def test_paired_sets_hold_each_seeds_students_against_its_step_distillation(tmp_path):
     from experiments.pipeline import paired_sets
 
