@@ -420,13 +420,18 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
             ratios, no_gap = degradation(setting, results, rows, comparison, teacher, key)
             if not ratios:
                 continue
-            ard = seeds_of(
-                rows,
-                setting.history_layers,
-                comparison.teacher_objective,
-                comparison.target,
-                comparison.variant,
+            ard, distilled = (
+                seeds_of(
+                    rows,
+                    layers,
+                    comparison.teacher_objective,
+                    comparison.target,
+                    comparison.variant,
+                )
+                for layers in (setting.history_layers, 0)
             )
+            # The seeds the ratios are of: those with both students (as degradation pairs them).
+            ard = [name for name in ard if seed_of[name] in {seed_of[n] for n in distilled}]
             ref = "real" if key == "fid" else "teacher"
             pairs = {name: paired[name][ref] for name in ard if name in (paired or {})}
             if len(pairs) == len(ard):

@@ -289,6 +289,11 @@ def test_every_ratio_shows_each_seeds_paired_difference_and_none_without_a_degra
     assert "seed 0: N=0 - ARD +2.00 [+1.50, +2.50], ratio 2.00" in text
     assert "seed 1: N=0 - ARD +2.50 [+2.00, +3.00], ratio 2.00" in text
     assert table["json"]["degradation_fid_state"]["defined"]
+    # A seed with ARD alone (an --only part) leaves the paired rule in force for the seeds paired.
+    lone = [r for r in rows if r.name != "k4_n0_state_s1"]
+    paired_lone = {f"k4_n{layers}_state_s0": _paired(2.0, False)}  # no pair for seed 1
+    table = summarise(setting, results, costs, real, lone, budget, {}, "test", True, paired_lone)
+    assert not table["json"]["degradation_fid_state"]["defined"]
     # One seed whose paired interval reaches the teacher: no ratio, the differences still shown.
     paired[f"k4_n{layers}_state_s1"] = _paired(2.5, False)
     table = summarise(setting, results, costs, real, rows, budget, {}, "test", True, paired)
