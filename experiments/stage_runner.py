@@ -217,6 +217,8 @@ class ForkedStage:
 
     def send_signal(self, signum):
         self.started.wait()
+        if self.returncode is not None:
+            return  # reaped by the server: its pid may be another process's by now
         try:
             os.kill(self.pid, signum)
         except ProcessLookupError:
@@ -369,8 +371,10 @@ class StageRunner:
                 time.sleep(0.2)
                 for stage in running:
                     self._read(stage)
-                for stage in [stage for stage in running if self._poll(stage) is not None]:
-                    running.remove(stage)
+                finished = [stage for stage in running if self._poll(stage) is not None]
+                for stage in finished:
+                    running.remove(stage)  # all of them first: none is stopped as still running
+                for stage in finished:
                     self._finish(stage, running)
                 self._status(running)
         finally:
@@ -503,14 +507,18 @@ class StageRunner:
     def _stop_others(self, running, wait=120.0):
         """After a failure: SIGTERM to the stages still running (a training stage saves a
         checkpoint on it), a wait of up to `wait` seconds for them to exit, and their time
-        accounted like any stopped stage's."""
+        accounted like any stopped stage's; SIGKILL to any still running then, so that no stage
+        outlives the runner (a rerun would start it again beside itself)."""
         for other in running:
             other.proc.terminate()
         deadline = time.time() + wait
-        while time.time() < deadline and any(self._poll(other) is None for other in running):
+        while time.time() < deadline and [self._poll(other) for other in running].count(None):
             time.sleep(0.2)
         for other in running:
-            if other.proc.poll() is not None:
+            if self._poll(other) is None:
+                self._line(f"[{other.name}] still running {wait:.0f} s after SIGTERM: killed")
+                other.proc.send_signal(signal.SIGKILL)
+            else:
                 seconds = self._account(other)
                 self._line(f"[{other.name}] stopped after {seconds:.0f} s, as another stage failed")
 
