@@ -108,12 +108,9 @@ def row_label(setting, row, budget):
     return label
 
 
-def degradation(setting, results, rows, comparison, teacher, key):
-    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed that has both of the comparison's
-    students (paired by seed: an --only part may hold one student of a seed and not the other), the
-    teacher's figure being `teacher`; and whether some student is not clearly worse than the
-    teacher: its figure, or the lower end of its interval, at or below the teacher's (then there is
-    no degradation to compare, and the ratio means nothing)."""
+def seed_pairs(setting, rows, comparison):
+    """{seed: (step distillation's row name, ARD's)} of the comparison's students, for the seeds
+    that have both (an --only part may hold one student of a seed and not the other)."""
     seed_of = {row.name: row.seed for row in rows}
     distilled, ard = (
         {
@@ -124,12 +121,21 @@ def degradation(setting, results, rows, comparison, teacher, key):
         }
         for layers in (0, setting.history_layers)
     )
-    seeds = [seed for seed in distilled if seed in ard]
+    return {seed: (distilled[seed], ard[seed]) for seed in distilled if seed in ard}
+
+
+def degradation(setting, results, rows, comparison, teacher, key):
+    """(FID_N=0 - FID_teacher) / (FID_ARD - FID_teacher) per seed that has both of the comparison's
+    students (paired by seed: an --only part may hold one student of a seed and not the other), the
+    teacher's figure being `teacher`; and whether some student is not clearly worse than the
+    teacher: its figure, or the lower end of its interval, at or below the teacher's (then there is
+    no degradation to compare, and the ratio means nothing)."""
+    pairs = seed_pairs(setting, rows, comparison)
     ratios = [
-        (results[distilled[seed]][key] - teacher) / (results[ard[seed]][key] - teacher)
-        for seed in seeds
+        (results[distilled][key] - teacher) / (results[ard][key] - teacher)
+        for distilled, ard in pairs.values()
     ]
-    names = [name for seed in seeds for name in (distilled[seed], ard[seed])]
+    names = [name for pair in pairs.values() for name in pair]
     return ratios, not clearly_worse(results, names, key, teacher)
 
 
@@ -420,18 +426,8 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
             ratios, no_gap = degradation(setting, results, rows, comparison, teacher, key)
             if not ratios:
                 continue
-            ard, distilled = (
-                seeds_of(
-                    rows,
-                    layers,
-                    comparison.teacher_objective,
-                    comparison.target,
-                    comparison.variant,
-                )
-                for layers in (setting.history_layers, 0)
-            )
-            # The seeds the ratios are of: those with both students (as degradation pairs them).
-            ard = [name for name in ard if seed_of[name] in {seed_of[n] for n in distilled}]
+            # The seeds the ratios are of: those with both students.
+            ard = [name for _, name in seed_pairs(setting, rows, comparison).values()]
             ref = "real" if key == "fid" else "teacher"
             pairs = {name: paired[name][ref] for name in ard if name in (paired or {})}
             if len(pairs) == len(ard):
