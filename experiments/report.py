@@ -427,7 +427,8 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
             if not ratios:
                 continue
             # The seeds the ratios are of: those with both students.
-            ard = [name for _, name in seed_pairs(setting, rows, comparison).values()]
+            by_seed = seed_pairs(setting, rows, comparison)
+            ard = [name for _, name in by_seed.values()]
             ref = "real" if key == "fid" else "teacher"
             pairs = {name: paired[name][ref] for name in ard if name in (paired or {})}
             if len(pairs) == len(ard):
@@ -461,6 +462,7 @@ def summarise(setting, results, costs, real, rows, budget, mse, mode, quick, pai
                 "mean": mean,
                 "std": std,
                 "values": ratios,
+                "seeds": list(by_seed),  # the seed of each value
                 "defined": not no_gap,
                 "paired": pairs,
             }

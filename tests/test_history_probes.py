@@ -245,16 +245,22 @@ def _two_seeds_of_both_students(fids, teacher_fid=10.0):
 
 def test_degradation_pairs_each_seeds_students_by_seed_and_drops_a_seed_missing_one():
     from experiments import fashion
-    from experiments.report import comparisons, degradation
+    from experiments.report import comparisons, degradation, summarise
 
     layers = fashion.FASHION.history_layers
     # Declared out of seed order, as an --only part may leave them, and seed 2 without ARD.
     fids = {(0, 1): 16.0, (layers, 0): 12.0, (0, 0): 14.0, (layers, 1): 12.5, (0, 2): 30.0}
-    setting, rows, results, _, _ = _two_seeds_of_both_students(fids)
+    setting, rows, results, costs, real = _two_seeds_of_both_students(fids)
     state = comparisons(fashion.BUDGETS["quick"])[0]
     ratios, no_gap = degradation(setting, results, rows, state, 10.0, "fid")
     assert sorted(ratios) == [2.0, 2.4]  # (14 - 10) / (12 - 10) and (16 - 10) / (12.5 - 10)
     assert not no_gap
+    # The JSON says which seed each ratio is of (seed 2 has no ARD: no ratio, not listed).
+    paired = {name: _paired(1.0, True) for name in results if name.startswith("k4_n")}
+    budget = fashion.BUDGETS["quick"]
+    table = summarise(setting, results, costs, real, rows, budget, {}, "test", True, paired)
+    record = table["json"]["degradation_fid_state"]
+    assert dict(zip(record["seeds"], record["values"])) == {0: 2.0, 1: 2.4}
 
 
 def _paired(difference, clearly_worse):
