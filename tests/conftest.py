@@ -38,7 +38,7 @@ def sparse_store(teacher, tmp_path_factory):
     return str(path)
 
 
-# modules, longest first (the rehearsal: about 5 minutes on 2 AMD EPYC cores, its bf16 in software)
+# modules, longest first (the rehearsal: about 400 CPU s on 2 AMD EPYC cores, its bf16 in software)
 LONGEST_FIRST = [
     "test_imagenet_rehearsal",
     "test_pipeline",

@@ -49,6 +49,11 @@ def test_the_cut_rehearsal_runs_every_stage_and_each_writes_what_it_should(tmp_p
     assert manifest["save_steps"] == [0, 6, 12, 18, 25] and manifest["precision"] == "bf16"
     for name in ("regression_checkpoint", "gan_checkpoint"):
         assert torch.load(products[name], map_location="cpu", weights_only=True)["step"] == 2
+    # The GAN stage's last step ran the student's adversarial loss (its warm-up cut to one step).
+    gan_run = os.path.dirname(os.path.dirname(products["gan_checkpoint"]))
+    with open(os.path.join(gan_run, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert logged[-1]["step"] == 2 and logged[-1]["grad_gan"] > 0
     with np.load(products["samples"], allow_pickle=False) as samples:
         images = samples["arr_0"]
     assert images.shape == (4, 256, 256, 3) and images.dtype == np.uint8
