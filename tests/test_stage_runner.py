@@ -248,7 +248,7 @@ def test_a_failure_shows_this_invocations_log_lines_only(tmp_path):
 
 
 def test_a_failure_stops_the_other_running_stages_waits_for_them_and_counts_their_time(tmp_path):
-    saved = str(tmp_path / "saved")
+    saved, ready = str(tmp_path / "saved"), str(tmp_path / "ready")
     # A stage that saves its work on SIGTERM, as a training stage does, after 0.5 s of CPU.
     patient = (
         "import signal, sys, time\n"
@@ -256,9 +256,15 @@ def test_a_failure_stops_the_other_running_stages_waits_for_them_and_counts_thei
         f"    open({saved!r}, 'w').write('x'); sys.exit(1)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
         "t = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+        f"open({ready!r}, 'w').write('x')\n"
         "time.sleep(60)"
     )
-    failing = "import sys, time; time.sleep(1.5); sys.exit(3)"
+    # It fails once the patient one is ready, however slowly a loaded machine starts it.
+    failing = (
+        "import os, sys, time\n"
+        f"while not os.path.exists({ready!r}): time.sleep(0.01)\n"
+        "time.sleep(1.0); sys.exit(3)"
+    )
     for fork in (True, False):
         run = tmp_path / f"run_{fork}"
         runner = StageRunner(str(run), str(tmp_path), cores=2, fork=fork)
@@ -268,6 +274,7 @@ def test_a_failure_stops_the_other_running_stages_waits_for_them_and_counts_thei
             runner.run()
         assert os.path.exists(saved)  # it saved before the runner exited
         os.remove(saved)
+        os.remove(ready)
         with open(run / "cpu_seconds.json") as f:
             assert json.load(f)["patient"] > 0.45
         with open(run / "timings.json") as f:
