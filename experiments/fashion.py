@@ -14,7 +14,7 @@ end, as the project's own scripts run it: does what the digits showed (4 tokens 
     python -m experiments.fashion --history   # the default plus the state students of seeds 1
                                               # and 2, seed 0's trained on to 3,000 steps, and
                                               # students trained with noise on their history
-                                              # (about 4 hours on 2 CPU cores in all)
+                                              # (about 5.5 hours on 2 CPU cores in all)
     python -m experiments.fashion --quick     # every stage with tiny budgets (a smoke test)
 
 It needs the four idx files of Fashion-MNIST (ard.data.FASHION_DIRS:
@@ -86,7 +86,7 @@ TEACHER_STEPS = [2, 3, 4, 5, 8, 16, 25]  # the teacher's own DDIM samples at the
 # --history: the state students of three seeds; seed 0's trained on to long_steps (the budget
 # curve: a constant learning rate makes its distil_steps checkpoint the plain student's); and N = 0
 # and ARD trained with Gaussian noise of these stds on their history inputs (train_ard.py
-# --history-noise; the images are in [-1, 1]), seed 0.
+# --history-noise; the images are in [-1, 1]), the same three seeds.
 HISTORY_SEEDS = (0, 1, 2)
 HISTORY_NOISES = (0.05, 0.1)
 
@@ -168,8 +168,9 @@ def declare(runner, budget, estimates, args):
         rows.append(pipeline.gan_stage(runner, FASHION, budget, estimates, traj, teacher, student))
     if args.history:
         for noise in HISTORY_NOISES:
-            for history_layers in (0, layers):
-                rows.append(declare_student(history_layers, 0, history_noise=noise))
+            for seed in HISTORY_SEEDS:
+                for history_layers in (0, layers):
+                    rows.append(declare_student(history_layers, seed, history_noise=noise))
     teacher_steps = [2, 4, 25] if args.quick else TEACHER_STEPS
     rows += [teacher_row(teacher, "ddim", steps) for steps in teacher_steps]
     # Other noises: the teacher-fidelity floor.
@@ -245,7 +246,7 @@ def parse_args(argv=None):
         help="also the state-target students of seeds "
         f"{', '.join(map(str, HISTORY_SEEDS))}, seed 0's trained on to long_steps (the budget "
         "curve), and N = 0 and ARD with noise of std "
-        f"{{{', '.join(map(str, HISTORY_NOISES))}}} on their history inputs (seed 0)",
+        f"{{{', '.join(map(str, HISTORY_NOISES))}}} on their history inputs (the same seeds)",
     )
     parser.add_argument(
         "--teacher-steps",

@@ -241,9 +241,11 @@ def test_fashion_history_mode_reads_seed_zeros_run_at_both_budgets_and_adds_seed
         # Seeds 1 and 2 are plain runs, the same stages as --seeds 3's.
         other = runner.stages[f"student_k4_n{n}_state_s1"].args
         assert other[other.index("--max-steps") + 1] == str(budget["distil_steps"])
-        for noise in fashion.HISTORY_NOISES:
-            noised = runner.stages[f"student_k4_n{n}_state_hn{noise:g}_s0"].args
-            assert noised[noised.index("--history-noise") + 1] == str(noise)
+        for noise in fashion.HISTORY_NOISES:  # three seeds of the noise students too
+            for seed in (0, 1, 2):
+                noised = runner.stages[f"student_k4_n{n}_state_hn{noise:g}_s{seed}"].args
+                assert noised[noised.index("--history-noise") + 1] == str(noise)
+                assert noised[noised.index("--global-seed") + 1] == str(seed)
     # The GAN stage starts from the plain row's checkpoint, not the long run's end.
     gan = runner.stages["student_gan_k4_n0_state_s0"].args
     assert gan[gan.index("--init-ckpt") + 1].endswith(f"{budget['distil_steps']:07d}.pt")
@@ -345,10 +347,11 @@ def test_paired_sets_hold_each_seeds_students_against_its_step_distillation(tmp_
         ("ddpm", "state", "long", 0): "long_k4_n0_state_s0",
     }
     # The noise students are read against step distillation without noise, of their seed.
-    assert names[("ddpm", "state", "plain", 0)] == sorted(
-        ["k4_n0_state_s0", "k4_n3_state_s0"]
-        + [f"k4_n{n}_state_hn{noise:g}_s0" for n in (0, 3) for noise in (0.05, 0.1)]
-    )
+    for seed in (0, 1, 2):
+        assert names[("ddpm", "state", "plain", seed)] == sorted(
+            [f"k4_n0_state_s{seed}", f"k4_n3_state_s{seed}"]
+            + [f"k4_n{n}_state_hn{noise:g}_s{seed}" for n in (0, 3) for noise in (0.05, 0.1)]
+        )
     assert names[("ddpm", "state", "long", 0)] == ["long_k4_n0_state_s0", "long_k4_n3_state_s0"]
     # The GAN stage's students are in no set: no table reads their ratio.
     assert not any(row.variant == "gan" for _, group in sets.values() for row in group)
@@ -380,5 +383,5 @@ def test_history_table_of_the_plain_students_shows_ratios_only_where_both_degrad
     # No run folder here, so no validation logged: '-', not 'nan'.
     assert cells[4] == cells[5] == "-" and "nan" not in "\n".join(lines)
     noised = next(line for line in lines if line.startswith("| 3 | 0.05 |"))
-    assert noised.rstrip(" |").endswith("1")  # the noise students: seed 0 only
+    assert noised.rstrip(" |").endswith("3")  # the noise students: three seeds too
     assert out["n3_noise0"]["seeds"] == [0, 1, 2]
