@@ -183,7 +183,7 @@ STAGES = [
         counts={
             "--global-batch-size": ("count", lambda p: BATCH),
             "--max-steps": ("count", lambda p: STEPS),
-            # the first step with lambda = 0 (the discriminator alone), the last with the student's
+            # the first step with lambda = 0 (the regression loss only), the last with the student's
             # adversarial loss: the recipe's 3,000 would leave the rehearsal inside its warm-up
             "--gan-warmup": ("count", lambda p: STEPS - 1),
         },
@@ -657,8 +657,9 @@ def notes(plan, recipe, skipped):
         )
     out.append(
         f"the GAN stage's warm-up is cut to {STEPS - 1} of its {STEPS} steps (the recipe's "
-        f"{recipe['gan'].gan_warmup:,}): the discriminator trains alone, then with the student's "
-        "adversarial loss, so the stage's peak memory is that of a full step"
+        f"{recipe['gan'].gan_warmup:,}): the student's first step has the regression loss only "
+        "(lambda = 0), the second the adversarial loss too, so the stage's peak memory is that of "
+        "a full step"
     )
     out += [f"not rehearsed: {s['command']} ({s['why']})" for s in skipped]
     return out
